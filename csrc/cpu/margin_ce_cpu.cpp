@@ -1,0 +1,484 @@
+// The fused margin cross-entropy on the CPU: the tiled algorithm of DESIGN.md §2.
+//
+// Classes are processed in tiles of kClassTile, rows in blocks of kRowBlock. For one (row block,
+// class tile) pair the logits live only in a kRowBlock × kClassTile workspace:
+//   forward:  Z = (α ⊙ x) (β ⊙ W_tile)ᵀ + bias, margin on the target entries, folded into an online
+//             (max, sum-exp) per row, plus Σ_j z_ij and the margin-free argmax;
+//   backward: the same Z recomputed, P = exp(Z − lse), G = ∂L/∂z formed in place, then
+//             dx += G (β ⊙ W_tile) and dW_tile += Gᵀ (α ⊙ x), with the normalization's rank-1
+//             corrections collected as per-row and per-column sums (margin_math.h).
+// Tile chunks run in parallel; each chunk owns its rows' partial statistics and dx partials,
+// merged in chunk order. Extra memory: O(B·D·threads + C + workspace), never O(B·C).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../head_inputs.h"
+#include "../margin_math.h"
+
+namespace marginops::cpu {
+namespace {
+
+constexpr int64_t kClassTile = 256;
+constexpr int64_t kRowBlock = 256;
+
+// What the prepass knows about each row: O(B·D) in all.
+template <typename T>
+struct RowData {
+  at::Tensor xa;  // [B, D] x in the accumulation dtype
+  at::Tensor xs;  // [B, D] α_i x_i (the same tensor as xa when α ≡ 1)
+  std::vector<Side<T>> row;
+  std::vector<int64_t> tcol;       // target column among the computed classes, or -1
+  std::vector<Target<T>> target;   // valid where tcol >= 0
+  std::vector<Side<T>> tside;      // the target column's Side, valid where tcol >= 0
+  bool has_margin;                 // the target entry is a·b·ψ(c) rather than an ordinary logit
+};
+
+template <typename T>
+T* ptr(const at::Tensor& t) {
+  return t.data_ptr<T>();
+}
+
+// bias of the computed classes, in the accumulation dtype (O(C)), or undefined.
+at::Tensor bias_columns(const HeadArgs& a) {
+  if (!a.bias.defined()) return at::Tensor();
+  at::Tensor b = a.class_index.defined() ? a.bias.index_select(0, a.class_index) : a.bias;
+  return b.to(a.acc_dtype()).contiguous();
+}
+
+template <typename T>
+RowData<T> prepare_rows(const HeadArgs& a, const at::Tensor& bias_cols) {
+  const HeadConfig& cfg = a.cfg;
+  const int64_t B = a.rows;
+  RowData<T> r;
+  r.has_margin = cfg.kind != kIdentity;
+  r.xa = a.x.to(a.acc_dtype()).contiguous();
+  const at::Tensor xnorm = at::linalg_vector_norm(r.xa, 2, {1});
+  r.row.resize(B);
+  at::Tensor alpha = at::empty({B}, r.xa.options());
+  for (int64_t i = 0; i < B; ++i) {
+    r.row[i] = make_side<T>(ptr<T>(xnorm)[i], cfg.normalize_x, T(cfg.s));
+    ptr<T>(alpha)[i] = r.row[i].scale;
+  }
+  r.xs = cfg.normalize_x ? r.xa * alpha.unsqueeze(1) : r.xa;
+
+  check_label_values(a.labels, cfg);
+  if (a.class_index.defined()) check_class_index_values(a.class_index, a.weight.size(0));
+  const at::Tensor tcol = target_columns(a.labels, a.class_index, cfg, a.columns);
+  r.tcol.assign(ptr<int64_t>(tcol), ptr<int64_t>(tcol) + B);
+  r.target.resize(B);
+  r.tside.resize(B);
+
+  std::vector<int64_t> sel, wrow;
+  for (int64_t i = 0; i < B; ++i) {
+    if (r.tcol[i] < 0) continue;
+    sel.push_back(i);
+    wrow.push_back(a.class_index.defined() ? ptr<int64_t>(a.class_index)[r.tcol[i]] : r.tcol[i]);
+  }
+  if (sel.empty()) return r;
+  const auto idx = [&](const std::vector<int64_t>& v) {
+    return at::from_blob(const_cast<int64_t*>(v.data()), {(int64_t)v.size()}, at::kLong).clone();
+  };
+  const at::Tensor wt = a.weight.index_select(0, idx(wrow)).to(a.acc_dtype());
+  const at::Tensor u = (r.xa.index_select(0, idx(sel)) * wt).sum(1);
+  const at::Tensor wnorm = at::linalg_vector_norm(wt, 2, {1});
+  const at::Tensor rm = a.row_margins.defined() ? a.row_margins.to(a.acc_dtype()) : at::Tensor();
+  for (size_t k = 0; k < sel.size(); ++k) {
+    const int64_t i = sel[k];
+    r.tside[i] = make_side<T>(ptr<T>(wnorm)[k], cfg.normalize_w, T(1));
+    const T* m = rm.defined() ? ptr<T>(rm) + 3 * i : nullptr;
+    r.target[i] = target_logit<T>(cfg.kind, cfg.policy, ptr<T>(u)[k], r.row[i], r.tside[i],
+                                  m ? m[0] : T(cfg.m1), m ? m[1] : T(cfg.m2),
+                                  m ? m[2] : T(cfg.m3), T(cfg.lambda),
+                                  bias_cols.defined() ? ptr<T>(bias_cols)[r.tcol[i]] : T(0));
+  }
+  return r;
+}
+
+// One chunk's view of a class tile: (β ⊙ W) rows in the accumulation dtype and their Sides.
+template <typename T>
+struct ClassTile {
+  int64_t begin = 0, size = 0;
+  at::Tensor ws;  // [size, D] view into the chunk's workspace
+  std::vector<Side<T>> col;
+};
+
+template <typename T>
+struct TileLoader {
+  const HeadArgs& a;
+  at::Tensor ws_buf;     // [kClassTile, D] accumulation dtype
+  at::Tensor stage_buf;  // [kClassTile, D] weight dtype, for gathers that also convert
+
+  explicit TileLoader(const HeadArgs& args) : a(args) {
+    ws_buf = at::empty({kClassTile, a.dim}, a.x.options().dtype(a.acc_dtype()));
+    if (a.class_index.defined() && a.weight.scalar_type() != a.acc_dtype())
+      stage_buf = at::empty({kClassTile, a.dim}, a.weight.options());
+  }
+
+  void load(int64_t begin, int64_t size, ClassTile<T>& t) {
+    t.begin = begin;
+    t.size = size;
+    t.ws = ws_buf.narrow(0, 0, size);
+    if (a.class_index.defined()) {
+      const at::Tensor idx = a.class_index.narrow(0, begin, size);
+      if (stage_buf.defined()) {
+        at::Tensor stage = stage_buf.narrow(0, 0, size);
+        at::index_select_out(stage, a.weight, 0, idx);
+        t.ws.copy_(stage);
+      } else {
+        at::index_select_out(t.ws, a.weight, 0, idx);
+      }
+    } else {
+      t.ws.copy_(a.weight.narrow(0, begin, size));
+    }
+    const at::Tensor norm = at::linalg_vector_norm(t.ws, 2, {1});
+    t.col.resize(size);
+    for (int64_t j = 0; j < size; ++j) t.col[j] = make_side<T>(ptr<T>(norm)[j], a.cfg.normalize_w, T(1));
+    if (a.cfg.normalize_w) {
+      at::Tensor beta = at::empty({size}, t.ws.options());
+      for (int64_t j = 0; j < size; ++j) ptr<T>(beta)[j] = t.col[j].scale;
+      t.ws.mul_(beta.unsqueeze(1));
+    }
+  }
+};
+
+// A contiguous [rows, cols] view at the start of a flat workspace.
+at::Tensor block_view(const at::Tensor& flat, int64_t rows, int64_t cols) {
+  return flat.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+// Splits the class tiles into at most one chunk per thread and runs f(chunk, tile_begin,
+// tile_end) for each, in parallel.
+int64_t num_chunks(int64_t ntiles) {
+  return std::max<int64_t>(1, std::min<int64_t>(ntiles, at::get_num_threads()));
+}
+
+template <typename F>
+void for_each_chunk(int64_t ntiles, const F& f) {
+  const int64_t nchunks = num_chunks(ntiles);
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads start with it on
+    for (int64_t c = c0; c < c1; ++c) f(c, c * ntiles / nchunks, (c + 1) * ntiles / nchunks);
+  });
+}
+
+// Running statistics of one chunk, per row.
+template <typename T>
+struct RowStats {
+  std::vector<T> max, sum, logit_sum, best;
+  std::vector<int64_t> best_col;
+  explicit RowStats(int64_t B)
+      : max(B, -std::numeric_limits<T>::infinity()),
+        sum(B, T(0)),
+        logit_sum(B, T(0)),
+        best(B, -std::numeric_limits<T>::infinity()),
+        best_col(B, -1) {}
+};
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
+    const HeadArgs& a) {
+  const int64_t B = a.rows, C = a.columns;
+  const at::Tensor bias_cols = bias_columns(a);
+  const RowData<T> rd = prepare_rows<T>(a, bias_cols);
+  const auto opts = rd.xa.options();
+
+  const int64_t ntiles = (C + kClassTile - 1) / kClassTile;
+  std::vector<RowStats<T>> stats;
+  const int64_t nchunks = num_chunks(ntiles);
+  for (int64_t c = 0; c < nchunks; ++c) stats.emplace_back(B);
+
+  if (B > 0 && C > 0) {
+    for_each_chunk(ntiles, [&](int64_t chunk, int64_t t0, int64_t t1) {
+      RowStats<T>& st = stats[chunk];
+      TileLoader<T> loader(a);
+      ClassTile<T> tile;
+      const at::Tensor z_buf = at::empty({kRowBlock * kClassTile}, opts);
+      const at::Tensor m_new = at::empty({kRowBlock}, opts);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t j0 = t * kClassTile;
+        loader.load(j0, std::min(kClassTile, C - j0), tile);
+        const int64_t tc = tile.size;
+        for (int64_t i0 = 0; i0 < B; i0 += kRowBlock) {
+          const int64_t rb = std::min(kRowBlock, B - i0);
+          at::Tensor z = block_view(z_buf, rb, tc);
+          at::mm_out(z, rd.xs.narrow(0, i0, rb), tile.ws.t());
+          if (bias_cols.defined()) z.add_(bias_cols.narrow(0, j0, tc).unsqueeze(0));
+          T* zp = ptr<T>(z);
+
+          const auto [bv, bj] = z.max(1);  // margin-free argmax, first index on ties
+          for (int64_t i = 0; i < rb; ++i) {
+            if (ptr<T>(bv)[i] > st.best[i0 + i]) {
+              st.best[i0 + i] = ptr<T>(bv)[i];
+              st.best_col[i0 + i] = j0 + ptr<int64_t>(bj)[i];
+            }
+          }
+          if (rd.has_margin) {
+            for (int64_t i = 0; i < rb; ++i) {
+              const int64_t c = rd.tcol[i0 + i] - j0;
+              if (c >= 0 && c < tc) zp[i * tc + c] = rd.target[i0 + i].logit;
+            }
+          }
+          const at::Tensor zsum = z.sum(1);
+          const at::Tensor zmax = z.amax(1);
+          for (int64_t i = 0; i < rb; ++i) {
+            st.logit_sum[i0 + i] += ptr<T>(zsum)[i];
+            ptr<T>(m_new)[i] = std::max(st.max[i0 + i], ptr<T>(zmax)[i]);
+          }
+          z.sub_(m_new.narrow(0, 0, rb).unsqueeze(1)).exp_();
+          const at::Tensor esum = z.sum(1);
+          for (int64_t i = 0; i < rb; ++i) {
+            const T mn = ptr<T>(m_new)[i];
+            st.sum[i0 + i] = st.sum[i0 + i] * std::exp(st.max[i0 + i] - mn) + ptr<T>(esum)[i];
+            st.max[i0 + i] = mn;
+          }
+        }
+      }
+    });
+  }
+
+  at::Tensor lse = at::empty({B}, opts), zt = at::zeros({B}, opts), zsum = at::zeros({B}, opts);
+  at::Tensor best = at::empty({B}, opts), best_class = at::empty({B}, opts.dtype(at::kLong));
+  const int64_t* ci = a.class_index.defined() ? ptr<int64_t>(a.class_index) : nullptr;
+  for (int64_t i = 0; i < B; ++i) {
+    T m = -std::numeric_limits<T>::infinity(), l = 0, s = 0, bv = m;
+    int64_t bc = -1;
+    for (const RowStats<T>& st : stats) m = std::max(m, st.max[i]);
+    for (const RowStats<T>& st : stats) {
+      if (st.sum[i] > 0) l += st.sum[i] * std::exp(st.max[i] - m);
+      s += st.logit_sum[i];
+      if (st.best[i] > bv) {
+        bv = st.best[i];
+        bc = st.best_col[i];
+      }
+    }
+    ptr<T>(lse)[i] = m + std::log(l);
+    ptr<T>(zsum)[i] = s;
+    ptr<T>(best)[i] = bv;
+    ptr<int64_t>(best_class)[i] = bc < 0 ? -1 : a.cfg.class_offset + (ci ? ci[bc] : bc);
+    if (rd.tcol[i] >= 0) ptr<T>(zt)[i] = rd.target[i].logit;
+  }
+  return {lse, zt, zsum, best, best_class};
+}
+
+// Per-row gradient inputs as host pointers of the accumulation dtype (nullptr = zero).
+template <typename T>
+const T* row_grad_ptr(const at::Tensor& g, at::ScalarType acc, at::Tensor& keep) {
+  if (!g.defined()) return nullptr;
+  keep = g.to(acc).contiguous();
+  return ptr<T>(keep);
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_typed(
+    const HeadArgs& a, const at::Tensor& g_lse_in, const at::Tensor& g_t_in,
+    const at::Tensor& g_sum_in, const at::Tensor& lse_in, std::array<bool, 4> mask) {
+  const HeadConfig& cfg = a.cfg;
+  const int64_t B = a.rows, D = a.dim, C = a.columns;
+  const auto acc = a.acc_dtype();
+  const at::Tensor bias_cols = bias_columns(a);
+  const RowData<T> rd = prepare_rows<T>(a, bias_cols);
+  const auto opts = rd.xa.options();
+  const bool need_dx = mask[0], need_dw = mask[1], need_db = mask[2] && a.bias.defined(),
+             need_dm = mask[3] && a.row_margins.defined();
+
+  at::Tensor keep_l, keep_t, keep_s;
+  const T* gl = row_grad_ptr<T>(g_lse_in, acc, keep_l);
+  const T* gt = row_grad_ptr<T>(g_t_in, acc, keep_t);
+  const T* gs = row_grad_ptr<T>(g_sum_in, acc, keep_s);
+  const at::Tensor lse = lse_in.to(acc).contiguous();
+  const at::Tensor gl_t = gl ? keep_l : at::Tensor(), gs_t = gs ? keep_s : at::Tensor();
+
+  // The target's share of the gradient, known from per-row data before any tile is seen.
+  std::vector<TargetGrad<T>> tg(B);
+  std::vector<T> g_target(B, T(0));
+  at::Tensor dm = at::zeros({need_dm ? B : 0, 3}, opts);
+  for (int64_t i = 0; i < B; ++i) {
+    if (rd.tcol[i] < 0) continue;
+    const T g = (gl ? gl[i] * std::exp(rd.target[i].logit - ptr<T>(lse)[i]) : T(0)) +
+                (gs ? gs[i] : T(0)) + (gt ? gt[i] : T(0));
+    g_target[i] = g;
+    if (!rd.has_margin) continue;
+    tg[i] = target_grad<T>(rd.target[i], rd.row[i], rd.tside[i], g);
+    if (need_dm) {
+      ptr<T>(dm)[3 * i + 1] = tg[i].d_m2;
+      ptr<T>(dm)[3 * i + 2] = tg[i].d_m3;
+    }
+  }
+
+  at::Tensor dw, db;
+  if (need_dw) dw = a.class_index.defined() ? at::zeros_like(a.weight) : at::empty_like(a.weight);
+  if (need_db) db = a.class_index.defined() ? at::zeros_like(a.bias) : at::empty_like(a.bias);
+  const int64_t ntiles = (C + kClassTile - 1) / kClassTile;
+  const int64_t nchunks = num_chunks(ntiles);
+  // Per chunk: Σ_j G_ij (β ⊙ W)_j and the non-target Σ_j G_ij z⁰_ij, for the x̂ correction.
+  at::Tensor dxs = at::zeros({need_dx ? nchunks : 0, B, D}, opts);
+  at::Tensor rsum = at::zeros({nchunks, B}, opts);
+  const bool row_corr = need_dx && cfg.normalize_x, col_corr = need_dw && cfg.normalize_w;
+
+  if (B > 0 && C > 0 && (need_dx || need_dw || need_db)) {
+    for_each_chunk(ntiles, [&](int64_t chunk, int64_t t0, int64_t t1) {
+      TileLoader<T> loader(a);
+      ClassTile<T> tile;
+      const at::Tensor z0_buf = at::empty({kRowBlock * kClassTile}, opts);
+      const at::Tensor g_buf = at::empty({kRowBlock * kClassTile}, opts);
+      const at::Tensor dws = at::empty({kClassTile, D}, opts);
+      const at::Tensor qsum = at::empty({kClassTile}, opts), qt = at::empty({kClassTile}, opts);
+      const at::Tensor dbt = at::empty({kClassTile}, opts);
+      T* rs = ptr<T>(rsum) + chunk * B;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t j0 = t * kClassTile;
+        loader.load(j0, std::min(kClassTile, C - j0), tile);
+        const int64_t tc = tile.size;
+        at::Tensor dws_t = dws.narrow(0, 0, tc), dbt_t = dbt.narrow(0, 0, tc);
+        dws_t.zero_();
+        dbt_t.zero_();
+        qsum.zero_();
+        qt.zero_();
+        for (int64_t i0 = 0; i0 < B; i0 += kRowBlock) {
+          const int64_t rb = std::min(kRowBlock, B - i0);
+          const at::Tensor xs_b = rd.xs.narrow(0, i0, rb);
+          at::Tensor z0 = block_view(z0_buf, rb, tc);  // margin-free logits without bias
+          at::Tensor g = block_view(g_buf, rb, tc);    // becomes ∂L/∂z
+          at::mm_out(z0, xs_b, tile.ws.t());
+          if (bias_cols.defined()) {
+            at::add_out(g, z0, bias_cols.narrow(0, j0, tc).unsqueeze(0));
+          } else {
+            g.copy_(z0);
+          }
+          T* gp = ptr<T>(g);
+          // Visits the rows of this block whose target lies in this tile.
+          const auto each_target = [&](auto&& fn) {
+            for (int64_t i = 0; i < rb; ++i) {
+              const int64_t c = rd.tcol[i0 + i] - j0;
+              if (c >= 0 && c < tc) fn(i0 + i, gp + i * tc + c, c);
+            }
+          };
+          if (gl) {
+            g.sub_(lse.narrow(0, i0, rb).unsqueeze(1)).exp_().mul_(gl_t.narrow(0, i0, rb).unsqueeze(1));
+          } else {
+            g.zero_();
+          }
+          if (gs) g.add_(gs_t.narrow(0, i0, rb).unsqueeze(1));
+          if (rd.has_margin) {
+            each_target([&](int64_t i, T* e, int64_t) { *e = g_target[i]; });
+          } else if (gt) {
+            each_target([&](int64_t i, T* e, int64_t) { *e += gt[i]; });
+          }
+          if (need_db) dbt_t.add_(g.sum(0));
+          if (row_corr || col_corr) {
+            if (rd.has_margin) each_target([&](int64_t, T* e, int64_t) { *e = T(0); });
+            z0.mul_(g);
+            if (row_corr) {
+              const at::Tensor s = z0.sum(1);
+              for (int64_t i = 0; i < rb; ++i) rs[i0 + i] += ptr<T>(s)[i];
+            }
+            if (col_corr) qsum.narrow(0, 0, tc).add_(z0.sum(0));
+          }
+          if (rd.has_margin) {
+            each_target([&](int64_t i, T* e, int64_t c) {
+              *e = tg[i].tile_grad;
+              ptr<T>(qt)[c] += tg[i].w_coef;
+            });
+          }
+          if (need_dx) dxs[chunk].narrow(0, i0, rb).addmm_(g, tile.ws);
+          if (need_dw) dws_t.addmm_(g.t(), xs_b);
+        }
+        if (need_dw) {
+          // dW_j = β_j Σ_i G_ij α_i x_i + Ŵ_j (−inv_j Σ_i G_ij z⁰_ij [normalized] + target terms)
+          at::Tensor beta = at::empty({tc}, opts), what = at::empty({tc}, opts);
+          for (int64_t j = 0; j < tc; ++j) {
+            const Side<T>& col = tile.col[j];
+            const bool live = col.normalized && col.norm > T(kNormEps);
+            const T coef = (live ? -col.inv * ptr<T>(qsum)[j] : T(0)) + ptr<T>(qt)[j];
+            ptr<T>(beta)[j] = col.scale;
+            ptr<T>(what)[j] = coef * (col.normalized ? T(1) : col.inv);  // tile.ws_j · this = coef·Ŵ_j
+          }
+          dws_t.mul_(beta.unsqueeze(1)).addcmul_(tile.ws, what.unsqueeze(1));
+          if (a.class_index.defined()) {
+            dw.index_copy_(0, a.class_index.narrow(0, j0, tc), dws_t.to(dw.scalar_type()));
+          } else {
+            dw.narrow(0, j0, tc).copy_(dws_t);
+          }
+        }
+        if (need_db) {
+          if (a.class_index.defined()) {
+            db.index_copy_(0, a.class_index.narrow(0, j0, tc), dbt_t.to(db.scalar_type()));
+          } else {
+            db.narrow(0, j0, tc).copy_(dbt_t);
+          }
+        }
+      }
+    });
+  }
+
+  at::Tensor dx;
+  if (need_dx) {
+    // dx_i = α_i Σ_j G_ij β_j W_j + x̂_i (−inv_i Σ_j G_ij z⁰_ij [normalized] + target terms)
+    at::Tensor xcoef = at::zeros({B}, opts), alpha = at::empty({B}, opts);
+    const at::Tensor rtot = rsum.sum(0);
+    for (int64_t i = 0; i < B; ++i) {
+      const Side<T>& row = rd.row[i];
+      const bool live = row.normalized && row.norm > T(kNormEps);
+      T coef = live ? -row.inv * ptr<T>(rtot)[i] : T(0);
+      if (rd.has_margin && rd.tcol[i] >= 0) coef += tg[i].x_coef;
+      ptr<T>(xcoef)[i] = coef * row.inv;
+      ptr<T>(alpha)[i] = row.scale;
+    }
+    dx = dxs.sum(0).mul_(alpha.unsqueeze(1)).addcmul_(rd.xa, xcoef.unsqueeze(1)).to(a.x.scalar_type());
+  }
+  if (!need_dw) dw = at::empty({0}, a.weight.options());
+  if (!need_db) db = at::empty({0}, a.x.options());
+  dm = need_dm ? dm.to(a.row_margins.scalar_type()) : at::empty({0}, a.x.options());
+  return {dx.defined() ? dx : at::empty({0}, a.x.options()), dw, db, dm};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_forward(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& row_margins,
+    const std::optional<at::Tensor>& class_index, int64_t num_classes, int64_t class_offset,
+    int64_t ignore_index, int64_t margin_kind, int64_t theta_policy, bool normalize_x,
+    bool normalize_w, double s, double m1, double m2, double m3, double lambda) {
+  at::NoGradGuard no_grad;
+  const HeadArgs a = check_head_args(x, weight, labels, bias, row_margins, class_index,
+                                     num_classes, class_offset, ignore_index, margin_kind,
+                                     theta_policy, normalize_x, normalize_w, s, m1, m2, m3, lambda);
+  if (a.acc_dtype() == at::kDouble) return forward_typed<double>(a);
+  return forward_typed<float>(a);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_backward(
+    const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_target,
+    const std::optional<at::Tensor>& grad_sum, const at::Tensor& lse, const at::Tensor& x,
+    const at::Tensor& weight, const at::Tensor& labels, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& row_margins, const std::optional<at::Tensor>& class_index,
+    int64_t num_classes, int64_t class_offset, int64_t ignore_index, int64_t margin_kind,
+    int64_t theta_policy, bool normalize_x, bool normalize_w, double s, double m1, double m2,
+    double m3, double lambda, std::array<bool, 4> output_mask) {
+  at::NoGradGuard no_grad;
+  const HeadArgs a = check_head_args(x, weight, labels, bias, row_margins, class_index,
+                                     num_classes, class_offset, ignore_index, margin_kind,
+                                     theta_policy, normalize_x, normalize_w, s, m1, m2, m3, lambda);
+  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == a.rows, "lse must have shape [", a.rows,
+                    "], got ", lse.sizes());
+  const at::Tensor gl = check_row_grad(grad_lse, a, "grad_lse");
+  const at::Tensor gt = check_row_grad(grad_target, a, "grad_target_logit");
+  const at::Tensor gs = check_row_grad(grad_sum, a, "grad_logit_sum");
+  if (a.acc_dtype() == at::kDouble) return backward_typed<double>(a, gl, gt, gs, lse, output_mask);
+  return backward_typed<float>(a, gl, gt, gs, lse, output_mask);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(marginops, CPU, m) {
+  m.impl("margin_ce_forward", &margin_ce_forward);
+  m.impl("margin_ce_backward", &margin_ce_backward);
+}
+
+}  // namespace marginops::cpu

@@ -1,0 +1,176 @@
+#include "head_inputs.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "margin_math.h"
+
+namespace marginops {
+namespace {
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+
+void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(is_supported_float(t.scalar_type()), name,
+                    " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
+}
+
+void check_device(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == x.device(), name, " is on ", t.device(), " but x is on ",
+                    x.device());
+}
+
+}  // namespace
+
+at::ScalarType HeadArgs::acc_dtype() const {
+  return x.scalar_type() == at::kDouble && weight.scalar_type() == at::kDouble ? at::kDouble
+                                                                                 : at::kFloat;
+}
+
+HeadArgs check_head_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
+                         const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& row_margins,
+                         const std::optional<at::Tensor>& class_index, int64_t num_classes,
+                         int64_t class_offset, int64_t ignore_index, int64_t margin_kind,
+                         int64_t theta_policy, bool normalize_x, bool normalize_w, double s,
+                         double m1, double m2, double m3, double lambda) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must have shape [B, D], got ", x.sizes());
+  check_float(x, "x");
+  const int64_t B = x.size(0), D = x.size(1);
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == D, "weight must have shape [C, ", D,
+                    "] to match x ", x.sizes(), ", got ", weight.sizes());
+  check_float(weight, "weight");
+  check_device(weight, x, "weight");
+  const int64_t C = weight.size(0);
+  TORCH_CHECK_VALUE(!at::isFloatingType(labels.scalar_type()) && labels.scalar_type() != at::kBool,
+                    "labels must hold integer class ids, got dtype ", labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.scalar_type() == at::kLong, "labels must be int64, got ",
+                    labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == B, "labels must have shape [", B,
+                    "] to match x ", x.sizes(), ", got ", labels.sizes());
+  check_device(labels, x, "labels");
+
+  HeadArgs a;
+  a.x = x.contiguous();
+  a.weight = weight.contiguous();
+  a.labels = labels.contiguous();
+  a.rows = B;
+  a.dim = D;
+  a.columns = C;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == C, "bias must have shape [", C,
+                      "] to match weight ", weight.sizes(), ", got ", bias->sizes());
+    check_float(*bias, "bias");
+    check_device(*bias, x, "bias");
+    a.bias = bias->contiguous();
+  }
+  if (row_margins.has_value() && row_margins->defined()) {
+    TORCH_CHECK_VALUE(margin_kind == kCombined,
+                      "row_margins are supported by the combined margin (kind 1) only, got kind ",
+                      margin_kind);
+    TORCH_CHECK_VALUE(row_margins->dim() == 2 && row_margins->size(0) == B &&
+                          row_margins->size(1) == 3,
+                      "row_margins must have shape [", B, ", 3] (m1, m2, m3 per row), got ",
+                      row_margins->sizes());
+    check_float(*row_margins, "row_margins");
+    check_device(*row_margins, x, "row_margins");
+    a.row_margins = row_margins->contiguous();
+  }
+  if (class_index.has_value() && class_index->defined()) {
+    TORCH_CHECK_VALUE(class_index->dim() == 1 && class_index->scalar_type() == at::kLong,
+                      "class_index must be a 1-D int64 tensor, got ", class_index->sizes(), " ",
+                      class_index->scalar_type());
+    TORCH_CHECK_VALUE(class_index->size(0) <= C, "class_index has ", class_index->size(0),
+                      " entries but weight has only ", C, " rows");
+    check_device(*class_index, x, "class_index");
+    a.class_index = class_index->contiguous();
+    a.columns = class_index->size(0);
+  }
+
+  TORCH_CHECK_VALUE(num_classes >= 1, "num_classes must be positive, got ", num_classes);
+  TORCH_CHECK_VALUE(class_offset >= 0 && class_offset + C <= num_classes, "class_offset = ",
+                    class_offset, " with ", C, " weight rows does not fit in num_classes = ",
+                    num_classes);
+  TORCH_CHECK_VALUE(margin_kind >= kIdentity && margin_kind <= kMultiplicative,
+                    "margin_kind must be 0, 1 or 2, got ", margin_kind);
+  TORCH_CHECK_VALUE(theta_policy >= kFallback && theta_policy <= kClip,
+                    "theta_policy must be in [0, 4], got ", theta_policy);
+  TORCH_CHECK_VALUE(std::isfinite(s) && s > 0, "s must be a positive finite scale, got ", s);
+  TORCH_CHECK_VALUE(std::isfinite(lambda) && lambda >= 0, "lambda_ must be >= 0, got ", lambda);
+  TORCH_CHECK_VALUE(std::isfinite(m1) && std::isfinite(m2) && std::isfinite(m3),
+                    "margins must be finite, got m1 = ", m1, ", m2 = ", m2, ", m3 = ", m3);
+  if (margin_kind == kMultiplicative) {
+    TORCH_CHECK_VALUE(m1 >= 1 && std::floor(m1) == m1,
+                      "the multiplicative margin m must be a positive integer, got ", m1);
+  }
+  a.cfg = HeadConfig{num_classes,
+                     class_offset,
+                     ignore_index,
+                     static_cast<int32_t>(margin_kind),
+                     static_cast<int32_t>(theta_policy),
+                     normalize_x,
+                     normalize_w,
+                     s,
+                     m1,
+                     m2,
+                     m3,
+                     lambda};
+  return a;
+}
+
+at::Tensor check_row_grad(const std::optional<at::Tensor>& grad, const HeadArgs& args,
+                          const char* name) {
+  if (!grad.has_value() || !grad->defined()) return at::Tensor();
+  TORCH_CHECK_VALUE(grad->dim() == 1 && grad->size(0) == args.rows, name, " must have shape [",
+                    args.rows, "], got ", grad->sizes());
+  check_device(*grad, args.x, name);
+  return grad->contiguous();
+}
+
+void check_label_values(const at::Tensor& labels_cpu, const HeadConfig& cfg) {
+  const int64_t* y = labels_cpu.data_ptr<int64_t>();
+  const int64_t n = labels_cpu.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t v = y[i];
+    TORCH_CHECK_VALUE(v == cfg.ignore_index || (v >= 0 && v < cfg.num_classes), "labels[", i,
+                      "] = ", v, " is out of range: class ids must lie in [0, ", cfg.num_classes,
+                      ") or equal ignore_index = ", cfg.ignore_index);
+  }
+}
+
+void check_class_index_values(const at::Tensor& class_index_cpu, int64_t weight_rows) {
+  const int64_t* idx = class_index_cpu.data_ptr<int64_t>();
+  const int64_t n = class_index_cpu.numel();
+  for (int64_t k = 0; k < n; ++k) {
+    TORCH_CHECK_VALUE(idx[k] >= 0 && idx[k] < weight_rows, "class_index[", k, "] = ", idx[k],
+                      " is not a row of weight (", weight_rows, " rows)");
+    TORCH_CHECK_VALUE(k == 0 || idx[k] > idx[k - 1], "class_index must be strictly increasing: ",
+                      "class_index[", k - 1, "] = ", idx[k - 1], ", class_index[", k,
+                      "] = ", idx[k]);
+  }
+}
+
+at::Tensor target_columns(const at::Tensor& labels_cpu, const at::Tensor& class_index_cpu,
+                          const HeadConfig& cfg, int64_t columns) {
+  const int64_t n = labels_cpu.numel();
+  at::Tensor out = at::empty({n}, labels_cpu.options());
+  const int64_t* y = labels_cpu.data_ptr<int64_t>();
+  int64_t* t = out.data_ptr<int64_t>();
+  const int64_t* idx = class_index_cpu.defined() ? class_index_cpu.data_ptr<int64_t>() : nullptr;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t local = y[i] == cfg.ignore_index ? -1 : y[i] - cfg.class_offset;
+    int64_t col = -1;
+    if (idx != nullptr) {
+      const int64_t* pos = std::lower_bound(idx, idx + columns, local);
+      if (local >= 0 && pos != idx + columns && *pos == local) col = pos - idx;
+    } else if (local >= 0 && local < columns) {
+      col = local;
+    }
+    t[i] = col;
+  }
+  return out;
+}
+
+}  // namespace marginops

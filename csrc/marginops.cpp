@@ -1,0 +1,39 @@
+// Op schemas (defined once here) and the stub that makes this library importable as
+// marginops._C. Implementations register per dispatch key: csrc/cpu/, csrc/cuda/.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing marginops._C loads this library, which runs the TORCH_LIBRARY registrations.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+// The margin scalars appear in the same order in every op: see csrc/head_config.h for meaning.
+#define MO_HEAD_ARGS                                                                           \
+  "Tensor x, Tensor weight, Tensor labels, Tensor? bias, Tensor? row_margins, "                \
+  "Tensor? class_index, int num_classes, int class_offset, int ignore_index, int margin_kind, " \
+  "int theta_policy, bool normalize_x, bool normalize_w, float s, float m1, float m2, "        \
+  "float m3, float lambda_"
+
+TORCH_LIBRARY(marginops, m) {
+  // Per-row statistics of z over the computed classes, without materializing z:
+  //   lse = logsumexp_j z_ij, target_logit = z_iy (0 where y is not computed here),
+  //   logit_sum = Σ_j z_ij, best_logit/best_class = max/argmax_j of the margin-free logits.
+  m.def("margin_ce_forward(" MO_HEAD_ARGS
+        ") -> (Tensor lse, Tensor target_logit, Tensor logit_sum, Tensor best_logit, "
+        "Tensor best_class)");
+  // Gradients of Σ_i (grad_lse_i·lse_i + grad_target_logit_i·z_iy + grad_logit_sum_i·Σ_j z_ij)
+  // given the forward's lse. output_mask picks (x, weight, bias, row_margins); an output that is
+  // not asked for comes back empty.
+  m.def("margin_ce_backward(Tensor? grad_lse, Tensor? grad_target_logit, Tensor? grad_logit_sum, "
+        "Tensor lse, " MO_HEAD_ARGS
+        ", bool[4] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "
+        "Tensor grad_row_margins)");
+  // ψ and its derivatives, elementwise, exactly as the fused kernels apply them (for tests).
+  m.def("margin_psi(Tensor cos, Tensor m1, Tensor m2, Tensor m3, int margin_kind, "
+        "int theta_policy, float lambda_) -> (Tensor psi, Tensor d_cos, Tensor d_m1, "
+        "Tensor d_m2, Tensor d_m3)");
+}

@@ -1,0 +1,54 @@
+"""marginops: fused margin-softmax cross-entropy heads that never materialize logits."""
+
+from . import margins, ops, reference  # noqa: F401  (ops loads the compiled library)
+from .functional import margin_cross_entropy
+from .margins import (
+    ArcFace,
+    CombinedMargin,
+    CosFace,
+    L2Softmax,
+    LSoftmax,
+    Margin,
+    NormFace,
+    Softmax,
+    SphereFace,
+    WeightNormSoftmax,
+)
+from .nn import MarginHead
+
+__version__ = "0.1.0"
+
+
+def backends() -> list:
+    """The devices marginops has kernels for in this build, e.g. ['cpu'] or ['cpu', 'cuda']."""
+    import torch
+
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return [d for d in ("cpu", "cuda") if has("marginops::margin_ce_forward", d.upper())]
+
+
+def cuda_available() -> bool:
+    """True when the CUDA kernels were built and a CUDA device is present."""
+    import torch
+
+    return "cuda" in backends() and torch.cuda.is_available()
+
+
+__all__ = [
+    "margin_cross_entropy",
+    "MarginHead",
+    "Margin",
+    "Softmax",
+    "WeightNormSoftmax",
+    "L2Softmax",
+    "NormFace",
+    "LSoftmax",
+    "SphereFace",
+    "CosFace",
+    "ArcFace",
+    "CombinedMargin",
+    "backends",
+    "cuda_available",
+    "reference",
+    "margins",
+]

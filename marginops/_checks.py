@@ -1,0 +1,70 @@
+"""Argument checks shared by the fused functional API, the eager reference and the heads.
+Every failure is a ValueError that names the argument and shows what was expected."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .margins import Margin
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_head_inputs(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    margin: Margin,
+    bias: Optional[torch.Tensor],
+    reduction: str,
+    label_smoothing: float,
+) -> torch.Tensor:
+    """Checks shapes, dtypes and devices; returns the labels as int64."""
+    if not isinstance(margin, Margin):
+        raise ValueError(f"margin must be a marginops margin spec (e.g. mo.ArcFace()), got {margin!r}")
+    for name, t in (("x", x), ("weight", weight), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape [B, D], got {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must have shape [C, {x.shape[1]}] to match x {tuple(x.shape)}, got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one class, got shape " + str(tuple(weight.shape)))
+    for name, t in (("x", x), ("weight", weight)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must hold integer class ids, got dtype {labels.dtype}")
+    if labels.shape != (x.shape[0],):
+        raise ValueError(f"labels must have shape [{x.shape[0]}] to match x {tuple(x.shape)}, got {tuple(labels.shape)}")
+    for name, t in (("weight", weight), ("labels", labels)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
+            shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"bias must have shape [{weight.shape[0]}] to match weight, got {shape}")
+        if bias.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"bias must be a floating tensor, got {bias.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
+    return labels.long()
+
+
+def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raises on the first label outside [0, num_classes) that is not ignore_index (syncs on GPU)."""
+    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"labels[{i}] = {int(labels[i])} is out of range: class ids must lie in "
+            f"[0, {num_classes}) or equal ignore_index = {ignore_index}"
+        )

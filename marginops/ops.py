@@ -1,0 +1,108 @@
+"""The registered ops (schemas in csrc/marginops.cpp): fake kernels for tracing, autograd, and a
+typed wrapper. ``head_stats`` is the one entry point the functional API and the sharded head use."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library: op schemas and kernels)
+from .margins import OpConfig
+
+_ops = torch.ops.marginops
+
+
+class HeadStats(NamedTuple):
+    """Per-row statistics over the computed classes (see margin_ce_forward's schema)."""
+
+    lse: torch.Tensor
+    target_logit: torch.Tensor
+    logit_sum: torch.Tensor
+    best_logit: torch.Tensor
+    best_class: torch.Tensor
+
+
+def acc_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype of all arithmetic: float64 when both inputs are float64, else float32."""
+    both64 = x.dtype == torch.float64 and weight.dtype == torch.float64
+    return torch.float64 if both64 else torch.float32
+
+
+def head_stats(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    row_margins: Optional[torch.Tensor],
+    class_index: Optional[torch.Tensor],
+    num_classes: int,
+    class_offset: int,
+    ignore_index: int,
+    cfg: OpConfig,
+) -> HeadStats:
+    return HeadStats(
+        *_ops.margin_ce_forward(
+            x, weight, labels, bias, row_margins, class_index, num_classes, class_offset, ignore_index, *cfg
+        )
+    )
+
+
+def _check_fake_shapes(x, weight, labels, bias, row_margins, class_index):
+    torch._check(x.dim() == 2, lambda: f"x must have shape [B, D], got {tuple(x.shape)}")
+    torch._check(
+        weight.dim() == 2 and weight.shape[1] == x.shape[1],
+        lambda: f"weight must have shape [C, {x.shape[1]}], got {tuple(weight.shape)}",
+    )
+    torch._check(labels.shape == (x.shape[0],), lambda: f"labels must have shape [{x.shape[0]}]")
+    if bias is not None:
+        torch._check(bias.shape == (weight.shape[0],), lambda: f"bias must have shape [{weight.shape[0]}]")
+    if row_margins is not None:
+        torch._check(row_margins.shape == (x.shape[0], 3), lambda: f"row_margins must have shape [{x.shape[0]}, 3]")
+    if class_index is not None:
+        torch._check(class_index.dim() == 1, lambda: "class_index must be 1-D")
+
+
+@torch.library.register_fake("marginops::margin_ce_forward")
+def _forward_fake(x, weight, labels, bias, row_margins, class_index, *scalars):
+    _check_fake_shapes(x, weight, labels, bias, row_margins, class_index)
+    rows = x.new_empty((x.shape[0],), dtype=acc_dtype(x, weight))
+    return rows, torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows, dtype=torch.long)
+
+
+@torch.library.register_fake("marginops::margin_ce_backward")
+def _backward_fake(grad_lse, grad_target, grad_sum, lse, x, weight, labels, bias, row_margins, class_index, *rest):
+    _check_fake_shapes(x, weight, labels, bias, row_margins, class_index)
+    need_x, need_w, need_b, need_m = rest[-1]
+    empty = x.new_empty((0,))
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else empty,
+        torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else weight.new_empty((0,)),
+        torch.empty_like(bias) if need_b and bias is not None else empty,
+        torch.empty_like(row_margins) if need_m and row_margins is not None else empty,
+    )
+
+
+@torch.library.register_fake("marginops::margin_psi")
+def _psi_fake(cos, m1, m2, m3, kind, policy, lambda_):
+    return tuple(torch.empty_like(cos) for _ in range(5))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, labels, bias, row_margins, class_index, *scalars = inputs
+    ctx.save_for_backward(x, weight, labels, bias, row_margins, class_index, output[0])
+    ctx.scalars = scalars
+
+
+def _backward(ctx, grad_lse, grad_target, grad_sum, _grad_best, _grad_class):
+    x, weight, labels, bias, row_margins, class_index, lse = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], need[3] and bias is not None, need[4] and row_margins is not None]
+    dx, dw, db, dm = _ops.margin_ce_backward(
+        grad_lse, grad_target, grad_sum, lse, x, weight, labels, bias, row_margins, class_index, *ctx.scalars, mask
+    )
+    grads = [dx if mask[0] else None, dw if mask[1] else None, None, db if mask[2] else None, dm if mask[3] else None]
+    return tuple(grads) + (None,) * (1 + len(ctx.scalars))
+
+
+torch.library.register_autograd("marginops::margin_ce_forward", _backward, setup_context=_setup_context)

@@ -1,0 +1,55 @@
+"""Builds marginops._C: the CPU extension always, the CUDA kernels when torch has CUDA and nvcc
+is found. Environment switches: MARGINOPS_FORCE_CUDA=1 (fail unless CUDA is built),
+MARGINOPS_SKIP_CUDA=1 (never build CUDA), TORCH_CUDA_ARCH_LIST (as torch reads it),
+MAX_JOBS (parallel compile jobs, as torch reads it)."""
+
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def want_cuda():
+    force, skip = _flag("MARGINOPS_FORCE_CUDA"), _flag("MARGINOPS_SKIP_CUDA")
+    if force and skip:
+        raise RuntimeError("MARGINOPS_FORCE_CUDA=1 and MARGINOPS_SKIP_CUDA=1 contradict each other")
+    if skip:
+        return False
+    available = torch.version.cuda is not None and CUDA_HOME is not None
+    if force and not available:
+        raise RuntimeError(
+            "MARGINOPS_FORCE_CUDA=1, but "
+            + ("the installed torch has no CUDA" if torch.version.cuda is None else "nvcc was not found (set CUDA_HOME)")
+        )
+    return available
+
+
+def sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def extension():
+    cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function"]
+    srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
+    if not want_cuda():
+        return CppExtension("marginops._C", srcs, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+    srcs += sources("csrc/cuda/*.cu") + sources("csrc/cuda/*.cpp")
+    return CUDAExtension(
+        "marginops._C",
+        srcs,
+        define_macros=[("MARGINOPS_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension})
