@@ -87,16 +87,16 @@ class Margin:
     def config(self) -> OpConfig:
         raise NotImplementedError
 
-    def _combined_margins(self):  # (m1, m2, m3), each a float or a [B] tensor
+    def _combined_margins(self):  # ((name, m1), (name, m2), (name, m3)); values float or [B] tensor
         return None
 
     def row_margins(self, batch: int, like: torch.Tensor) -> Optional[torch.Tensor]:
         margins = self._combined_margins()
-        if margins is None or not any(isinstance(m, torch.Tensor) for m in margins):
+        if margins is None or not any(isinstance(m, torch.Tensor) for _, m in margins):
             return None
         name = type(self).__name__
         cols = []
-        for key, m in zip(("m1", "m2", "m3"), margins):
+        for key, m in margins:
             if isinstance(m, torch.Tensor):
                 if m.shape != (batch,):
                     raise ValueError(f"{name}: per-row {key} must have shape [{batch}] to match x, got {tuple(m.shape)}")
@@ -200,7 +200,7 @@ class CosFace(Margin):
             _check_number("CosFace", "m", self.m, 0.0, 1.0)
 
     def _combined_margins(self):
-        return (1.0, 0.0, self.m)
+        return (("m1", 1.0), ("m2", 0.0), ("m", self.m))
 
     def config(self) -> OpConfig:
         return OpConfig(KIND_COMBINED, THETA_POLICIES["none"], True, True, float(self.s), 1.0, 0.0, _scalar(self.m, 0.0), 0.0)
@@ -248,7 +248,7 @@ class CombinedMargin(Margin):
             )
 
     def _combined_margins(self):
-        return (self.m1, self.m2, self.m3)
+        return (("m1", self.m1), ("m2", self.m2), ("m3", self.m3))
 
     def config(self) -> OpConfig:
         return OpConfig(
@@ -284,7 +284,7 @@ class ArcFace(Margin):
             _check_angle("ArcFace", "m", self.m)
 
     def _combined_margins(self):
-        return (1.0, self.m, 0.0)
+        return (("m1", 1.0), ("m", self.m), ("m3", 0.0))
 
     def config(self) -> OpConfig:
         return OpConfig(KIND_COMBINED, THETA_POLICIES[self.policy], True, True, float(self.s), 1.0, _scalar(self.m, 0.0), 0.0, 0.0)

@@ -74,12 +74,11 @@ def _forward_fake(x, weight, labels, bias, row_margins, class_index, *scalars):
 def _backward_fake(grad_lse, grad_target, grad_sum, lse, x, weight, labels, bias, row_margins, class_index, *rest):
     _check_fake_shapes(x, weight, labels, bias, row_margins, class_index)
     need_x, need_w, need_b, need_m = rest[-1]
-    empty = x.new_empty((0,))
     return (
-        torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else empty,
+        torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else x.new_empty((0,)),
         torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else weight.new_empty((0,)),
-        torch.empty_like(bias) if need_b and bias is not None else empty,
-        torch.empty_like(row_margins) if need_m and row_margins is not None else empty,
+        torch.empty_like(bias) if need_b and bias is not None else x.new_empty((0,)),
+        torch.empty_like(row_margins) if need_m and row_margins is not None else x.new_empty((0,)),
     )
 
 

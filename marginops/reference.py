@@ -63,10 +63,10 @@ def psi(
     return cos_phi - m3
 
 
-def _row_margin_columns(margin: Margin, rows: torch.Tensor, like: torch.Tensor):
-    """(m1, m2, m3) for the given rows, each a tensor of like's dtype."""
+def _row_margin_columns(margin: Margin, rows: torch.Tensor, batch: int, like: torch.Tensor):
+    """(m1, m2, m3) for the given rows of the batch, each a tensor of like's dtype."""
     cfg = margin.config()
-    per_row = margin.row_margins(like.shape[0], like)
+    per_row = margin.row_margins(batch, like)
     if per_row is not None:
         per_row = per_row[rows].to(like.dtype)
         return per_row[:, 0], per_row[:, 1], per_row[:, 2]
@@ -101,10 +101,13 @@ def margin_cross_entropy(
     if cfg.margin_kind != KIND_IDENTITY:
         rows = (labels != ignore_index).nonzero().squeeze(1)
         y = labels[rows]
-        cos_t = (x_hat[rows] * w_hat[y]).sum(1)
-        m1, m2, m3 = _row_margin_columns(margin, rows, x)
-        a = cfg.s if cfg.normalize_x else x_norm[rows]
-        b = 1.0 if cfg.normalize_w else w_norm[y]
+        # ψ on the [B] target cosines in at least float32: the clamp 1 − 1e-7 rounds to 1 in
+        # bfloat16/float16, where acos' and sqrt' would be infinite.
+        wide = torch.promote_types(logits.dtype, torch.float32)
+        cos_t = (x_hat[rows] * w_hat[y]).sum(1).to(wide)
+        m1, m2, m3 = _row_margin_columns(margin, rows, x.shape[0], cos_t)
+        a = cfg.s if cfg.normalize_x else x_norm[rows].to(wide)
+        b = 1.0 if cfg.normalize_w else w_norm[y].to(wide)
         target = a * b * psi(cfg.margin_kind, cfg.theta_policy, cos_t, m1, m2, m3, cfg.lambda_)
         logits = logits.index_put((rows, y), target.to(logits.dtype))
     if bias is not None:

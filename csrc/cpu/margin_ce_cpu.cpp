@@ -312,9 +312,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_typed(
     }
   }
 
+  // The tiles write every computed row of dW and dbias; rows they do not visit must be zero.
+  const bool tiles_run = B > 0 && C > 0 && (need_dx || need_dw || need_db);
+  const bool dense = tiles_run && !a.class_index.defined();
   at::Tensor dw, db;
-  if (need_dw) dw = a.class_index.defined() ? at::zeros_like(a.weight) : at::empty_like(a.weight);
-  if (need_db) db = a.class_index.defined() ? at::zeros_like(a.bias) : at::empty_like(a.bias);
+  if (need_dw) dw = dense ? at::empty_like(a.weight) : at::zeros_like(a.weight);
+  if (need_db) db = dense ? at::empty_like(a.bias) : at::zeros_like(a.bias);
   const int64_t ntiles = (C + kClassTile - 1) / kClassTile;
   const int64_t nchunks = num_chunks(ntiles);
   // Per chunk: Σ_j G_ij (β ⊙ W)_j and the non-target Σ_j G_ij z⁰_ij, for the x̂ correction.
@@ -322,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_typed(
   at::Tensor rsum = at::zeros({nchunks, B}, opts);
   const bool row_corr = need_dx && cfg.normalize_x, col_corr = need_dw && cfg.normalize_w;
 
-  if (B > 0 && C > 0 && (need_dx || need_dw || need_db)) {
+  if (tiles_run) {
     for_each_chunk(ntiles, [&](int64_t chunk, int64_t t0, int64_t t1) {
       TileLoader<T> loader(a);
       ClassTile<T> tile;

@@ -1,0 +1,169 @@
+"""The ``marginops`` command.
+
+    marginops train   a short training run of a margin head on synthetic data, fused against
+                      the eager reference: loss, step time, throughput and peak memory of each
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+from . import margins as M
+from . import reference
+from ._memory import peak_rss_above_baseline
+from .nn import MarginHead
+
+MARGINS = {
+    "softmax": M.Softmax,
+    "normface": M.NormFace,
+    "sphereface": M.SphereFace,
+    "cosface": M.CosFace,
+    "arcface": M.ArcFace,
+    "combined": lambda: M.CombinedMargin(s=64.0, m1=1.0, m2=0.3, m3=0.2),
+}
+
+
+def _peak_memory(device: torch.device, fn):
+    """Runs fn; returns (result, peak bytes above the memory in use before it, or None)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result, torch.cuda.max_memory_allocated(device) - base
+    return peak_rss_above_baseline(fn)
+
+
+def _persistent_bytes(params, opt) -> int:
+    """Gradients and optimizer state: memory a first step allocates for good."""
+    grads = sum(p.grad.nbytes for p in params if p.grad is not None)
+    state = sum(t.nbytes for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor))
+    return grads + state
+
+
+def _train(impl: str, args, device: torch.device, dtype: torch.dtype) -> dict:
+    """Trains backbone + head on a fixed synthetic data set (args.samples points around random
+    class centers), visiting it in the same shuffled order for both implementations."""
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    centers = torch.randn(args.classes, args.input_dim, generator=gen)
+    labels = torch.randint(0, args.classes, (args.samples,), generator=gen)
+    inputs = (centers[labels] + 0.5 * torch.randn(args.samples, args.input_dim, generator=gen)).to(device)
+    labels = labels.to(device)
+    order = torch.cat([torch.randperm(args.samples, generator=gen) for _ in range(-(-args.steps * args.batch // args.samples))])
+
+    backbone = torch.nn.Sequential(torch.nn.Linear(args.input_dim, args.dim), torch.nn.BatchNorm1d(args.dim)).to(device)
+    head_cls = MarginHead if impl == "fused" else reference.MarginHead  # impl: "fused" or "eager"
+    head = head_cls(args.dim, args.classes, margin=MARGINS[args.margin](), return_accuracy=True, device=device)
+    params = list(backbone.parameters()) + list(head.parameters())
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9)
+
+    def step(i):
+        idx = order[i * args.batch : (i + 1) * args.batch].to(device)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            feats = backbone(inputs[idx])
+        loss, acc = head(feats, labels[idx])
+        loss.backward()
+        opt.step()
+        return float(loss.detach()), float(acc)
+
+    (first, peak) = _peak_memory(device, lambda: step(0))
+    if peak is not None:
+        peak -= _persistent_bytes(params, opt)
+    losses, accs, times = [first[0]], [first[1]], []
+    for i in range(1, args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        loss, acc = step(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+        losses.append(loss)
+        accs.append(acc)
+    median = sorted(times)[len(times) // 2] if times else float("nan")
+    return {
+        "impl": impl,
+        "losses": losses,
+        "accuracies": accs,
+        "step_ms": 1e3 * median,
+        "samples_per_s": args.batch / median,
+        "peak_bytes": peak,
+    }
+
+
+def cmd_train(args) -> int:
+    device = torch.device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    margin = MARGINS[args.margin]()
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    print(
+        f"marginops train: {margin!r} head, batch {args.batch}, embedding {args.dim}, "
+        f"{args.classes:,} classes, {args.dtype}, {device}{threads}, {args.steps} steps"
+    )
+    impls = ["fused"] if args.skip_eager else ["fused", "eager"]
+    results = {}
+    for impl in impls:  # fused first: the eager run's freed memory cannot flatter it
+        results[impl] = _train(impl, args, device, dtype)
+    epoch = args.samples / args.batch
+    print(f"\n{'step':>4} {'epoch':>6}" + "".join(f"{impl + ' loss':>13}{'acc':>7}" for impl in impls))
+    for i in sorted({0, args.steps // 4, args.steps // 2, 3 * args.steps // 4, args.steps - 1}):
+        row = "".join(f"{results[impl]['losses'][i]:>13.4f}{results[impl]['accuracies'][i]:>7.3f}" for impl in impls)
+        print(f"{i + 1:>4} {(i + 1) / epoch:>6.2f}{row}")
+    print(f"\n{'impl':<8}{'step ms':>10}{'samples/s':>12}{'peak MiB':>11}")
+    for impl in impls:
+        r = results[impl]
+        peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.1f}"
+        print(f"{impl:<8}{r['step_ms']:>10.1f}{r['samples_per_s']:>12.0f}{peak:>11}")
+    print("(step ms: median; peak MiB: what one step adds above parameters, gradients and optimizer state)")
+    if "eager" in results:
+        f, e = results["fused"], results["eager"]
+        line = f"\nfused / eager: step time {f['step_ms'] / e['step_ms']:.2f}x"
+        if f["peak_bytes"] and e["peak_bytes"]:
+            line += f", peak memory {f['peak_bytes'] / e['peak_bytes']:.3f}x"
+        print(line)
+        drift = max(abs(a - b) for a, b in zip(f["losses"], e["losses"]))
+        print(f"largest loss difference between the two runs: {drift:.2e}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"config": {k: v for k, v in vars(args).items() if k != "func"}, "results": results}, fh, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="marginops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a head on synthetic data, fused vs eager")
+    t.add_argument("--classes", type=int, default=100_000)
+    t.add_argument("--batch", type=int, default=256)
+    t.add_argument("--dim", type=int, default=128, help="embedding size")
+    t.add_argument("--input-dim", type=int, default=64)
+    t.add_argument("--steps", type=int, default=24)
+    t.add_argument("--samples", type=int, default=2048, help="size of the synthetic data set, visited in epochs")
+    t.add_argument("--margin", choices=sorted(MARGINS), default="arcface")
+    t.add_argument("--lr", type=float, default=0.1)
+    t.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="autocast dtype of the backbone")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--skip-eager", action="store_true", help="run the fused head only")
+    t.add_argument("--json", help="also write the results to this file")
+    t.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+import marginops as mo
+
+# Every margin spec of the foundation, with parameters chosen so that a random batch has rows on
+# both sides of the θ + m > π boundary for the angular ones.
+MARGINS = {
+    "softmax": mo.Softmax(),
+    "weightnorm": mo.WeightNormSoftmax(),
+    "l2softmax": mo.L2Softmax(s=16.0),
+    "normface": mo.NormFace(s=20.0),
+    "lsoftmax": mo.LSoftmax(m=3, lambda_=0.5),
+    "sphereface": mo.SphereFace(m=4),
+    "cosface": mo.CosFace(s=30.0, m=0.35),
+    "arcface": mo.ArcFace(s=30.0, m=0.5),
+    "arcface_easy": mo.ArcFace(s=30.0, m=0.5, policy="easy"),
+    "arcface_none": mo.ArcFace(s=30.0, m=0.5, policy="none"),
+    "arcface_continuous": mo.ArcFace(s=30.0, m=0.5, policy="continuous"),
+    "combined": mo.CombinedMargin(s=30.0, m1=1.0, m2=0.3, m3=0.2),
+    "combined_m1": mo.CombinedMargin(s=30.0, m1=1.35, m2=0.25, m3=0.1, policy="continuous"),
+}
+
+DEVICES = ["cpu"] + (["cuda"] if mo.cuda_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+def make_inputs(B, D, C, dtype=torch.float64, device="cpu", bias=False, ignore=0, seed=0, requires_grad=True):
+    """Features, class weights, labels (the first `ignore` rows set to -100) and an optional bias.
+    A few rows point almost opposite their class so that θ + m > π occurs."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64)
+    W = torch.randn(C, D, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (B,), generator=g)
+    for i in range(min(3, B)):
+        x[B - 1 - i] = -W[y[B - 1 - i]] * (1 + i) + 0.1 * x[B - 1 - i]
+    y[:ignore] = -100
+    b = torch.randn(C, generator=g, dtype=torch.float64) if bias else None
+    to = lambda t: None if t is None else t.to(device=device, dtype=dtype).requires_grad_(requires_grad)  # noqa: E731
+    return to(x), to(W), y.to(device), to(b)
+
+
+def rel_err(a, b):
+    """max |a - b| / max |b| (0 when both vanish)."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    scale = b.abs().max() if b.numel() else torch.tensor(0.0)
+    diff = (a - b).abs().max() if b.numel() else torch.tensor(0.0)
+    return float(diff / scale) if scale > 0 else float(diff)

@@ -1,0 +1,99 @@
+"""The ops as torch sees them: opcheck (schema, fake kernels, autograd registration) and
+torch.compile(fullgraph=True) through the functional API and the head."""
+
+import pytest
+import torch
+
+import marginops as mo
+from marginops import ops, reference
+
+from conftest import make_inputs, rel_err
+
+f64 = torch.float64
+
+
+def forward_args(device, margin, bias=False, row_margins=None, class_index=None, dtype=f64, C=40, num_classes=None, offset=0):
+    x, W, y, b = make_inputs(12, 6, C, dtype=dtype, device=device, bias=bias, ignore=2)
+    y = torch.where(y >= 0, y + offset, y)
+    return (x, W, y, b, row_margins, class_index, num_classes or C, offset, -100, *margin.config())
+
+
+def sample_inputs(device):
+    rm = torch.rand(12, 3, dtype=f64, device=device)
+    rm[:, 0] = 1.0
+    yield forward_args(device, mo.Softmax(), bias=True)
+    yield forward_args(device, mo.ArcFace(s=30.0))
+    yield forward_args(device, mo.SphereFace(), bias=True)
+    yield forward_args(device, mo.CombinedMargin(s=30.0, m2=0.3, m3=0.1), row_margins=rm.requires_grad_())
+    yield forward_args(device, mo.CosFace(), dtype=torch.float32)
+    yield forward_args(device, mo.ArcFace(), dtype=torch.bfloat16)
+    # A shard: classes [50, 90) of 100, and a sampled subset of its rows.
+    yield forward_args(device, mo.ArcFace(), num_classes=100, offset=50)
+    idx = torch.tensor([0, 3, 4, 9, 20, 39], device=device)
+    yield forward_args(device, mo.CosFace(), class_index=idx, num_classes=100, offset=50)
+
+
+def test_opcheck_forward(device):
+    for args in sample_inputs(device):
+        torch.library.opcheck(torch.ops.marginops.margin_ce_forward, args)
+
+
+def test_opcheck_backward(device):
+    for args in sample_inputs(device):
+        x, W = args[0], args[1]
+        grads = [torch.randn(12, dtype=ops.acc_dtype(x, W), device=device) for _ in range(3)]
+        lse = torch.ops.marginops.margin_ce_forward(*args)[0].detach()
+        detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(torch.ops.marginops.margin_ce_backward, (*grads, lse, *detached, [True, True, True, True]))
+        torch.library.opcheck(torch.ops.marginops.margin_ce_backward, (grads[0], None, None, lse, *detached, [True, False, False, False]))
+
+
+def test_opcheck_psi():
+    c = torch.linspace(-1, 1, 17, dtype=f64)
+    ones, half, zero = torch.ones_like(c), torch.full_like(c, 0.5), torch.zeros_like(c)
+    torch.library.opcheck(torch.ops.marginops.margin_psi, (c, ones, half, zero, 1, 0, 0.0))
+
+
+@pytest.mark.parametrize("margin", [mo.ArcFace(s=30.0), mo.SphereFace(), mo.Softmax()], ids=["arcface", "sphereface", "softmax"])
+def test_compile_fullgraph_functional(device, margin):
+    torch._dynamo.reset()
+    x, W, y, b = make_inputs(32, 8, 100, device=device, bias=True, ignore=3)
+
+    def step(x, W, y, b):
+        loss, acc = mo.margin_cross_entropy(x, W, y, margin, bias=b, label_smoothing=0.1, return_accuracy=True)
+        return loss, acc
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss, acc = compiled(x, W, y, b)
+    grads = torch.autograd.grad(loss, [x, W, b])
+    ref = reference.margin_cross_entropy(x, W, y, margin, bias=b, label_smoothing=0.1)
+    ref_grads = torch.autograd.grad(ref, [x, W, b])
+    assert rel_err(loss, ref) <= 1e-10
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) <= 1e-10
+    assert 0.0 <= float(acc) <= 1.0
+
+
+def test_compile_fullgraph_head_training_step(device):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    backbone = torch.nn.Linear(16, 8).to(device)
+    head = mo.MarginHead(8, 50, margin=mo.CosFace(s=16.0, m=0.2)).to(device)
+    opt = torch.optim.SGD(list(backbone.parameters()) + list(head.parameters()), lr=0.5)
+
+    def loss_fn(inputs, labels):
+        return head(backbone(inputs), labels)
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    inputs = torch.randn(64, 16, device=device)
+    labels = torch.randint(0, 50, (64,), device=device)
+    eager = loss_fn(inputs, labels)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = compiled(inputs, labels)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert abs(losses[0] - float(eager)) < 1e-5
+    assert losses[-1] < losses[0]
