@@ -19,6 +19,9 @@ struct HeadConfig {
   double s;
   double m1, m2, m3;  // overridden per row by row_margins [B, 3] when given
   double lambda;
+  // K weight rows per class (sub-center ArcFace): class c owns rows c·K … c·K + K − 1 and its
+  // logit is the largest of theirs.
+  int64_t subcenters;
 };
 
 }  // namespace marginops

@@ -32,10 +32,11 @@ at::ScalarType HeadArgs::acc_dtype() const {
 HeadArgs check_head_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
                          const std::optional<at::Tensor>& bias,
                          const std::optional<at::Tensor>& row_margins,
+                         const std::optional<at::Tensor>& curricular,
                          const std::optional<at::Tensor>& class_index, int64_t num_classes,
                          int64_t class_offset, int64_t ignore_index, int64_t margin_kind,
                          int64_t theta_policy, bool normalize_x, bool normalize_w, double s,
-                         double m1, double m2, double m3, double lambda) {
+                         double m1, double m2, double m3, double lambda, int64_t subcenters) {
   TORCH_CHECK_VALUE(x.dim() == 2, "x must have shape [B, D], got ", x.sizes());
   check_float(x, "x");
   const int64_t B = x.size(0), D = x.size(1);
@@ -43,7 +44,10 @@ HeadArgs check_head_args(const at::Tensor& x, const at::Tensor& weight, const at
                     "] to match x ", x.sizes(), ", got ", weight.sizes());
   check_float(weight, "weight");
   check_device(weight, x, "weight");
-  const int64_t C = weight.size(0);
+  TORCH_CHECK_VALUE(subcenters >= 1, "subcenters must be >= 1, got ", subcenters);
+  TORCH_CHECK_VALUE(weight.size(0) % subcenters == 0, "weight has ", weight.size(0),
+                    " rows, not a multiple of subcenters = ", subcenters);
+  const int64_t C = weight.size(0) / subcenters;  // local classes
   TORCH_CHECK_VALUE(!at::isFloatingType(labels.scalar_type()) && labels.scalar_type() != at::kBool,
                     "labels must hold integer class ids, got dtype ", labels.scalar_type());
   TORCH_CHECK_VALUE(labels.scalar_type() == at::kLong, "labels must be int64, got ",
@@ -61,7 +65,8 @@ HeadArgs check_head_args(const at::Tensor& x, const at::Tensor& weight, const at
   a.columns = C;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == C, "bias must have shape [", C,
-                      "] to match weight ", weight.sizes(), ", got ", bias->sizes());
+                      "] (one per class) to match weight ", weight.sizes(), ", got ",
+                      bias->sizes());
     check_float(*bias, "bias");
     check_device(*bias, x, "bias");
     a.bias = bias->contiguous();
@@ -78,12 +83,23 @@ HeadArgs check_head_args(const at::Tensor& x, const at::Tensor& weight, const at
     check_device(*row_margins, x, "row_margins");
     a.row_margins = row_margins->contiguous();
   }
+  if (curricular.has_value() && curricular->defined()) {
+    TORCH_CHECK_VALUE(normalize_x && normalize_w,
+                      "curricular needs normalized features and weights (c = z / s)");
+    TORCH_CHECK_VALUE(curricular->dim() == 2 && curricular->size(0) == B &&
+                          curricular->size(1) == 2,
+                      "curricular must have shape [", B, ", 2] (threshold, t per row), got ",
+                      curricular->sizes());
+    check_float(*curricular, "curricular");
+    check_device(*curricular, x, "curricular");
+    a.curricular = curricular->contiguous();
+  }
   if (class_index.has_value() && class_index->defined()) {
     TORCH_CHECK_VALUE(class_index->dim() == 1 && class_index->scalar_type() == at::kLong,
                       "class_index must be a 1-D int64 tensor, got ", class_index->sizes(), " ",
                       class_index->scalar_type());
     TORCH_CHECK_VALUE(class_index->size(0) <= C, "class_index has ", class_index->size(0),
-                      " entries but weight has only ", C, " rows");
+                      " entries but weight holds only ", C, " classes");
     check_device(*class_index, x, "class_index");
     a.class_index = class_index->contiguous();
     a.columns = class_index->size(0);
@@ -116,7 +132,8 @@ HeadArgs check_head_args(const at::Tensor& x, const at::Tensor& weight, const at
                      m1,
                      m2,
                      m3,
-                     lambda};
+                     lambda,
+                     subcenters};
   return a;
 }
 
@@ -140,12 +157,12 @@ void check_label_values(const at::Tensor& labels_cpu, const HeadConfig& cfg) {
   }
 }
 
-void check_class_index_values(const at::Tensor& class_index_cpu, int64_t weight_rows) {
+void check_class_index_values(const at::Tensor& class_index_cpu, int64_t local_classes) {
   const int64_t* idx = class_index_cpu.data_ptr<int64_t>();
   const int64_t n = class_index_cpu.numel();
   for (int64_t k = 0; k < n; ++k) {
-    TORCH_CHECK_VALUE(idx[k] >= 0 && idx[k] < weight_rows, "class_index[", k, "] = ", idx[k],
-                      " is not a row of weight (", weight_rows, " rows)");
+    TORCH_CHECK_VALUE(idx[k] >= 0 && idx[k] < local_classes, "class_index[", k, "] = ", idx[k],
+                      " is not a class of weight (", local_classes, " classes)");
     TORCH_CHECK_VALUE(k == 0 || idx[k] > idx[k - 1], "class_index must be strictly increasing: ",
                       "class_index[", k - 1, "] = ", idx[k - 1], ", class_index[", k,
                       "] = ", idx[k]);

@@ -17,11 +17,13 @@ struct HeadArgs {
   at::Tensor labels;  // [B] int64 global class ids
   at::Tensor bias;    // [C] or undefined
   at::Tensor row_margins;  // [B, 3] (m1, m2, m3 per row) or undefined
-  at::Tensor class_index;  // [K] int64 strictly increasing rows of weight, or undefined
+  // [B, 2] CurricularFace (τ_i, t_i): a non-target cosine c > τ_i becomes c·(t_i + c); or undefined
+  at::Tensor curricular;
+  at::Tensor class_index;  // [K] int64 strictly increasing local classes, or undefined
   HeadConfig cfg;
   int64_t rows;     // B
   int64_t dim;      // D
-  int64_t columns;  // classes this call computes: K with class_index, else C
+  int64_t columns;  // classes this call computes: K with class_index, else C / subcenters
 
   // The dtype of all arithmetic: float64 when x and weight are both float64, else float32.
   at::ScalarType acc_dtype() const;
@@ -30,10 +32,11 @@ struct HeadArgs {
 HeadArgs check_head_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
                          const std::optional<at::Tensor>& bias,
                          const std::optional<at::Tensor>& row_margins,
+                         const std::optional<at::Tensor>& curricular,
                          const std::optional<at::Tensor>& class_index, int64_t num_classes,
                          int64_t class_offset, int64_t ignore_index, int64_t margin_kind,
                          int64_t theta_policy, bool normalize_x, bool normalize_w, double s,
-                         double m1, double m2, double m3, double lambda);
+                         double m1, double m2, double m3, double lambda, int64_t subcenters);
 
 // A per-row gradient of the backward op: [B] on x's device, or undefined.
 at::Tensor check_row_grad(const std::optional<at::Tensor>& grad, const HeadArgs& args,
@@ -41,7 +44,7 @@ at::Tensor check_row_grad(const std::optional<at::Tensor>& grad, const HeadArgs&
 
 // Label values and class_index order, read on the host. Raises on the first bad entry.
 void check_label_values(const at::Tensor& labels_cpu, const HeadConfig& cfg);
-void check_class_index_values(const at::Tensor& class_index_cpu, int64_t weight_rows);
+void check_class_index_values(const at::Tensor& class_index_cpu, int64_t local_classes);
 
 // The column of each row's target among the computed classes, or -1 when the row is ignored or
 // its class is not among them (another shard's, or not sampled). Host tensors in and out.

@@ -30,7 +30,7 @@ enum ThetaPolicy : int32_t {
   kEasy = 1,        // c ≤ 0: ψ = c − m3 (insightface's easy_margin)
   kNone = 2,        // cos φ − m3 everywhere
   kContinuous = 3,  // (−1)^k cos φ − 2k − m3 with k = ⌊φ/π⌋: continuous and monotonic
-  kClip = 4,        // φ clamped to [0, π] (AdaFace)
+  kClip = 4,        // φ clamped to [kClipEps, π − kClipEps] (AdaFace)
 };
 
 // c is clamped to [−1 + kCosEps, 1 − kCosEps] before acos/sqrt, so dθ/dc = −1/sin θ stays
@@ -38,6 +38,8 @@ enum ThetaPolicy : int32_t {
 constexpr double kCosEps = 1e-7;
 // Norms are clamped below at kNormEps, as torch.nn.functional.normalize does.
 constexpr double kNormEps = 1e-12;
+// kClip keeps φ this far inside [0, π], as AdaFace does.
+constexpr double kClipEps = 1e-3;
 constexpr double kPi = 3.14159265358979323846;
 
 namespace math {
@@ -120,8 +122,8 @@ MO_HD Psi<T> margin_psi(int32_t kind, int32_t policy, T c, T m1, T m2, T m3, T l
     r.d_m2 = policy == kFallback ? -(math::sin_(m2) + m2 * math::cos_(m2)) : T(0);
     return r;
   }
-  if (policy == kClip && (phi < T(0) || phi > T(kPi))) {
-    r.value = (phi < T(0) ? T(1) : T(-1)) - m3;
+  if (policy == kClip && (phi < T(kClipEps) || phi > T(kPi - kClipEps))) {
+    r.value = math::cos_(phi < T(kClipEps) ? T(kClipEps) : T(kPi - kClipEps)) - m3;
     r.d_c = T(0);
     return r;
   }

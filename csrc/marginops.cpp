@@ -11,12 +11,13 @@ PyObject* PyInit__C(void) {
 }
 }
 
-// The margin scalars appear in the same order in every op: see csrc/head_config.h for meaning.
-#define MO_HEAD_ARGS                                                                           \
-  "Tensor x, Tensor weight, Tensor labels, Tensor? bias, Tensor? row_margins, "                \
-  "Tensor? class_index, int num_classes, int class_offset, int ignore_index, int margin_kind, " \
-  "int theta_policy, bool normalize_x, bool normalize_w, float s, float m1, float m2, "        \
-  "float m3, float lambda_"
+// The head arguments appear in the same order in every op; csrc/head_config.h and
+// csrc/head_inputs.h say what each means.
+#define MO_HEAD_ARGS                                                                          \
+  "Tensor x, Tensor weight, Tensor labels, Tensor? bias, Tensor? row_margins, "               \
+  "Tensor? curricular, Tensor? class_index, int num_classes, int class_offset, "              \
+  "int ignore_index, int margin_kind, int theta_policy, bool normalize_x, bool normalize_w, " \
+  "float s, float m1, float m2, float m3, float lambda_, int subcenters"
 
 TORCH_LIBRARY(marginops, m) {
   // Per-row statistics of z over the computed classes, without materializing z:
@@ -32,6 +33,11 @@ TORCH_LIBRARY(marginops, m) {
         "Tensor lse, " MO_HEAD_ARGS
         ", bool[4] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "
         "Tensor grad_row_margins)");
+  // The k largest margin-free logits of each row among the computed classes and their global
+  // class ids, without a [B, C] tensor (inference). Not differentiable.
+  m.def("margin_topk(Tensor x, Tensor weight, Tensor? bias, Tensor? class_index, int k, "
+        "int class_offset, bool normalize_x, bool normalize_w, float s, int subcenters) -> "
+        "(Tensor values, Tensor classes)");
   // ψ and its derivatives, elementwise, exactly as the fused kernels apply them (for tests).
   m.def("margin_psi(Tensor cos, Tensor m1, Tensor m2, Tensor m3, int margin_kind, "
         "int theta_policy, float lambda_) -> (Tensor psi, Tensor d_cos, Tensor d_m1, "

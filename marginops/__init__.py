@@ -1,20 +1,26 @@
 """marginops: fused margin-softmax cross-entropy heads that never materialize logits."""
 
-from . import margins, ops, reference  # noqa: F401  (ops loads the compiled library)
+from . import margins, ops, reference, regularizers, subcenter  # noqa: F401  (ops loads the library)
 from .functional import margin_cross_entropy
 from .margins import (
+    AdaFace,
+    AdaptiveAngularMargin,
     ArcFace,
     CombinedMargin,
     CosFace,
+    CurricularFace,
     L2Softmax,
+    LambdaSchedule,
     LSoftmax,
+    MagFace,
     Margin,
     NormFace,
     Softmax,
     SphereFace,
+    SubCenterArcFace,
     WeightNormSoftmax,
 )
-from .nn import MarginHead
+from .nn import MarginHead, WeightedMarginHead
 
 __version__ = "0.1.0"
 
@@ -47,8 +53,17 @@ __all__ = [
     "CosFace",
     "ArcFace",
     "CombinedMargin",
+    "SubCenterArcFace",
+    "CurricularFace",
+    "AdaFace",
+    "MagFace",
+    "AdaptiveAngularMargin",
+    "LambdaSchedule",
+    "WeightedMarginHead",
     "backends",
     "cuda_available",
     "reference",
     "margins",
+    "regularizers",
+    "subcenter",
 ]

@@ -34,6 +34,9 @@ def check_head_inputs(
         raise ValueError(f"weight must have shape [C, {x.shape[1]}] to match x {tuple(x.shape)}, got {tuple(weight.shape)}")
     if weight.shape[0] == 0:
         raise ValueError("weight must have at least one class, got shape " + str(tuple(weight.shape)))
+    K = margin.config().subcenters
+    if weight.shape[0] % K:
+        raise ValueError(f"weight has {weight.shape[0]} rows: {type(margin).__name__} needs num_classes·{K} (K sub-centers per class)")
     for name, t in (("x", x), ("weight", weight)):
         if t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
@@ -45,9 +48,10 @@ def check_head_inputs(
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
+        C = weight.shape[0] // K
+        if not isinstance(bias, torch.Tensor) or bias.shape != (C,):
             shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-            raise ValueError(f"bias must have shape [{weight.shape[0]}] to match weight, got {shape}")
+            raise ValueError(f"bias must have shape [{C}] (one per class) to match weight, got {shape}")
         if bias.dtype not in FLOAT_DTYPES:
             raise ValueError(f"bias must be a floating tensor, got {bias.dtype}")
         if bias.device != x.device:

@@ -3,13 +3,14 @@ without a [B, C] logits tensor."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import ops
 from ._checks import check_head_inputs
-from .margins import Margin, Softmax
+from .margins import NORM_EPS, Margin, NormFace, RowContext, Softmax, target_cosines
 
 
 def loss_from_stats(
@@ -19,12 +20,16 @@ def loss_from_stats(
     ignore_index: int,
     label_smoothing: float,
     reduction: str,
+    extra_loss: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Cross-entropy from per-row statistics, as torch.nn.functional.cross_entropy defines it:
-    loss_i = lse_i − (1 − ε)·z_iy − (ε/C)·Σ_j z_ij, ignored rows excluded (mean over the rest)."""
+    loss_i = lse_i − (1 − ε)·z_iy − (ε/C)·Σ_j z_ij (+ extra_loss_i), ignored rows excluded
+    (mean over the rest)."""
     loss = stats.lse - (1.0 - label_smoothing) * stats.target_logit
     if label_smoothing > 0:
         loss = loss - (label_smoothing / num_classes) * stats.logit_sum
+    if extra_loss is not None:
+        loss = loss + extra_loss
     valid = labels != ignore_index
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     if reduction == "none":
@@ -60,9 +65,12 @@ def margin_cross_entropy(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     return_accuracy: bool = False,
+    margin_state: Optional[Dict[str, torch.Tensor]] = None,
+    update_state: bool = True,
 ):
     """Margin-softmax cross-entropy of features ``x [B, D]`` against class weights
-    ``weight [C, D]``, with ``labels [B]`` (class ids, or ``ignore_index``).
+    ``weight [C·K, D]`` (K = 1 but for sub-center margins), with ``labels [B]`` (class ids, or
+    ``ignore_index``).
 
     ``margin`` is a spec from :mod:`marginops.margins` (default: plain :class:`Softmax`).
     ``reduction``, ``ignore_index`` and ``label_smoothing`` behave as in
@@ -70,24 +78,78 @@ def margin_cross_entropy(
     inputs and float64 for float64 ones. With ``return_accuracy=True`` returns
     ``(loss, accuracy)``, the accuracy being the fraction of non-ignored rows whose largest
     margin-free logit is the label, computed in the same pass.
+
+    Stateful margins (CurricularFace's t, AdaFace's norm statistics) read ``margin_state`` (a
+    dict of tensors from ``margin.state_init()``, as heads keep it) and update it in place when
+    ``update_state``; without it they use the statistics of this batch alone.
     """
     margin = Softmax() if margin is None else margin
     labels = check_head_inputs(x, weight, labels, margin, bias, reduction, label_smoothing)
     _check_backend(x)
-    num_classes = weight.shape[0]
-    stats = ops.head_stats(
-        x,
-        weight,
-        labels,
-        bias,
-        margin.row_margins(x.shape[0], x),
-        None,
-        num_classes,
-        0,
-        ignore_index,
-        margin.config(),
+    cfg = margin.config()
+    num_classes = weight.shape[0] // cfg.subcenters
+    valid = labels != ignore_index
+    ctx = RowContext(
+        x, labels, valid, margin_state is not None and update_state, lambda: target_cosines(x, weight, labels, valid, cfg.subcenters)
     )
-    loss = loss_from_stats(stats, labels, num_classes, ignore_index, label_smoothing, reduction)
+    terms = margin.prepare(ctx, margin_state)
+    stats = ops.head_stats(
+        x, weight, labels, bias, terms.row_margins, terms.curricular, None, num_classes, 0, ignore_index, cfg
+    )
+    loss = loss_from_stats(stats, labels, num_classes, ignore_index, label_smoothing, reduction, terms.extra_loss)
     if return_accuracy:
         return loss, accuracy_from_stats(stats, labels, ignore_index)
     return loss
+
+
+def cosine_margin(subcenters: int = 1) -> Margin:
+    """A spec whose margin-free logits are the cosines (s = 1), with the given sub-centers."""
+    return _Cosine(subcenters)
+
+
+class _Cosine(Margin):
+    def __init__(self, subcenters: int):
+        self.subcenters = subcenters
+
+    def config(self):
+        return NormFace(s=1.0).config()._replace(subcenters=self.subcenters)
+
+
+def class_logits(
+    x: torch.Tensor, weight: torch.Tensor, margin: Optional[Margin] = None, bias: Optional[torch.Tensor] = None, chunk_size: int = 65536
+) -> torch.Tensor:
+    """Margin-free logits [B, C] of a head (a class's logit being its best sub-center's), computed
+    chunk_size classes at a time, so temporaries stay at B·chunk_size·K."""
+    margin = Softmax() if margin is None else margin
+    cfg = margin.config()
+    K = cfg.subcenters
+    num_classes = weight.shape[0] // K
+    acc = ops.acc_dtype(x, weight)
+    xs = x.to(acc)
+    if cfg.normalize_x:
+        xs = cfg.s * F.normalize(xs, dim=1, eps=NORM_EPS)
+    out = torch.empty(x.shape[0], num_classes, dtype=acc, device=x.device)
+    for c0 in range(0, num_classes, chunk_size):
+        c1 = min(num_classes, c0 + chunk_size)
+        w = weight[c0 * K : c1 * K].to(acc)
+        if cfg.normalize_w:
+            w = F.normalize(w, dim=1, eps=NORM_EPS)
+        z = xs @ w.T
+        if K > 1:
+            z = z.view(x.shape[0], c1 - c0, K).amax(dim=2)
+        out[:, c0:c1] = z if bias is None else z + bias[c0:c1].to(acc)
+    return out
+
+
+def topk_classes(
+    x: torch.Tensor, weight: torch.Tensor, k: int, margin: Optional[Margin] = None, bias: Optional[torch.Tensor] = None
+):
+    """The k largest margin-free logits of each row and their classes, (values [B, k],
+    classes [B, k]), from the fused pass: no [B, C] tensor. Not differentiable."""
+    margin = Softmax() if margin is None else margin
+    cfg = margin.config()
+    with torch.no_grad():
+        values, classes = torch.ops.marginops.margin_topk(
+            x, weight, bias, None, k, 0, cfg.normalize_x, cfg.normalize_w, cfg.s, cfg.subcenters
+        )
+    return values, classes

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Union
+from typing import Callable, Dict, NamedTuple, Optional, Union
 
 import torch
 
@@ -30,8 +30,49 @@ KIND_IDENTITY, KIND_COMBINED, KIND_MULTIPLICATIVE = 0, 1, 2
 THETA_POLICIES = {"fallback": 0, "easy": 1, "none": 2, "continuous": 3, "clip": 4}
 COS_EPS = 1e-7
 NORM_EPS = 1e-12
+CLIP_EPS = 1e-3
 
 Scalar = Union[float, torch.Tensor]
+
+
+_POLICY = {v: k for k, v in THETA_POLICIES.items()}
+
+
+def _parity_sign(k: torch.Tensor) -> torch.Tensor:
+    return 1.0 - 2.0 * torch.remainder(k, 2.0)
+
+
+def psi(
+    kind: int, policy: int, c: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, m3: torch.Tensor, lambda_: float = 0.0
+) -> torch.Tensor:
+    """The target transform ψ(c), elementwise; autograd gives ψ' and the margin gradients."""
+    if kind == KIND_IDENTITY:
+        return c
+    cc = c.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS)
+    sin_t = torch.sqrt(1.0 - cc * cc)
+    theta = torch.acos(cc)
+    if kind == KIND_MULTIPLICATIVE:
+        mt = m1 * theta
+        k = torch.floor(mt / math.pi).clamp(min=0.0).minimum(m1 - 1.0).detach()
+        return (_parity_sign(k) * torch.cos(mt) - 2.0 * k + lambda_ * c) / (1.0 + lambda_)
+    if kind != KIND_COMBINED:
+        raise ValueError(f"unknown margin kind {kind}")
+    phi = m1 * theta + m2
+    # With m1 = 1, cos(θ + m2) = c·cos m2 − sin θ·sin m2 with the unclamped c (exact for CosFace).
+    cos_phi = torch.where(m1 == 1.0, c * torch.cos(m2) - sin_t * torch.sin(m2), torch.cos(phi))
+    name = _POLICY[policy]
+    if name == "fallback":
+        return torch.where(phi > math.pi, c - m3 - m2 * torch.sin(m2), cos_phi - m3)
+    if name == "easy":
+        return torch.where(c > 0, cos_phi - m3, c - m3)
+    if name == "continuous":
+        k = torch.floor(phi / math.pi).detach()
+        return _parity_sign(k) * cos_phi - 2.0 * k - m3
+    if name == "clip":
+        lo, hi = CLIP_EPS, math.pi - CLIP_EPS
+        inner = torch.where(phi > hi, math.cos(hi) - m3, cos_phi - m3)
+        return torch.where(phi < lo, math.cos(lo) - m3, inner)
+    return cos_phi - m3
 
 
 class OpConfig(NamedTuple):
@@ -46,6 +87,7 @@ class OpConfig(NamedTuple):
     m2: float
     m3: float
     lambda_: float
+    subcenters: int = 1
 
 
 def _check_number(owner: str, name: str, value, lo: float, hi: float, hint: str = "") -> None:
@@ -80,12 +122,60 @@ def _check_policy(owner: str, policy) -> None:
         raise ValueError(f"{owner}: policy must be one of {sorted(THETA_POLICIES)}, got {policy!r}")
 
 
+@dataclass
+class RowContext:
+    """What a margin may look at to build its per-row terms. In a sharded head x and labels are
+    the global batch (all-gathered), so batch statistics are global."""
+
+    x: torch.Tensor  # [B, D] features
+    labels: torch.Tensor  # [B] int64
+    valid: torch.Tensor  # [B] bool: rows not equal to ignore_index
+    update: bool  # whether stateful margins update their state (training)
+    target_cos: Callable[[], torch.Tensor]  # [B] cos θ_iy, detached (0 on ignored rows)
+
+
+def target_cosines(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, subcenters: int = 1) -> torch.Tensor:
+    """cos θ between each row and its class (the best of its sub-centers), detached; 0 on
+    ignored rows. O(B·K·D)."""
+    wide = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
+    with torch.no_grad():
+        y = torch.where(valid, labels, torch.zeros_like(labels))
+        rows = (y[:, None] * subcenters + torch.arange(subcenters, device=y.device)).reshape(-1)
+        w_hat = torch.nn.functional.normalize(weight[rows].to(wide), dim=1, eps=NORM_EPS).view(len(y), subcenters, -1)
+        x_hat = torch.nn.functional.normalize(x.to(wide), dim=1, eps=NORM_EPS)
+        cos = (w_hat * x_hat[:, None, :]).sum(2).amax(1)
+        return torch.where(valid, cos, torch.zeros_like(cos))
+
+
+class RowTerms(NamedTuple):
+    """Per-row inputs of the op that a margin computes from the batch."""
+
+    row_margins: Optional[torch.Tensor] = None  # [B, 3] (m1, m2, m3)
+    curricular: Optional[torch.Tensor] = None  # [B, 2] (threshold τ_i, t)
+    extra_loss: Optional[torch.Tensor] = None  # [B] added to each row's loss (regularizers)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of values[mask]; 0 when the mask is empty."""
+    m = mask.to(values.dtype)
+    return (values * m).sum() / m.sum().clamp_min(1.0)
+
+
 class Margin:
-    """Base of the specs. ``config()`` gives the op's scalars, ``row_margins()`` the per-row
-    ``[B, 3]`` tensor (m1, m2, m3) when some margin is a tensor."""
+    """Base of the specs. ``config()`` gives the op's scalars; ``prepare()`` the per-row terms of
+    a batch. Stateful margins (CurricularFace, AdaFace) describe their state in ``state_init()``:
+    heads keep it as buffers and pass it in; without state they use the batch's statistics."""
 
     def config(self) -> OpConfig:
         raise NotImplementedError
+
+    def state_init(self) -> Dict[str, torch.Tensor]:
+        # Shape [1], not 0-d: torch.compile drops in-place updates of 0-d float64 buffers
+        # (seen with torch 2.13, every backend).
+        return {}
+
+    def prepare(self, ctx: RowContext, state: Optional[Dict[str, torch.Tensor]] = None) -> RowTerms:
+        return RowTerms(row_margins=self.row_margins(ctx.x.shape[0], ctx.x))
 
     def _combined_margins(self):  # ((name, m1), (name, m2), (name, m3)); values float or [B] tensor
         return None
@@ -217,7 +307,7 @@ class CombinedMargin(Margin):
       - "none": cos(m1·θ + m2) everywhere; not monotonic in θ past the boundary.
       - "continuous": (-1)^k cos(φ) - 2k - m3 with k = ⌊φ/π⌋ (SphereFace's extension), continuous
         and monotonic everywhere.
-      - "clip": φ clamped to [0, π] (AdaFace).
+      - "clip": φ clamped to [1e-3, π - 1e-3] (AdaFace).
     """
 
     s: float = 64.0
@@ -290,6 +380,235 @@ class ArcFace(Margin):
         return OpConfig(KIND_COMBINED, THETA_POLICIES[self.policy], True, True, float(self.s), 1.0, _scalar(self.m, 0.0), 0.0, 0.0)
 
 
+def _angular_target(owner: str, s, m, policy) -> None:
+    _check_scale(owner, s)
+    _check_policy(owner, policy)
+    _check_angle(owner, "m", m)
+
+
+@dataclass(frozen=True, eq=False)
+class SubCenterArcFace(Margin):
+    """Sub-center ArcFace (Deng et al. 2020): K sub-centers per class, weight ``[C·K, D]`` with
+    class c in rows c·K … c·K + K − 1; a class's cosine is the largest of its sub-centers', then
+    ArcFace's margin on the target. See :mod:`marginops.subcenter` for finding noisy samples and
+    dropping the non-dominant sub-centers after training."""
+
+    K: int = 3
+    s: float = 64.0
+    m: float = 0.5
+    policy: str = "fallback"
+
+    def __post_init__(self):
+        if isinstance(self.K, bool) or not isinstance(self.K, int) or not 1 <= self.K <= 64:
+            raise ValueError(f"SubCenterArcFace: K must be an int in [1, 64], got {self.K!r}")
+        _angular_target("SubCenterArcFace", self.s, self.m, self.policy)
+
+    def config(self) -> OpConfig:
+        return OpConfig(KIND_COMBINED, THETA_POLICIES[self.policy], True, True, float(self.s), 1.0, float(self.m), 0.0, 0.0, self.K)
+
+
+@dataclass(frozen=True, eq=False)
+class CurricularFace(Margin):
+    """CurricularFace (Huang et al. 2020): ArcFace's margin on the target (fallback past π);
+    a negative harder than the target's margin cosine, c_j > cos(θ_y + m), becomes c_j·(t + c_j).
+    t is an EMA of the batch's mean target cosine: t ← momentum·mean(cos θ_y) + (1 − momentum)·t,
+    updated before use, starting from 0; heads keep it as a buffer (in a sharded head, over the
+    global batch)."""
+
+    s: float = 64.0
+    m: float = 0.5
+    momentum: float = 0.01
+
+    def __post_init__(self):
+        _angular_target("CurricularFace", self.s, self.m, "fallback")
+        _check_number("CurricularFace", "momentum", self.momentum, 0.0, 1.0)
+
+    def config(self) -> OpConfig:
+        return OpConfig(KIND_COMBINED, THETA_POLICIES["fallback"], True, True, float(self.s), 1.0, float(self.m), 0.0, 0.0)
+
+    def state_init(self) -> Dict[str, torch.Tensor]:
+        return {"t": torch.zeros(1, dtype=torch.float64)}
+
+    def prepare(self, ctx: RowContext, state=None) -> RowTerms:
+        cos = ctx.target_cos()
+        mean = masked_mean(cos, ctx.valid)
+        if state is None:
+            t = mean
+        else:
+            if ctx.update:
+                ema = self.momentum * mean + (1.0 - self.momentum) * state["t"]
+                state["t"].copy_(torch.where(ctx.valid.any(), ema, state["t"]))
+            t = state["t"].to(cos.dtype)
+        one = torch.ones_like(cos)
+        tau = psi(KIND_COMBINED, THETA_POLICIES["none"], cos, one, one * self.m, one * 0.0)  # cos(θ_y + m)
+        tau = torch.where(ctx.valid, tau, torch.full_like(tau, math.inf))
+        return RowTerms(curricular=torch.stack([tau, t.expand_as(tau)], dim=1))
+
+
+@dataclass(frozen=True, eq=False)
+class AdaFace(Margin):
+    """AdaFace (Kim et al. 2022): margins from the feature norm. With ĝ = clip(h·(‖x‖ − μ)/(σ + ε),
+    −1, 1), ‖x‖ clipped to [0.001, 100] and detached, the target becomes
+    cos(clip(θ − m·ĝ, ε, π − ε)) − (m + m·ĝ), ε = 1e-3. μ, σ are EMAs of the batch's norm mean
+    and std with rate t_alpha (the paper's 0.01), starting at 20 and 100 as in the paper's code.
+    Not reproduced: AdaFace's clamp of every cosine to [−1 + 1e-3, 1 − 1e-3]."""
+
+    s: float = 64.0
+    m: float = 0.4
+    h: float = 0.333
+    t_alpha: float = 0.01
+
+    def __post_init__(self):
+        _check_scale("AdaFace", self.s)
+        _check_number("AdaFace", "m", self.m, 0.0, 1.0)
+        _check_number("AdaFace", "h", self.h, 0.0, 10.0)
+        _check_number("AdaFace", "t_alpha", self.t_alpha, 0.0, 1.0)
+
+    def config(self) -> OpConfig:
+        return OpConfig(KIND_COMBINED, THETA_POLICIES["clip"], True, True, float(self.s), 1.0, 0.0, float(self.m), 0.0)
+
+    def state_init(self) -> Dict[str, torch.Tensor]:
+        return {"batch_mean": torch.full((1,), 20.0, dtype=torch.float64), "batch_std": torch.full((1,), 100.0, dtype=torch.float64)}
+
+    def prepare(self, ctx: RowContext, state=None) -> RowTerms:
+        norms = ctx.x.detach().norm(dim=1).clamp(0.001, 100.0)
+        norms = norms.to(torch.promote_types(norms.dtype, torch.float32))
+        count = ctx.valid.sum()
+        mean = masked_mean(norms, ctx.valid)
+        std = (masked_mean((norms - mean) ** 2, ctx.valid) * count / (count - 1).clamp_min(1)).sqrt()  # unbiased
+        if state is not None:
+            if ctx.update:
+                for key, value in (("batch_mean", mean), ("batch_std", std)):
+                    ema = self.t_alpha * value + (1.0 - self.t_alpha) * state[key]
+                    state[key].copy_(torch.where(count > 1, ema, state[key]))
+            mean, std = state["batch_mean"].to(norms.dtype), state["batch_std"].to(norms.dtype)
+        g = ((norms - mean) / (std + 1e-3) * self.h).clamp(-1.0, 1.0)
+        rows = torch.stack([torch.ones_like(g), -self.m * g, self.m + self.m * g], dim=1)
+        return RowTerms(row_margins=rows)
+
+
+@dataclass(frozen=True, eq=False)
+class MagFace(Margin):
+    """MagFace (Meng et al. 2021): ArcFace with a per-row margin from the feature magnitude
+    a = clamp(‖x‖, l_a, u_a): m(a) = (u_m − l_m)/(u_a − l_a)·(a − l_a) + l_m, plus the regularizer
+    λ_g·g(a), g(a) = a/u_a² + 1/a, added to each row's loss. Gradients flow through m(a) and g(a)
+    to the features, as in MagFace's code. ``policy`` as in :class:`ArcFace`."""
+
+    s: float = 64.0
+    l_a: float = 10.0
+    u_a: float = 110.0
+    l_m: float = 0.45
+    u_m: float = 0.8
+    lambda_g: float = 35.0
+    policy: str = "fallback"
+
+    def __post_init__(self):
+        _check_scale("MagFace", self.s)
+        _check_policy("MagFace", self.policy)
+        _check_number("MagFace", "l_a", self.l_a, 1e-6, math.inf)
+        _check_number("MagFace", "u_a", self.u_a, self.l_a + 1e-6, math.inf, f" (above l_a={self.l_a})")
+        _check_angle("MagFace", "l_m", self.l_m)
+        _check_angle("MagFace", "u_m", self.u_m)
+        _check_number("MagFace", "lambda_g", self.lambda_g, 0.0, math.inf)
+
+    def config(self) -> OpConfig:
+        return OpConfig(KIND_COMBINED, THETA_POLICIES[self.policy], True, True, float(self.s), 1.0, 0.0, 0.0, 0.0)
+
+    def prepare(self, ctx: RowContext, state=None) -> RowTerms:
+        x = ctx.x.to(torch.promote_types(ctx.x.dtype, torch.float32))
+        a = x.norm(dim=1).clamp(self.l_a, self.u_a)
+        m = (self.u_m - self.l_m) / (self.u_a - self.l_a) * (a - self.l_a) + self.l_m
+        rows = torch.stack([torch.ones_like(m), m, torch.zeros_like(m)], dim=1)
+        return RowTerms(row_margins=rows, extra_loss=self.lambda_g * (a / self.u_a**2 + 1.0 / a))
+
+
+@dataclass(frozen=True, eq=False)
+class AdaptiveAngularMargin(Margin):
+    """An angular margin piecewise in the target angle θ, after CCL (Qi & Zhang 2018): the target
+    logit is a·cos(φ(θ)) with φ(θ) = slope_k·θ + intercept_k on the k-th piece of [0, π] cut at
+    ``breakpoints`` — a multiplicative margin η(θ) = φ(θ)/θ that adapts to the row's angle.
+    Intercepts default to the ones that make φ continuous with φ(0) = 0; give them explicitly
+    (e.g. all zero, for a piecewise-constant η) to reproduce another schedule.
+
+    The default, φ = 2θ up to θ = 0.5 and θ + 0.5 beyond, is marginops's choice: multiplicative
+    (SphereFace m = 2) for small angles, ArcFace's 0.5 past them, continuous in θ. CCL's paper
+    text was not available when this was written, so its published constants are not
+    reproduced here. ``s=None`` keeps the feature norm as the scale (CCL trains on whitened,
+    unnormalized features; see :class:`marginops.regularizers.FeatureWhitening`); weights are
+    normalized. ``policy`` handles φ > π ("continuous" by default)."""
+
+    breakpoints: tuple = (0.5,)
+    slopes: tuple = (2.0, 1.0)
+    intercepts: Optional[tuple] = None
+    s: Optional[float] = None
+    policy: str = "continuous"
+
+    def __post_init__(self):
+        owner = "AdaptiveAngularMargin"
+        b, k = tuple(self.breakpoints), tuple(self.slopes)
+        if len(k) != len(b) + 1:
+            raise ValueError(f"{owner}: slopes needs one entry per piece ({len(b) + 1}), got {len(k)}")
+        if any(not 0 < v < math.pi for v in b) or list(b) != sorted(set(b)):
+            raise ValueError(f"{owner}: breakpoints must increase strictly inside (0, π), got {b!r}")
+        for v in k:
+            _check_number(owner, "slopes", v, 1.0, 10.0)
+        if self.intercepts is not None:
+            if len(self.intercepts) != len(k):
+                raise ValueError(f"{owner}: intercepts needs one entry per piece ({len(k)}), got {len(self.intercepts)}")
+            for v in self.intercepts:
+                _check_number(owner, "intercepts", v, -math.pi, math.pi)
+        if self.s is not None:
+            _check_scale(owner, self.s)
+        _check_policy(owner, self.policy)
+        if self.policy == "fallback":
+            raise ValueError(f"{owner}: policy='fallback' needs m1 = 1; use 'continuous', 'none' or 'clip'")
+
+    def pieces(self):
+        """(start angle, slope, intercept) of each piece."""
+        starts = (0.0,) + tuple(self.breakpoints)
+        if self.intercepts is not None:
+            return list(zip(starts, self.slopes, self.intercepts))
+        out, phi = [], 0.0
+        for i, (start, slope) in enumerate(zip(starts, self.slopes)):
+            out.append((start, slope, phi - slope * start))
+            if i + 1 < len(starts):
+                phi += slope * (starts[i + 1] - start)
+        return out
+
+    def config(self) -> OpConfig:
+        normalized = self.s is not None
+        return OpConfig(KIND_COMBINED, THETA_POLICIES[self.policy], normalized, True, float(self.s or 1.0), 1.0, 0.0, 0.0, 0.0)
+
+    def prepare(self, ctx: RowContext, state=None) -> RowTerms:
+        theta = torch.acos(ctx.target_cos().clamp(-1.0 + COS_EPS, 1.0 - COS_EPS))
+        slope = torch.zeros_like(theta)
+        intercept = torch.zeros_like(theta)
+        for start, k, b0 in self.pieces():
+            inside = theta >= start
+            slope = torch.where(inside, k, slope)
+            intercept = torch.where(inside, b0, intercept)
+        return RowTerms(row_margins=torch.stack([slope, intercept, torch.zeros_like(slope)], dim=1))
+
+
+@dataclass(frozen=True)
+class LambdaSchedule:
+    """SphereFace's annealing of λ for L-Softmax/SphereFace heads:
+    λ(iteration) = max(lambda_min, base·(1 + gamma·iteration)^(−power)); the defaults are
+    SphereFace's (1000, 0.12, 1, 5). A head given one consults it each training step."""
+
+    base: float = 1000.0
+    gamma: float = 0.12
+    power: float = 1.0
+    lambda_min: float = 5.0
+
+    def __post_init__(self):
+        for name in ("base", "gamma", "power", "lambda_min"):
+            _check_number("LambdaSchedule", name, getattr(self, name), 0.0, math.inf)
+
+    def __call__(self, iteration: int) -> float:
+        return max(self.lambda_min, self.base * (1.0 + self.gamma * iteration) ** (-self.power))
+
+
 __all__ = [
     "Margin",
     "OpConfig",
@@ -302,4 +621,13 @@ __all__ = [
     "CosFace",
     "ArcFace",
     "CombinedMargin",
+    "SubCenterArcFace",
+    "CurricularFace",
+    "AdaFace",
+    "MagFace",
+    "AdaptiveAngularMargin",
+    "LambdaSchedule",
+    "RowContext",
+    "RowTerms",
+    "psi",
 ]

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from . import functional
 from ._checks import REDUCTIONS
-from .margins import Margin, Softmax
+from .margins import LambdaSchedule, LSoftmax, Margin, Softmax
 
 
 def _check_size(name: str, value) -> int:
@@ -18,12 +19,81 @@ def _check_size(name: str, value) -> int:
     return value
 
 
-class MarginHead(nn.Module):
+def _check_margin(margin) -> Margin:
+    margin = Softmax() if margin is None else margin
+    if not isinstance(margin, Margin):
+        raise ValueError(f"margin must be a marginops margin spec, got {margin!r}")
+    return margin
+
+
+class MarginState(nn.Module):
+    """The buffers of a stateful margin (CurricularFace's t, AdaFace's norm statistics), so that
+    they follow the head's device and survive state_dict."""
+
+    def __init__(self, state: Dict[str, torch.Tensor]):
+        super().__init__()
+        for name, value in state.items():
+            self.register_buffer(name, value.clone())
+
+    def as_dict(self) -> Optional[Dict[str, torch.Tensor]]:
+        return dict(self.named_buffers()) or None
+
+
+class _ClassWeights(nn.Module):
+    """weight [num_classes·K, embedding_size] (and bias [num_classes]) plus the inference
+    helpers every head shares."""
+
+    def _init_weights(self, embedding_size, num_classes, subcenters, bias, factory):
+        self.embedding_size = _check_size("embedding_size", embedding_size)
+        self.num_classes = _check_size("num_classes", num_classes)
+        self.subcenters = subcenters
+        self.weight = nn.Parameter(torch.empty(num_classes * subcenters, embedding_size, **factory))
+        self.bias = nn.Parameter(torch.empty(num_classes, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=0.01)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def _check_x(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.embedding_size:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape [B, {self.embedding_size}], got {shape}")
+
+    def _inference_margin(self) -> Margin:
+        return self.margin
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor, chunk_size: int = 65536) -> torch.Tensor:
+        """Margin-free logits [B, num_classes] (no margin, no hard-negative modulation),
+        computed chunk_size classes at a time."""
+        self._check_x(x)
+        return functional.class_logits(x, self.weight, self._inference_margin(), self.bias, chunk_size)
+
+    @torch.no_grad()
+    def cosine(self, x: torch.Tensor, chunk_size: int = 65536) -> torch.Tensor:
+        """cos θ [B, num_classes] between features and class weights (the best sub-center)."""
+        self._check_x(x)
+        return functional.class_logits(x, self.weight, functional.cosine_margin(self.subcenters), None, chunk_size)
+
+    @torch.no_grad()
+    def topk(self, x: torch.Tensor, k: int = 5) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The k most likely classes of each row by margin-free logit: (values [B, k],
+        classes [B, k]), without a [B, num_classes] tensor."""
+        self._check_x(x)
+        return functional.topk_classes(x, self.weight, k, self._inference_margin(), self.bias)
+
+
+class MarginHead(_ClassWeights):
     """Classification head with a margin-softmax loss.
 
-    Owns ``weight [num_classes, embedding_size]`` (and ``bias [num_classes]`` with ``bias=True``);
-    ``forward(x, labels)`` returns the loss (and the training accuracy with
-    ``return_accuracy=True``). Any torch optimizer trains it with the backbone.
+    Owns ``weight [num_classes·K, embedding_size]`` (K sub-centers for SubCenterArcFace, else 1)
+    and ``bias [num_classes]`` with ``bias=True``; ``forward(x, labels)`` returns the loss (and
+    the training accuracy with ``return_accuracy=True``). Any torch optimizer trains it with the
+    backbone. Stateful margins keep their state in ``margin_state`` buffers, updated in training
+    mode only. ``lambda_schedule`` anneals an L-Softmax/SphereFace margin's λ per training step
+    (it changes a Python float each step, so ``torch.compile`` recompiles while it anneals).
     """
 
     _loss_fn = staticmethod(functional.margin_cross_entropy)
@@ -38,44 +108,52 @@ class MarginHead(nn.Module):
         ignore_index: int = -100,
         label_smoothing: float = 0.0,
         return_accuracy: bool = False,
+        lambda_schedule: Optional[LambdaSchedule] = None,
         device=None,
         dtype=None,
     ):
         super().__init__()
-        self.embedding_size = _check_size("embedding_size", embedding_size)
-        self.num_classes = _check_size("num_classes", num_classes)
-        self.margin = Softmax() if margin is None else margin
-        if not isinstance(self.margin, Margin):
-            raise ValueError(f"margin must be a marginops margin spec, got {margin!r}")
+        self.margin = _check_margin(margin)
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if lambda_schedule is not None:
+            if not isinstance(self.margin, LSoftmax):
+                raise ValueError(f"lambda_schedule anneals LSoftmax/SphereFace margins, not {type(self.margin).__name__}")
+            if not isinstance(lambda_schedule, LambdaSchedule):
+                raise ValueError(f"lambda_schedule must be a marginops LambdaSchedule, got {lambda_schedule!r}")
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
         self.return_accuracy = return_accuracy
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size, **factory))
-        self.bias = nn.Parameter(torch.empty(num_classes, **factory)) if bias else None
-        self.reset_parameters()
+        self.lambda_schedule = lambda_schedule
+        self._init_weights(embedding_size, num_classes, self.margin.config().subcenters, bias, {"device": device, "dtype": dtype})
+        self.margin_state = MarginState(self.margin.state_init())
+        if lambda_schedule is not None:
+            self.register_buffer("lambda_iteration", torch.zeros((), dtype=torch.long, device=device))
 
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=0.01)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+    def current_margin(self) -> Margin:
+        """The margin of the next step: the spec, with λ from the schedule when annealing."""
+        if self.lambda_schedule is None:
+            return self.margin
+        return dataclasses.replace(self.margin, lambda_=self.lambda_schedule(int(self.lambda_iteration)))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor):
-        if x.dim() != 2 or x.shape[1] != self.embedding_size:
-            raise ValueError(f"x must have shape [B, {self.embedding_size}], got {tuple(x.shape)}")
+        self._check_x(x)
+        margin = self.current_margin()
+        if self.lambda_schedule is not None and self.training:
+            self.lambda_iteration += 1
         return self._loss_fn(
             x,
             self.weight,
             labels,
-            margin=self.margin,
+            margin=margin,
             bias=self.bias,
             reduction=self.reduction,
             ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing,
             return_accuracy=self.return_accuracy,
+            margin_state=self.margin_state.as_dict(),
+            update_state=self.training,
         )
 
     def extra_repr(self) -> str:
@@ -83,3 +161,53 @@ class MarginHead(nn.Module):
             f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
             f"margin={self.margin!r}, bias={self.bias is not None}"
         )
+
+
+class WeightedMarginHead(_ClassWeights):
+    """One set of class weights trained by a weighted sum of margin losses,
+    ``Σ_k w_k · loss_k(x, W, labels)`` — CCL combines its adaptive margin with SphereFace this
+    way. Each term is one fused pass; margins with sub-centers or state are not supported here.
+    Inference helpers use the first margin's scaling."""
+
+    _loss_fn = staticmethod(functional.margin_cross_entropy)
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        terms: Sequence[Tuple[Margin, float]],
+        bias: bool = False,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if not terms:
+            raise ValueError("terms must hold at least one (margin, weight) pair")
+        checked = []
+        for term in terms:
+            if not (isinstance(term, (tuple, list)) and len(term) == 2):
+                raise ValueError(f"terms must be (margin, weight) pairs, got {term!r}")
+            margin, w = _check_margin(term[0]), term[1]
+            if margin.config().subcenters != 1 or margin.state_init():
+                raise ValueError(f"{type(margin).__name__} has sub-centers or state; use MarginHead")
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+                raise ValueError(f"term weights must be non-negative numbers, got {w!r}")
+            checked.append((margin, float(w)))
+        self.terms = checked
+        self.margin = checked[0][0]
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self._init_weights(embedding_size, num_classes, 1, bias, {"device": device, "dtype": dtype})
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self._check_x(x)
+        total = None
+        for margin, w in self.terms:
+            loss = self._loss_fn(
+                x, self.weight, labels, margin=margin, bias=self.bias,
+                ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+            )
+            total = w * loss if total is None else total + w * loss
+        return total

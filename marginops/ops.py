@@ -35,20 +35,24 @@ def head_stats(
     labels: torch.Tensor,
     bias: Optional[torch.Tensor],
     row_margins: Optional[torch.Tensor],
+    curricular: Optional[torch.Tensor],
     class_index: Optional[torch.Tensor],
     num_classes: int,
     class_offset: int,
     ignore_index: int,
     cfg: OpConfig,
 ) -> HeadStats:
+    """Per-row statistics of the head over the classes [class_offset, class_offset + C) (a
+    shard; with class_index, only those of its classes). Differentiable in x, weight, bias and
+    row_margins."""
     return HeadStats(
         *_ops.margin_ce_forward(
-            x, weight, labels, bias, row_margins, class_index, num_classes, class_offset, ignore_index, *cfg
+            x, weight, labels, bias, row_margins, curricular, class_index, num_classes, class_offset, ignore_index, *cfg
         )
     )
 
 
-def _check_fake_shapes(x, weight, labels, bias, row_margins, class_index):
+def _check_fake_shapes(x, weight, labels, bias, row_margins, curricular, class_index):
     torch._check(x.dim() == 2, lambda: f"x must have shape [B, D], got {tuple(x.shape)}")
     torch._check(
         weight.dim() == 2 and weight.shape[1] == x.shape[1],
@@ -59,20 +63,22 @@ def _check_fake_shapes(x, weight, labels, bias, row_margins, class_index):
         torch._check(bias.shape == (weight.shape[0],), lambda: f"bias must have shape [{weight.shape[0]}]")
     if row_margins is not None:
         torch._check(row_margins.shape == (x.shape[0], 3), lambda: f"row_margins must have shape [{x.shape[0]}, 3]")
+    if curricular is not None:
+        torch._check(curricular.shape == (x.shape[0], 2), lambda: f"curricular must have shape [{x.shape[0]}, 2]")
     if class_index is not None:
         torch._check(class_index.dim() == 1, lambda: "class_index must be 1-D")
 
 
 @torch.library.register_fake("marginops::margin_ce_forward")
-def _forward_fake(x, weight, labels, bias, row_margins, class_index, *scalars):
-    _check_fake_shapes(x, weight, labels, bias, row_margins, class_index)
+def _forward_fake(x, weight, labels, bias, row_margins, curricular, class_index, *scalars):
+    _check_fake_shapes(x, weight, labels, bias, row_margins, curricular, class_index)
     rows = x.new_empty((x.shape[0],), dtype=acc_dtype(x, weight))
     return rows, torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows, dtype=torch.long)
 
 
 @torch.library.register_fake("marginops::margin_ce_backward")
-def _backward_fake(grad_lse, grad_target, grad_sum, lse, x, weight, labels, bias, row_margins, class_index, *rest):
-    _check_fake_shapes(x, weight, labels, bias, row_margins, class_index)
+def _backward_fake(grad_lse, grad_target, grad_sum, lse, x, weight, labels, bias, row_margins, curricular, class_index, *rest):
+    _check_fake_shapes(x, weight, labels, bias, row_margins, curricular, class_index)
     need_x, need_w, need_b, need_m = rest[-1]
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else x.new_empty((0,)),
@@ -82,26 +88,32 @@ def _backward_fake(grad_lse, grad_target, grad_sum, lse, x, weight, labels, bias
     )
 
 
+@torch.library.register_fake("marginops::margin_topk")
+def _topk_fake(x, weight, bias, class_index, k, *scalars):
+    values = x.new_empty((x.shape[0], k), dtype=acc_dtype(x, weight))
+    return values, torch.empty_like(values, dtype=torch.long)
+
+
 @torch.library.register_fake("marginops::margin_psi")
 def _psi_fake(cos, m1, m2, m3, kind, policy, lambda_):
     return tuple(torch.empty_like(cos) for _ in range(5))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, labels, bias, row_margins, class_index, *scalars = inputs
-    ctx.save_for_backward(x, weight, labels, bias, row_margins, class_index, output[0])
+    x, weight, labels, bias, row_margins, curricular, class_index, *scalars = inputs
+    ctx.save_for_backward(x, weight, labels, bias, row_margins, curricular, class_index, output[0])
     ctx.scalars = scalars
 
 
 def _backward(ctx, grad_lse, grad_target, grad_sum, _grad_best, _grad_class):
-    x, weight, labels, bias, row_margins, class_index, lse = ctx.saved_tensors
+    x, weight, labels, bias, row_margins, curricular, class_index, lse = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [need[0], need[1], need[3] and bias is not None, need[4] and row_margins is not None]
     dx, dw, db, dm = _ops.margin_ce_backward(
-        grad_lse, grad_target, grad_sum, lse, x, weight, labels, bias, row_margins, class_index, *ctx.scalars, mask
+        grad_lse, grad_target, grad_sum, lse, x, weight, labels, bias, row_margins, curricular, class_index, *ctx.scalars, mask
     )
     grads = [dx if mask[0] else None, dw if mask[1] else None, None, db if mask[2] else None, dm if mask[3] else None]
-    return tuple(grads) + (None,) * (1 + len(ctx.scalars))
+    return tuple(grads) + (None,) * (2 + len(ctx.scalars))
 
 
 torch.library.register_autograd("marginops::margin_ce_forward", _backward, setup_context=_setup_context)

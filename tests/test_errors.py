@@ -44,7 +44,7 @@ def test_bad_tensors(fn, change, message):
 @pytest.mark.parametrize("fn", LOSSES, ids=["fused", "reference"])
 def test_bad_options(fn):
     x, W, y = inputs()
-    with pytest.raises(ValueError, match=r"bias must have shape \[10\] to match weight, got \(9,\)"):
+    with pytest.raises(ValueError, match=r"bias must have shape \[10\] \(one per class\) to match weight, got \(9,\)"):
         fn(x, W, y, mo.Softmax(), bias=torch.zeros(9))
     with pytest.raises(ValueError, match="bias must be a floating tensor"):
         fn(x, W, y, mo.Softmax(), bias=torch.zeros(10, dtype=torch.long))
@@ -84,7 +84,7 @@ def test_head_arguments():
 
 def raw_args(**over):
     x, W, y = inputs()
-    args = dict(x=x, weight=W, labels=y, bias=None, row_margins=None, class_index=None, num_classes=10, class_offset=0, ignore_index=-100)
+    args = dict(x=x, weight=W, labels=y, bias=None, row_margins=None, curricular=None, class_index=None, num_classes=10, class_offset=0, ignore_index=-100)
     args.update(zip(mo.ArcFace().config()._fields, mo.ArcFace().config()))
     args.update(over)
     return list(args.values())
@@ -98,14 +98,17 @@ def raw_args(**over):
         (dict(num_classes=0), "num_classes must be positive, got 0"),
         (dict(class_offset=5), "class_offset = 5 with 10 weight rows does not fit in num_classes = 10"),
         (dict(class_index=torch.tensor([3, 1])), r"class_index must be strictly increasing: class_index\[0\] = 3, class_index\[1\] = 1"),
-        (dict(class_index=torch.tensor([0, 10])), r"class_index\[1\] = 10 is not a row of weight \(10 rows\)"),
+        (dict(class_index=torch.tensor([0, 10])), r"class_index\[1\] = 10 is not a class of weight \(10 classes\)"),
+        (dict(subcenters=3), "weight has 10 rows, not a multiple of subcenters = 3"),
+        (dict(curricular=torch.zeros(8, 3)), r"curricular must have shape \[8, 2\]"),
+        (dict(curricular=torch.zeros(8, 2), normalize_x=False), "curricular needs normalized features and weights"),
         (dict(row_margins=torch.zeros(8, 2)), r"row_margins must have shape \[8, 3\]"),
         (dict(row_margins=torch.zeros(8, 3), margin_kind=2, m1=4.0), "row_margins are supported by the combined margin"),
         (dict(margin_kind=7), "margin_kind must be 0, 1 or 2, got 7"),
         (dict(theta_policy=9), r"theta_policy must be in \[0, 4\], got 9"),
         (dict(s=-1.0), "s must be a positive finite scale, got -1"),
         (dict(margin_kind=2, m1=2.5), "the multiplicative margin m must be a positive integer, got 2.5"),
-        (dict(bias=torch.zeros(3)), r"bias must have shape \[10\] to match weight \[10, 4\], got \[3\]"),
+        (dict(bias=torch.zeros(3)), r"bias must have shape \[10\] \(one per class\) to match weight \[10, 4\], got \[3\]"),
     ],
 )
 def test_raw_op_checks(over, message):

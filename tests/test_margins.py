@@ -1,5 +1,5 @@
 """Margin specs: parameter validation, the op configuration they produce, and ψ itself — the C++
-definition (margin_psi op) against the eager one (reference.psi) and closed forms."""
+definition (margin_psi op) against the eager one (margins.psi) and closed forms."""
 
 import math
 
@@ -8,6 +8,7 @@ import torch
 
 import marginops as mo
 from marginops import reference
+from marginops.margins import psi
 from marginops.margins import KIND_COMBINED, KIND_MULTIPLICATIVE, THETA_POLICIES
 
 f64 = torch.float64
@@ -90,7 +91,7 @@ def test_cpp_psi_matches_reference_and_autograd(kind, policy, m1, m2, m3, lambda
     n = c.numel()
     ms = [torch.full((n,), v, dtype=f64, requires_grad=True) for v in (m1, m2, m3)]
     pol = THETA_POLICIES[policy]
-    value = reference.psi(kind, pol, c, *ms, lambda_)
+    value = psi(kind, pol, c, *ms, lambda_)
     d_c, _, d_m2, d_m3 = torch.autograd.grad(value.sum(), [c] + ms, allow_unused=True, materialize_grads=True)
     out = torch.ops.marginops.margin_psi(c.detach(), *[m.detach() for m in ms], kind, pol, lambda_)
     torch.testing.assert_close(out[0], value.detach(), rtol=1e-13, atol=1e-13)

@@ -12,10 +12,10 @@ from conftest import make_inputs, rel_err
 f64 = torch.float64
 
 
-def forward_args(device, margin, bias=False, row_margins=None, class_index=None, dtype=f64, C=40, num_classes=None, offset=0):
+def forward_args(device, margin, bias=False, row_margins=None, curricular=None, class_index=None, dtype=f64, C=40, num_classes=None, offset=0):
     x, W, y, b = make_inputs(12, 6, C, dtype=dtype, device=device, bias=bias, ignore=2)
     y = torch.where(y >= 0, y + offset, y)
-    return (x, W, y, b, row_margins, class_index, num_classes or C, offset, -100, *margin.config())
+    return (x, W, y, b, row_margins, curricular, class_index, num_classes or C, offset, -100, *margin.config())
 
 
 def sample_inputs(device):
@@ -97,3 +97,27 @@ def test_compile_fullgraph_head_training_step(device):
         losses.append(float(loss.detach()))
     assert abs(losses[0] - float(eager.detach())) < 1e-5
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize(
+    "margin",
+    [mo.CurricularFace(s=16.0), mo.AdaFace(s=16.0), mo.MagFace(s=16.0, l_a=0.1, u_a=10.0), mo.SubCenterArcFace(K=2, s=16.0)],
+    ids=["curricular", "adaface", "magface", "subcenter"],
+)
+def test_compile_fullgraph_stateful_and_subcenter_heads(device, margin):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    head = mo.MarginHead(8, 50, margin=margin).double().to(device)
+    eager = mo.MarginHead(8, 50, margin=margin).double().to(device)
+    eager.load_state_dict(head.state_dict())
+    compiled = torch.compile(lambda x, y: head(x, y), fullgraph=True)
+    for step in range(3):
+        x = torch.randn(32, 8, dtype=f64, device=device)
+        y = torch.randint(0, 50, (32,), device=device)
+        loss, ref = compiled(x, y), eager(x, y)
+        assert rel_err(loss, ref) <= 1e-10
+        loss.backward()
+        ref.backward()
+    assert rel_err(head.weight.grad, eager.weight.grad) <= 1e-10
+    for key, value in eager.state_dict().items():
+        assert rel_err(head.state_dict()[key], value) <= 1e-10, f"{key} follows in compiled training"
