@@ -1,6 +1,6 @@
 """marginops: fused margin-softmax cross-entropy heads that never materialize logits."""
 
-from . import margins, ops, reference, regularizers, subcenter  # noqa: F401  (ops loads the library)
+from . import distributed, margins, ops, reference, regularizers, subcenter  # noqa: F401  (ops loads the library)
 from .functional import margin_cross_entropy
 from .margins import (
     AdaFace,
@@ -20,6 +20,7 @@ from .margins import (
     SubCenterArcFace,
     WeightNormSoftmax,
 )
+from .distributed import ShardedMarginHead
 from .nn import MarginHead, WeightedMarginHead
 
 __version__ = "0.1.0"
@@ -60,10 +61,12 @@ __all__ = [
     "AdaptiveAngularMargin",
     "LambdaSchedule",
     "WeightedMarginHead",
+    "ShardedMarginHead",
     "backends",
     "cuda_available",
     "reference",
     "margins",
     "regularizers",
     "subcenter",
+    "distributed",
 ]

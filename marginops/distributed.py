@@ -1,0 +1,475 @@
+"""The class dimension sharded across processes (DESIGN.md §3): each rank owns a contiguous range
+of classes, the batch is all-gathered, every rank runs the fused op on its shard, one collective
+combines the per-row statistics into the global loss, and the features' gradient is
+reduce-scattered back. Communication per step is independent of the number of classes.
+
+Gradients: each rank's weight (and bias) shard gets exactly ∂L/∂W of the global loss L, which
+is identical on every rank. The features' gradient is exactly ∂L/∂x for the rank's own rows;
+with ``scale_grad_by_world_size=True`` it is multiplied by the world size instead, so that DDP's
+averaging of backbone gradients over ranks yields ∂L/∂θ (insightface's convention).
+
+Faults: construction compares num_classes, embedding_size, margin, sample_rate and seed across
+ranks and raises the same ValueError on every rank when they differ; each forward exchanges a
+small header first, so a rank with bad input (labels out of range, wrong dimension or dtype)
+makes every rank raise instead of leaving the others waiting. Collectives wait at most the
+process group's timeout (``init_process_group(timeout=...)``).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import ops
+from ._checks import FLOAT_DTYPES, REDUCTIONS
+from .functional import accuracy_from_stats, loss_from_stats
+from .margins import Margin, RowContext, target_cosines
+from .nn import MarginState, _check_margin, _ClassWeights
+
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def class_range(num_classes: int, world_size: int, rank: int) -> Tuple[int, int]:
+    """[start, end) of the classes rank owns: num_classes // world_size each, the first
+    num_classes % world_size ranks one more (insightface's split)."""
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def _group_info(group) -> Tuple[int, int]:
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _gather_stack(t: torch.Tensor, group) -> torch.Tensor:
+    """[world, *t.shape]: every rank's t (same shape on every rank)."""
+    world = dist.get_world_size(group)
+    flat = t.contiguous().reshape((-1,) + tuple(t.shape[1:])) if t.dim() else t.reshape(1)
+    out = flat.new_empty((world * flat.shape[0],) + tuple(flat.shape[1:]))
+    _all_gather(out, flat, group=group)
+    return out.view((world,) + tuple(t.shape))
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gathers rows of different counts per rank; backward reduce-scatters the gradient
+    (sums every rank's contribution to this rank's rows)."""
+
+    @staticmethod
+    def forward(ctx, x, counts: List[int], group, grad_scale: float):
+        world, rank = _group_info(group)
+        most = max(counts)
+        padded = x.new_zeros((most,) + tuple(x.shape[1:]))
+        padded[: x.shape[0]] = x
+        out = x.new_empty((world * most,) + tuple(x.shape[1:]))
+        _all_gather(out, padded.contiguous(), group=group)
+        ctx.counts, ctx.group, ctx.grad_scale, ctx.rank, ctx.most = counts, group, grad_scale, rank, most
+        return torch.cat([out[r * most : r * most + n] for r, n in enumerate(counts)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        counts, most = ctx.counts, ctx.most
+        padded = grad.new_zeros((len(counts) * most,) + tuple(grad.shape[1:]))
+        offset = 0
+        for r, n in enumerate(counts):
+            padded[r * most : r * most + n] = grad[offset : offset + n]
+            offset += n
+        mine = grad.new_empty((most,) + tuple(grad.shape[1:]))
+        _reduce_scatter(mine, padded, group=ctx.group)
+        return mine[: counts[ctx.rank]] * ctx.grad_scale, None, None, None
+
+
+class _GatherStats(torch.autograd.Function):
+    """All-gathers per-row statistics [B, k] into [world, B, k]. When the loss built from them is
+    the same on every rank (reductions "mean" and "sum"), each rank's own slice of the gradient
+    is already complete and backward needs no communication (as in Megatron's vocab-parallel
+    cross-entropy); otherwise ("none": each rank backpropagates its own rows) the slices are
+    summed over ranks."""
+
+    @staticmethod
+    def forward(ctx, stats, group, replicated: bool):
+        ctx.rank, ctx.group, ctx.replicated = dist.get_rank(group), group, replicated
+        return _gather_stack(stats, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.replicated:
+            return grad[ctx.rank], None, None
+        mine = grad.new_empty(grad.shape[1:])
+        _reduce_scatter(mine, grad.contiguous().reshape((-1,) + tuple(grad.shape[2:])), group=ctx.group)
+        return mine, None, None
+
+
+# Header codes: what a rank found wrong with its own input, so that every rank can raise it.
+_OK, _BAD_LABEL, _BAD_DIM, _BAD_DTYPE, _BAD_SHAPE = 0, 1, 2, 3, 4
+
+
+class ShardedMarginHead(_ClassWeights):
+    """A margin head whose classes are sharded across the ranks of a process group.
+
+    Rank r owns classes ``class_range(num_classes, world_size, r)`` (``weight`` is that shard,
+    ``[local_classes·K, embedding_size]``). ``forward(x, labels)`` takes the rank's own batch
+    (batch sizes may differ between ranks) and returns the loss of the global batch, the same on
+    every rank (with ``reduction="none"``, the per-row losses of the rank's own rows). Works for
+    every margin, ignore_index and label smoothing; stateful margins keep their state in sync
+    from global-batch statistics.
+
+    Partial FC: with ``sample_rate < 1`` each rank computes, in training, only the classes of its
+    shard that are labels of the global batch plus uniformly sampled others, up to
+    ``int(sample_rate · local_classes)`` (all positives are always kept), passed to the kernel as
+    an index list. The sample is a function of (seed, rank, step): reproducible. Unsampled rows of
+    ``weight.grad`` are zero; label smoothing spreads over the sampled classes.
+    """
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        margin: Optional[Margin] = None,
+        process_group=None,
+        sample_rate: float = 1.0,
+        bias: bool = False,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        return_accuracy: bool = False,
+        scale_grad_by_world_size: bool = False,
+        seed: int = 0,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("ShardedMarginHead needs torch.distributed initialized (init_process_group); use MarginHead on one process")
+        self.margin = _check_margin(margin)
+        if not isinstance(sample_rate, (int, float)) or isinstance(sample_rate, bool) or not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.group = process_group
+        self.world_size, self.rank = _group_info(process_group)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < self.world_size:
+            raise ValueError(f"num_classes must be an int >= world size {self.world_size}, got {num_classes!r}")
+        self.total_classes = num_classes
+        self.class_start, self.class_end = class_range(num_classes, self.world_size, self.rank)
+        self.sample_rate = float(sample_rate)
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.return_accuracy = return_accuracy
+        self.grad_scale = float(self.world_size) if scale_grad_by_world_size else 1.0
+        self.seed = int(seed)
+        K = self.margin.config().subcenters
+        self._init_weights(embedding_size, self.class_end - self.class_start, K, bias, {"device": device, "dtype": dtype})
+        self.num_classes = num_classes  # the head's classes, all ranks together
+        self.local_classes = self.class_end - self.class_start
+        self.margin_state = MarginState(self.margin.state_init())
+        self.register_buffer("sample_step", torch.zeros((), dtype=torch.long, device=device))
+        self.last_sample: Optional[torch.Tensor] = None
+        self._check_consistent()
+
+    def _signature(self) -> dict:
+        return {
+            "num_classes": self.num_classes,
+            "embedding_size": self.embedding_size,
+            "margin": repr(self.margin),
+            "sample_rate": self.sample_rate,
+            "seed": self.seed,
+            "bias": self.bias is not None,
+            "ignore_index": self.ignore_index,
+            "label_smoothing": self.label_smoothing,
+            "reduction": self.reduction,
+        }
+
+    def _check_consistent(self) -> None:
+        mine = self._signature()
+        every = [None] * self.world_size
+        dist.all_gather_object(every, mine, group=self.group)
+        diffs = [f"rank {r}: {k}={v[k]!r}" for r, v in enumerate(every) for k in mine if v[k] != every[0][k]]
+        if diffs:
+            raise ValueError(f"ShardedMarginHead arguments differ between ranks (rank 0: {every[0]}); " + "; ".join(diffs))
+
+    # -- the forward's collectives -------------------------------------------------------------
+
+    def _exchange_header(self, x: torch.Tensor, labels: torch.Tensor) -> List[int]:
+        """Every rank learns every batch size and every rank's input errors; raises on all ranks
+        if any rank's input is bad."""
+        code, where, value = _OK, 0, 0
+        if x.dim() != 2 or labels.dim() != 1 or labels.shape[0] != x.shape[0]:
+            code, where, value = _BAD_SHAPE, x.shape[0] if x.dim() else -1, labels.shape[0] if labels.dim() else -1
+        elif x.shape[1] != self.embedding_size:
+            code, value = _BAD_DIM, x.shape[1]
+        elif x.dtype not in FLOAT_DTYPES or labels.is_floating_point() or labels.dtype == torch.bool:
+            code = _BAD_DTYPE
+        else:
+            bad = ((labels < 0) | (labels >= self.num_classes)) & (labels != self.ignore_index)
+            if bool(bad.any()):
+                where = int(bad.nonzero()[0, 0])
+                code, value = _BAD_LABEL, int(labels[where])
+        rows = x.shape[0] if x.dim() else 0
+        header = torch.tensor([rows, code, where, value, FLOAT_DTYPES.index(x.dtype) if x.dtype in FLOAT_DTYPES else -1], device=self.weight.device)
+        every = _gather_stack(header, self.group).tolist()
+        for r, (_, c, w, v, _) in enumerate(every):
+            if c == _BAD_LABEL:
+                raise ValueError(
+                    f"rank {r}: labels[{w}] = {v} is out of range: class ids must lie in [0, {self.num_classes}) "
+                    f"or equal ignore_index = {self.ignore_index}"
+                )
+            if c == _BAD_DIM:
+                raise ValueError(f"rank {r}: x must have shape [B, {self.embedding_size}], got D = {v}")
+            if c == _BAD_DTYPE:
+                raise ValueError(f"rank {r}: x must be float16/bfloat16/float32/float64 and labels integer")
+            if c == _BAD_SHAPE:
+                raise ValueError(f"rank {r}: x [B, D] and labels [B] disagree ({w} rows vs {v} labels)")
+        if len({d for *_, d in every}) > 1:
+            raise ValueError(f"x has different dtypes across ranks: {[FLOAT_DTYPES[d] for *_, d in every]}")
+        return [row[0] for row in every]
+
+    def _sample(self, labels: torch.Tensor) -> Optional[torch.Tensor]:
+        """Partial FC: sorted local class indices (positives of the global batch + random others)."""
+        if self.sample_rate >= 1.0 or not self.training:
+            return None
+        budget = int(self.sample_rate * self.local_classes)
+        local = labels - self.class_start
+        mine = (local >= 0) & (local < self.local_classes) & (labels != self.ignore_index)
+        positives = torch.unique(local[mine])
+        step = int(self.sample_step)
+        self.sample_step += 1
+        if positives.numel() >= budget:
+            return positives
+        gen = torch.Generator(device=self.weight.device)
+        gen.manual_seed((self.seed * 1_000_003 + self.rank) * 1_000_003 + step)
+        score = torch.rand(self.local_classes, generator=gen, device=self.weight.device)
+        score[positives] = 2.0  # positives first
+        return torch.topk(score, budget).indices.sort().values
+
+    def _target_cosines(self, x: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """cos θ_iy for the global batch: each rank fills the rows whose class it owns."""
+        local = labels - self.class_start
+        mine = valid & (local >= 0) & (local < self.local_classes)
+        cos = target_cosines(x, self.weight, local.clamp(0, self.local_classes - 1), mine, self.subcenters)
+        dist.all_reduce(cos, group=self.group)
+        return cos
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor):
+        counts = self._exchange_header(x, labels)
+        labels = labels.long()
+        xg = _GatherRows.apply(x, counts, self.group, self.grad_scale)
+        yg = self._gather_labels(labels, counts)
+        valid = yg != self.ignore_index
+        ctx = RowContext(xg, yg, valid, self.training, lambda: self._target_cosines(xg, yg, valid))
+        terms = self.margin.prepare(ctx, self.margin_state.as_dict())
+        sample = self._sample(yg)
+        self.last_sample = sample
+        cfg = self.margin.config()
+        stats = ops.head_stats(
+            xg, self.weight, yg, self.bias, terms.row_margins, terms.curricular, sample,
+            self.num_classes, self.class_start, self.ignore_index, cfg,
+        )
+        computed = float(self.local_classes if sample is None else sample.numel())
+        packed = torch.stack(
+            [s.to(torch.float64) for s in (stats.lse, stats.target_logit, stats.logit_sum)]
+            + [stats.best_logit.detach().double(), stats.best_class.double(), torch.full_like(stats.lse, computed, dtype=torch.float64)],
+            dim=1,
+        )
+        replicated = self.reduction != "none"
+        every = _GatherStats.apply(packed, self.group, replicated)  # [world, B, 6]
+        best, owner = every[:, :, 3].max(dim=0)
+        merged = ops.HeadStats(
+            lse=torch.logsumexp(every[:, :, 0], dim=0),
+            target_logit=every[:, :, 1].sum(0),
+            logit_sum=every[:, :, 2].sum(0),
+            best_logit=best,
+            best_class=every[:, :, 4].gather(0, owner[None]).squeeze(0).long(),
+        )
+        num_computed = every[:, 0, 5].sum() if every.shape[1] else torch.tensor(float(self.num_classes))
+        extra = terms.extra_loss
+        if extra is not None and replicated:  # computed alike on every rank: count its gradient once
+            extra = extra / self.world_size + (extra - extra / self.world_size).detach()
+        loss_all = loss_from_stats(merged, yg, num_computed, self.ignore_index, self.label_smoothing, "none", extra)
+        loss = self._reduce(loss_all, valid, counts)
+        if self.return_accuracy:
+            return loss, accuracy_from_stats(merged, yg, self.ignore_index)
+        return loss
+
+    def _gather_labels(self, labels: torch.Tensor, counts: List[int]) -> torch.Tensor:
+        most = max(counts)
+        padded = labels.new_full((most,), self.ignore_index)
+        padded[: labels.shape[0]] = labels
+        out = labels.new_empty(self.world_size * most)
+        _all_gather(out, padded, group=self.group)
+        return torch.cat([out[r * most : r * most + n] for r, n in enumerate(counts)])
+
+    def _reduce(self, loss_all: torch.Tensor, valid: torch.Tensor, counts: List[int]) -> torch.Tensor:
+        if self.reduction == "sum":
+            return loss_all.sum()
+        if self.reduction == "mean":
+            return loss_all.sum() / valid.sum()
+        start = sum(counts[: self.rank])  # "none": this rank's rows of the global per-row loss
+        return loss_all[start : start + counts[self.rank]]
+
+    @torch.no_grad()
+    def topk(self, x: torch.Tensor, k: int = 5) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The k most likely classes of each of this rank's rows, over all shards: (values [B, k],
+        classes [B, k]), without a [B, num_classes] tensor."""
+        self._check_x(x)
+        counts = self._exchange_header(x, torch.full((x.shape[0],), self.ignore_index, dtype=torch.long, device=x.device))
+        xg = _GatherRows.apply(x, counts, self.group, 1.0)
+        cfg = self.margin.config()
+        kk = min(k, self.local_classes)
+        vals, cls = torch.ops.marginops.margin_topk(xg, self.weight, self.bias, None, kk, self.class_start, cfg.normalize_x, cfg.normalize_w, cfg.s, cfg.subcenters)
+        if kk < k:  # pad so that every rank contributes k candidates
+            vals = F.pad(vals, (0, k - kk), value=-math.inf)
+            cls = F.pad(cls, (0, k - kk), value=-1)
+        every = _gather_stack(torch.stack([vals.double(), cls.double()], dim=2), self.group)
+        allv = every[..., 0].permute(1, 0, 2).reshape(xg.shape[0], -1)
+        allc = every[..., 1].permute(1, 0, 2).reshape(xg.shape[0], -1)
+        top, pos = allv.topk(k, dim=1)
+        start = sum(counts[: self.rank])
+        rows = slice(start, start + counts[self.rank])
+        return top[rows].to(vals.dtype), allc.gather(1, pos)[rows].long()
+
+    def extra_repr(self) -> str:
+        return (
+            f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, rank={self.rank}/{self.world_size}, "
+            f"classes=[{self.class_start}, {self.class_end}), margin={self.margin!r}, sample_rate={self.sample_rate}"
+        )
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+_SHARD = "shard-{rank:05d}-of-{world:05d}.pt"
+
+
+def _head_meta(head) -> dict:
+    return {
+        "num_classes": head.num_classes,
+        "embedding_size": head.embedding_size,
+        "subcenters": head.subcenters,
+        "bias": head.bias is not None,
+        "margin": repr(head.margin),
+    }
+
+
+def save_sharded(head: Union["ShardedMarginHead", _ClassWeights], directory: str) -> None:
+    """Writes this rank's shard (weight, bias, margin state, class range) to
+    ``directory/shard-RRRRR-of-WWWWW.pt`` and, from rank 0, ``meta.json``. Call on every rank;
+    a MarginHead saves as one shard. Load at any world size with :func:`load_sharded`."""
+    sharded = isinstance(head, ShardedMarginHead)
+    rank, world = (head.rank, head.world_size) if sharded else (0, 1)
+    start, end = (head.class_start, head.class_end) if sharded else (0, head.num_classes)
+    os.makedirs(directory, exist_ok=True)
+    shard = {
+        "class_start": start,
+        "class_end": end,
+        "weight": head.weight.detach().cpu(),
+        "bias": None if head.bias is None else head.bias.detach().cpu(),
+        "margin_state": {k: v.detach().cpu() for k, v in head.margin_state.state_dict().items()},
+        "meta": _head_meta(head),
+    }
+    torch.save(shard, os.path.join(directory, _SHARD.format(rank=rank, world=world)))
+    if rank == 0:
+        with open(os.path.join(directory, "meta.json"), "w") as f:
+            json.dump({**_head_meta(head), "world_size": world}, f, indent=2)
+    if sharded:
+        dist.barrier(group=head.group)
+
+
+def _read_shards(directory: str) -> Tuple[dict, List[dict]]:
+    meta_path = os.path.join(directory, "meta.json")
+    if not os.path.exists(meta_path):
+        raise ValueError(f"{directory} holds no marginops checkpoint (no meta.json)")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    world = meta["world_size"]
+    shards = []
+    for r in range(world):
+        path = os.path.join(directory, _SHARD.format(rank=r, world=world))
+        if not os.path.exists(path):
+            raise ValueError(f"checkpoint {directory} is missing {os.path.basename(path)} of its {world} shards")
+        shards.append(torch.load(path, map_location="cpu", weights_only=True))
+    return meta, shards
+
+
+def _check_meta(meta: dict, head) -> None:
+    mine = _head_meta(head)
+    diffs = [f"{k}: checkpoint {meta[k]!r}, head {mine[k]!r}" for k in ("num_classes", "embedding_size", "subcenters", "bias") if meta[k] != mine[k]]
+    if diffs:
+        raise ValueError("checkpoint does not fit this head: " + "; ".join(diffs))
+
+
+def _gather_range(shards: List[dict], key: str, start: int, end: int, per_class: int) -> Optional[torch.Tensor]:
+    """Rows of classes [start, end) from the shards that hold them."""
+    parts = []
+    for s in shards:
+        lo, hi = max(start, s["class_start"]), min(end, s["class_end"])
+        if lo < hi and s[key] is not None:
+            off = s["class_start"]
+            parts.append(s[key][(lo - off) * per_class : (hi - off) * per_class])
+    return torch.cat(parts) if parts else None
+
+
+@torch.no_grad()
+def load_sharded(head: Union["ShardedMarginHead", _ClassWeights], directory: str) -> None:
+    """Loads a checkpoint written by :func:`save_sharded` at any world size into this rank's
+    shard (or a whole MarginHead). A checkpoint of another shape is an error, never a silent
+    re-initialisation."""
+    meta, shards = _read_shards(directory)
+    _check_meta(meta, head)
+    sharded = isinstance(head, ShardedMarginHead)
+    start, end = (head.class_start, head.class_end) if sharded else (0, head.num_classes)
+    head.weight.copy_(_gather_range(shards, "weight", start, end, head.subcenters))
+    if head.bias is not None:
+        head.bias.copy_(_gather_range(shards, "bias", start, end, 1))
+    head.margin_state.load_state_dict(shards[0]["margin_state"])  # kept alike on every rank
+
+
+def consolidate(directory: str) -> Dict[str, Optional[torch.Tensor]]:
+    """The whole head of a sharded checkpoint: {"weight": [C·K, D], "bias": [C] or None}."""
+    meta, shards = _read_shards(directory)
+    C = meta["num_classes"]
+    return {"weight": _gather_range(shards, "weight", 0, C, meta["subcenters"]), "bias": _gather_range(shards, "bias", 0, C, 1)}
+
+
+def split(weight: torch.Tensor, world_size: int, subcenters: int = 1) -> List[torch.Tensor]:
+    """A whole weight [C·K, D] (or bias [C]) cut into the shards of a world_size-rank head."""
+    C = weight.shape[0] // subcenters
+    if C * subcenters != weight.shape[0]:
+        raise ValueError(f"weight has {weight.shape[0]} rows, not a multiple of subcenters = {subcenters}")
+    return [weight[s * subcenters : e * subcenters] for s, e in (class_range(C, world_size, r) for r in range(world_size))]
+
+
+def import_insightface(paths: Union[str, Sequence[str]]) -> torch.Tensor:
+    """The class weight [C, D] of an insightface Partial FC run from its per-rank files: either
+    ``checkpoint_gpu_{rank}.pt`` (the shard under ``state_dict_softmax_fc``) or
+    ``softmax_fc_gpu_{rank}.pt`` (the shard's state dict). ``paths``: a directory or the files.
+    Checks that the shard sizes follow insightface's split. Load the result with
+    ``head.weight.copy_(...)`` or, for a ShardedMarginHead, its ``split(...)[rank]``."""
+    if isinstance(paths, str):
+        found = sorted(glob.glob(os.path.join(paths, "checkpoint_gpu_*.pt"))) or sorted(glob.glob(os.path.join(paths, "softmax_fc_gpu_*.pt")))
+        if not found:
+            raise ValueError(f"{paths} holds no insightface checkpoint_gpu_*.pt or softmax_fc_gpu_*.pt files")
+        paths = found
+    rank_of = lambda p: int(os.path.basename(p).rsplit("_", 1)[1].split(".")[0])  # noqa: E731
+    paths = sorted(paths, key=rank_of)
+    if [rank_of(p) for p in paths] != list(range(len(paths))):
+        raise ValueError(f"insightface shards must be ranks 0..{len(paths) - 1}, got {[os.path.basename(p) for p in paths]}")
+    shards = []
+    for p in paths:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        state = state.get("state_dict_softmax_fc", state)
+        if "weight" not in state:
+            raise ValueError(f"{p} has no softmax-fc weight (keys: {sorted(state)})")
+        shards.append(state["weight"])
+    C = sum(s.shape[0] for s in shards)
+    expected = [e - s for s, e in (class_range(C, len(shards), r) for r in range(len(shards)))]
+    if [s.shape[0] for s in shards] != expected or len({s.shape[1] for s in shards}) != 1:
+        raise ValueError(f"shard shapes {[tuple(s.shape) for s in shards]} do not follow insightface's split of {C} classes over {len(shards)} ranks")
+    return torch.cat(shards)
