@@ -1,5 +1,9 @@
 """The ``marginops`` command.
 
+    marginops bench   memory and step time of the fused head against the eager reference,
+                      torch.compile of it and the installed peers, across class counts
+    marginops demo    the feature distributions of each margin on handwritten digits, as PNGs,
+                      with held-out verification accuracy
     marginops train   a short training run of a margin head on synthetic data, fused against
                       the eager reference: loss, step time, throughput and peak memory of each
 """
@@ -157,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--skip-eager", action="store_true", help="run the fused head only")
     t.add_argument("--json", help="also write the results to this file")
     t.set_defaults(func=cmd_train)
+    b = sub.add_parser("bench", help="benchmark the head against the reference and peers")
+    from . import bench
+
+    bench.add_arguments(b)
+    b.set_defaults(func=bench.run)
+    d = sub.add_parser("demo", help="draw the feature distributions of the margin family on digits")
+    from . import demo
+
+    demo.add_arguments(d)
+    d.set_defaults(func=demo.run)
     return p
 
 

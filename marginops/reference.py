@@ -31,10 +31,21 @@ def margin_cross_entropy(
     :func:`marginops.margin_cross_entropy`."""
     margin = Softmax() if margin is None else margin
     labels = check_head_inputs(x, weight, labels, margin, bias, reduction, label_smoothing)
+    check_label_values(labels, weight.shape[0] // margin.config().subcenters, ignore_index)
+    return unchecked_margin_cross_entropy(
+        x, weight, labels, margin, bias, reduction, ignore_index, label_smoothing, return_accuracy, margin_state, update_state
+    )
+
+
+def unchecked_margin_cross_entropy(
+    x, weight, labels, margin, bias=None, reduction="mean", ignore_index=-100, label_smoothing=0.0,
+    return_accuracy=False, margin_state=None, update_state=True,
+):
+    """:func:`margin_cross_entropy` without the argument checks (int64 labels expected): what
+    torch.compile of the eager head traces without a graph break."""
     cfg = margin.config()
     K = cfg.subcenters
     num_classes = weight.shape[0] // K
-    check_label_values(labels, num_classes, ignore_index)
     valid = labels != ignore_index
     B = x.shape[0]
     ctx = RowContext(x, labels, valid, margin_state is not None and update_state, lambda: target_cosines(x, weight, labels, valid, K))

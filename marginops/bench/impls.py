@@ -1,0 +1,148 @@
+"""The implementations a benchmark compares: marginops, the eager reference, torch.compile of the
+reference, and the peers when their packages are installed. Each turns (x, W, labels) into a
+loss that autograd can differentiate with respect to x and W."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+
+from .. import margins as M
+from ..functional import margin_cross_entropy
+from ..reference import unchecked_margin_cross_entropy
+
+MARGINS: Dict[str, Callable[[], M.Margin]] = {
+    "arcface": M.ArcFace,
+    "cosface": M.CosFace,
+    "softmax": M.Softmax,
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    dim: int
+    classes: int
+    dtype: str  # "float32", "bfloat16", "float16"
+    margin: str  # a key of MARGINS
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def flops(self) -> float:
+        """Algorithmic flops of forward + backward: 6·B·D·C (one scale for every design)."""
+        return 6.0 * self.batch * self.dim * self.classes
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Impl:
+    name = ""
+    description = ""
+    package: Optional[str] = None  # the module that must be importable
+
+    def unavailable(self) -> Optional[str]:
+        if self.package and importlib.util.find_spec(self.package) is None:
+            return f"{self.package} not installed"
+        return None
+
+    def unsupported(self, case: Case, device: torch.device) -> Optional[str]:
+        return None
+
+    def make(self, case: Case, device: torch.device) -> LossFn:
+        raise NotImplementedError
+
+
+class Fused(Impl):
+    name, description = "fused", "marginops"
+
+    def make(self, case, device):
+        margin = MARGINS[case.margin]()
+        return lambda x, W, y: margin_cross_entropy(x, W, y, margin)
+
+
+class Reference(Impl):
+    name, description = "reference", "eager marginops.reference"
+
+    def make(self, case, device):
+        margin = MARGINS[case.margin]()
+        return lambda x, W, y: unchecked_margin_cross_entropy(x, W, y, margin)
+
+
+class Compiled(Impl):
+    name, description = "compiled", "torch.compile(reference)"
+    _cache: Dict[str, Callable] = {}
+
+    def make(self, case, device):
+        margin = MARGINS[case.margin]()
+        if case.margin not in self._cache:  # one compile per margin; shapes are dynamic
+            self._cache[case.margin] = torch.compile(
+                lambda x, W, y, margin=margin: unchecked_margin_cross_entropy(x, W, y, margin), dynamic=True
+            )
+        return self._cache[case.margin]
+
+
+class PytorchMetricLearning(Impl):
+    name, description, package = "pml", "pytorch-metric-learning ArcFaceLoss/CosFaceLoss", "pytorch_metric_learning"
+
+    def unsupported(self, case, device):
+        return None if case.margin in ("arcface", "cosface") else "margins only (ArcFace, CosFace)"
+
+    def make(self, case, device):
+        from pytorch_metric_learning import losses
+
+        spec = MARGINS[case.margin]()
+        if case.margin == "arcface":  # its margin is in degrees
+            loss = losses.ArcFaceLoss(case.classes, case.dim, margin=math.degrees(spec.m), scale=spec.s)
+        else:
+            loss = losses.CosFaceLoss(case.classes, case.dim, margin=spec.m, scale=spec.s)
+        loss = loss.to(device)
+        del loss.W  # its own [D, C] parameter: replaced by a view of the shared W below
+
+        def fn(x, W, y):
+            # pytorch-metric-learning 2.x keeps its weight as [D, C]; a transposed view of W keeps
+            # the gradient flowing to W.
+            loss.W = W.t()
+            return loss(x, y)
+
+        return fn
+
+
+class _SoftmaxOnlyCuda(Impl):
+    def unsupported(self, case, device):
+        if device.type != "cuda":
+            return "CUDA only"
+        if case.margin != "softmax":
+            return "plain softmax only"
+        if case.dtype == "float32":
+            return "bfloat16/float16 only"
+        return None
+
+
+class CutCrossEntropy(_SoftmaxOnlyCuda):
+    name, description, package = "cce", "Cut Cross-Entropy linear_cross_entropy", "cut_cross_entropy"
+
+    def make(self, case, device):
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda x, W, y: linear_cross_entropy(x, W, y)
+
+
+class Liger(_SoftmaxOnlyCuda):
+    name, description, package = "liger", "Liger fused linear cross-entropy", "liger_kernel"
+
+    def make(self, case, device):
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        loss = LigerFusedLinearCrossEntropyLoss()
+        return lambda x, W, y: loss(W, x, y)
+
+
+IMPLS: Dict[str, Impl] = {i.name: i for i in (Fused(), Reference(), Compiled(), PytorchMetricLearning(), CutCrossEntropy(), Liger())}

@@ -1,0 +1,279 @@
+"""Measuring one implementation on one case: forward+backward time (median, warm-up excluded),
+peak memory above the inputs and their gradients, algorithmic TFLOP/s, the loss's error against
+float64, and the largest class count that fits (bisection)."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+
+from .._memory import peak_rss_above_baseline
+from ..functional import margin_cross_entropy
+from .impls import IMPLS, MARGINS, Case
+
+
+@dataclass
+class Result:
+    case: Case
+    impl: str
+    status: str  # "ok", "oom", "unsupported: ...", "unavailable: ...", "error: ..."
+    time_ms: Optional[float] = None
+    peak_extra_bytes: Optional[int] = None
+    tflops: Optional[float] = None
+    loss: Optional[float] = None
+    loss_rel_err: Optional[float] = None
+    max_classes: Optional[int] = None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["case"] = asdict(self.case)
+        return d
+
+
+def precise_host_memory() -> None:
+    """Makes glibc serve allocations above 1 MiB with mmap, so that freed tensors leave the
+    resident set at once and host peak-memory readings are the step's own."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        except OSError:
+            pass
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_inputs(case: Case, device: torch.device, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(case.batch, case.dim, generator=g).to(device=device, dtype=case.torch_dtype).requires_grad_()
+    W = (0.05 * torch.randn(case.classes, case.dim, generator=g)).to(device=device, dtype=case.torch_dtype).requires_grad_()
+    y = torch.randint(0, case.classes, (case.batch,), generator=g).to(device)
+    return x, W, y
+
+
+def _step(fn, x, W, y) -> float:
+    x.grad, W.grad = None, None
+    loss = fn(x, W, y)
+    loss.backward()
+    return float(loss.detach())
+
+
+def _time(fn, x, W, y, device, repeat) -> float:
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            x.grad, W.grad = None, None
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(x, W, y).backward()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            _step(fn, x, W, y)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _peak_extra(fn, x, W, y, device) -> Optional[int]:
+    """Peak bytes of one step above the inputs, minus the gradients it produces."""
+    x.grad, W.grad = None, None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        _step(fn, x, W, y)
+        sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        _, peak = peak_rss_above_baseline(lambda: _step(fn, x, W, y))
+        if peak is None:
+            return None
+    grads = sum(t.grad.nbytes for t in (x, W) if t.grad is not None)
+    return max(0, peak - grads)
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def truth_loss(case: Case, device: torch.device, x, W, y) -> Optional[float]:
+    """The loss in float64 (the fused op, which matches the eager float64 reference to 1e-10)."""
+    try:
+        with torch.no_grad():
+            return float(margin_cross_entropy(x.double(), W.double(), y, MARGINS[case.margin]()))
+    except Exception as e:  # noqa: BLE001 (a case too large for float64 still benchmarks)
+        if not _is_oom(e):
+            raise
+        return None
+
+
+def measure(case: Case, impl_name: str, device: torch.device, repeat: int, truth: Optional[float], inputs=None) -> Result:
+    impl = IMPLS[impl_name]
+    reason = impl.unavailable()
+    if reason:
+        return Result(case, impl_name, "unavailable: " + reason)
+    reason = impl.unsupported(case, device)
+    if reason:
+        return Result(case, impl_name, "unsupported: " + reason)
+    x, W, y = inputs if inputs is not None else make_inputs(case, device)
+    try:
+        fn = impl.make(case, device)
+        loss = _step(fn, x, W, y)  # warm-up (and compilation)
+        peak = _peak_extra(fn, x, W, y, device)
+        seconds = _time(fn, x, W, y, device, repeat)
+    except Exception as e:  # noqa: BLE001 (a failing implementation is reported, the sweep goes on)
+        if _is_oom(e):
+            return Result(case, impl_name, "oom")
+        return Result(case, impl_name, f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    finally:
+        x.grad, W.grad = None, None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    err = None if truth is None else abs(loss - truth) / max(abs(truth), 1e-30)
+    return Result(case, impl_name, "ok", 1e3 * seconds, peak, case.flops / seconds / 1e12, loss, err)
+
+
+def gemm_floor(case: Case, device: torch.device, repeat: int) -> Result:
+    """Three GEMMs of the head's shape (logits, dx, dW): the floor of any implementation that
+    materializes logits, before its memory traffic."""
+    try:
+        x, W, _ = make_inputs(case, device)
+        x, W = x.detach(), W.detach()
+        G = torch.randn(case.batch, case.classes, device=device, dtype=case.torch_dtype)
+
+        def three():
+            z = x @ W.t()
+            return z, G @ W, G.t() @ x
+
+        three()
+        sync(device)
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            three()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        seconds = statistics.median(times)
+        del G
+    except Exception as e:  # noqa: BLE001
+        return Result(case, "gemm3", "oom" if _is_oom(e) else f"error: {type(e).__name__}: {e}")
+    return Result(case, "gemm3", "ok", 1e3 * seconds, None, case.flops / seconds / 1e12)
+
+
+def fits(case: Case, impl_name: str, device: torch.device, budget_bytes: Optional[int]) -> bool:
+    """Whether one step runs: on a GPU, without running out of memory; on the host, with inputs,
+    gradients and peak extra memory inside budget_bytes."""
+    gc.collect()
+    try:
+        x, W, y = make_inputs(case, device)
+        fn = IMPLS[impl_name].make(case, device)
+        if device.type == "cuda":
+            _step(fn, x, W, y)
+            return True
+        extra = _peak_extra(fn, x, W, y, device)
+        used = 2 * (x.nbytes + W.nbytes) + (extra or 0)
+        return budget_bytes is None or used <= budget_bytes
+    except Exception as e:  # noqa: BLE001
+        if _is_oom(e):
+            return False
+        raise
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def max_classes(case: Case, impl_name: str, device: torch.device, budget_bytes: Optional[int], limit: int, precision: float = 0.05) -> int:
+    """The largest class count (to `precision`) at which one step fits: doubling from
+    case.classes, then bisection. 0 when even case.classes does not fit; `limit` caps it."""
+    lo, hi = 0, case.classes
+    while hi <= limit and fits(replace(case, classes=hi), impl_name, device, budget_bytes):
+        lo, hi = hi, hi * 2
+    if hi > limit:
+        if lo < limit and fits(replace(case, classes=limit), impl_name, device, budget_bytes):
+            return limit
+        hi = limit
+    while hi - lo > precision * max(lo, 1) and hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(replace(case, classes=mid), impl_name, device, budget_bytes):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def environment(device: torch.device) -> Dict[str, str]:
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "threads": str(torch.get_num_threads()),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, cuda=str(torch.version.cuda), memory_gib=f"{props.total_memory / 2**30:.1f}")
+        try:
+            import subprocess
+
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            env["driver"] = "unknown"
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+    return env
+
+
+def sweep(
+    cases: Iterable[Case],
+    impls: List[str],
+    device: torch.device,
+    repeat: int,
+    max_classes_budget: Optional[int],
+    find_max: bool,
+    max_limit: int,
+    progress: Callable[[str], None],
+) -> List[Result]:
+    """Every implementation on every case, then (find_max) the largest class count per
+    implementation and (dtype, margin, batch, dim)."""
+    results: List[Result] = []
+    for case in cases:
+        x, W, y = make_inputs(case, device)
+        truth = truth_loss(case, device, x, W, y)
+        for name in impls:
+            progress(f"{name} {case.batch}x{case.dim}x{case.classes} {case.dtype} {case.margin}")
+            results.append(measure(case, name, device, repeat, truth, (x, W, y)))
+        progress(f"gemm3 {case.batch}x{case.dim}x{case.classes}")
+        results.append(gemm_floor(case, device, repeat))
+        del x, W, y
+    if find_max:
+        firsts: Dict[tuple, Case] = {}
+        for r in results:
+            key = (r.case.dtype, r.case.margin, r.case.batch, r.case.dim)
+            firsts.setdefault(key, r.case)
+        for case in firsts.values():
+            for name in impls:
+                ok = [r for r in results if r.case == case and r.impl == name and r.status == "ok"]
+                if not ok:
+                    continue
+                progress(f"largest C for {name} {case.dtype} {case.margin}")
+                try:
+                    ok[0].max_classes = max_classes(case, name, device, max_classes_budget, max_limit)
+                except Exception as e:  # noqa: BLE001
+                    ok[0].status = f"ok (largest C failed: {type(e).__name__})"
+    return results
