@@ -41,7 +41,7 @@ def extension():
     srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     if not want_cuda():
         return CppExtension("marginops._C", srcs, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-    nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     srcs += sources("csrc/cuda/*.cu") + sources("csrc/cuda/*.cpp")
     return CUDAExtension(
         "marginops._C",

@@ -1,0 +1,701 @@
+// The fused margin cross-entropy on CUDA (DESIGN.md §2), correctness-first version:
+//   prepass   per-row norms, target column, the target logit through margin_math.h; per-weight-
+//             row norms.
+//   forward   grid (row tile, class split): for its rows, stream the split's class tiles, form the
+//             dot products of a 64 × 64 tile on tensor cores (16-bit inputs) or CUDA cores, apply
+//             norms, sub-center max, hard negatives, bias and margin in the epilogue and fold the
+//             tile into an online (max, sum-exp) per row. Per-(split, row) partials, then a merge.
+//   backward  two atomic-free passes from the saved lse: the row owner (dx, per class split, then
+//             a reduction over splits) and the class owner (dW and dbias, streaming every row
+//             tile). Each recomputes its logit tiles; no [B, C] buffer, no chunk of logits in
+//             global memory.
+// Tiles live in shared memory as fp32/fp64 between the product and the epilogue; the 16-bit
+// operand copies of G feed tensor cores as in flash-attention's P·V.
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+#include "../margin_math.h"
+#include "head_kernels.h"
+#include "tile_mma.cuh"
+
+namespace marginops::cuda {
+namespace {
+
+constexpr int kThreads = 256;  // 8 warps per block
+constexpr int kWarps = kThreads / 32;
+constexpr int kBK = 32;        // depth of one step of a logit tile's product
+constexpr int kFwdRows = 64;   // rows of a forward tile
+constexpr int kDxRows = 32;    // rows of a dx tile
+constexpr int kDwRows = 64;    // rows streamed per step of the dW pass
+constexpr int kTileW = 64;     // weight rows of a forward / dx class tile
+constexpr int kDwW = 32;       // weight rows owned by a dW block
+constexpr int kChunk = 64;     // columns of D per step of the dx / dW products
+
+template <typename ACC>
+constexpr int kSlab = std::is_same_v<ACC, double> ? 256 : 512;  // columns of D one block accumulates
+
+template <typename ACC>
+struct RowInfo {
+  Side<ACC> side;      // of x_i
+  Target<ACC> target;  // valid where tcol >= 0
+  Side<ACC> tside;     // of the target's best sub-center
+  int64_t tcol;        // target column among the computed classes, or -1
+  int32_t tsub;        // the target's best sub-center
+  int32_t pad;
+  ACC tau, t;          // CurricularFace threshold and t (tau = +inf: none)
+  // Set by target_grad_kernel for the backward passes.
+  ACC gl, gs, gt, lse;
+  ACC g_target;        // ∂L/∂z_iy
+  TargetGrad<ACC> tg;
+};
+
+template <typename ACC>
+__device__ __forceinline__ ACC neg_inf() {
+  return -std::numeric_limits<ACC>::infinity();
+}
+
+template <typename ACC>
+__device__ __forceinline__ ACC load_acc(const void* p, int64_t i) {
+  return p == nullptr ? ACC(0) : static_cast<const ACC*>(p)[i];
+}
+
+// The weight row of tile position pos (classes j0 + pos / K), or -1 past the computed classes.
+__device__ __forceinline__ int64_t weight_row(const HeadParams& p, int64_t j0, int pos) {
+  const int64_t c = j0 + pos / p.K;
+  if (pos >= (p.K > 0 ? (kTileW / p.K) * p.K : 0) || c >= p.C) return -1;
+  const int64_t local = p.class_index ? p.class_index[c] : c;
+  return local * p.K + pos % p.K;
+}
+
+// ---- prepass --------------------------------------------------------------------------------
+
+template <typename TW, typename ACC>
+__global__ void __launch_bounds__(kThreads) w_norm_kernel(HeadParams p) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= p.C * p.K) return;
+  const int64_t c = r / p.K;
+  const int64_t row = (p.class_index ? p.class_index[c] : c) * p.K + r % p.K;
+  const TW* w = static_cast<const TW*>(p.w) + row * p.D;
+  ACC s = 0;
+  for (int64_t d = lane; d < p.D; d += 32) {
+    const ACC v = convert<ACC>(w[d]);
+    s += v * v;
+  }
+  s = warp_sum(s);
+  if (lane == 0) static_cast<ACC*>(p.w_norm)[r] = sqrt(s);
+}
+
+template <typename TX, typename TW, typename ACC>
+__global__ void __launch_bounds__(kThreads) row_prep_kernel(HeadParams p) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (i >= p.B) return;
+  const HeadConfig& cfg = p.cfg;
+  const TX* x = static_cast<const TX*>(p.x) + i * p.D;
+  ACC ss = 0;
+  for (int64_t d = lane; d < p.D; d += 32) {
+    const ACC v = convert<ACC>(x[d]);
+    ss += v * v;
+  }
+  ss = warp_sum(ss);
+  RowInfo<ACC> info{};
+  info.side = make_side<ACC>(sqrt(ss), cfg.normalize_x, ACC(cfg.s));
+  info.tcol = -1;
+  info.tau = std::numeric_limits<ACC>::infinity();
+  if (p.curricular) {
+    info.tau = static_cast<const ACC*>(p.curricular)[2 * i];
+    info.t = static_cast<const ACC*>(p.curricular)[2 * i + 1];
+  }
+  const int64_t y = p.labels[i];
+  if (y != cfg.ignore_index) {
+    const int64_t local = y - cfg.class_offset;
+    if (p.class_index) {
+      int64_t lo = 0, hi = p.C;  // lower bound of local in class_index
+      while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        if (p.class_index[mid] < local) lo = mid + 1; else hi = mid;
+      }
+      if (lo < p.C && p.class_index[lo] == local) info.tcol = lo;
+    } else if (local >= 0 && local < p.C) {
+      info.tcol = local;
+    }
+  }
+  if (info.tcol >= 0) {
+    const int64_t lc = p.class_index ? p.class_index[info.tcol] : info.tcol;
+    ACC best_u = 0, best_norm = 0, best = neg_inf<ACC>();
+    int32_t best_k = 0;
+    for (int32_t k = 0; k < p.K; ++k) {  // the sub-center the tiles pick: first largest logit
+      const TW* w = static_cast<const TW*>(p.w) + (lc * p.K + k) * p.D;
+      ACC u = 0, wn = 0;
+      for (int64_t d = lane; d < p.D; d += 32) {
+        const ACC wv = convert<ACC>(w[d]);
+        u += convert<ACC>(x[d]) * wv;
+        wn += wv * wv;
+      }
+      u = warp_sum(u);
+      wn = sqrt(warp_sum(wn));
+      const ACC logit = info.side.scale * make_side<ACC>(wn, cfg.normalize_w, ACC(1)).scale * u;
+      if (logit > best) {
+        best = logit;
+        best_k = k;
+        best_u = u;
+        best_norm = wn;
+      }
+    }
+    info.tsub = best_k;
+    info.tside = make_side<ACC>(best_norm, cfg.normalize_w, ACC(1));
+    const ACC* m = p.row_margins ? static_cast<const ACC*>(p.row_margins) + 3 * i : nullptr;
+    info.target = target_logit<ACC>(cfg.kind, cfg.policy, best_u, info.side, info.tside, m ? m[0] : ACC(cfg.m1),
+                                    m ? m[1] : ACC(cfg.m2), m ? m[2] : ACC(cfg.m3), ACC(cfg.lambda),
+                                    load_acc<ACC>(p.bias, info.tcol));
+  }
+  if (lane == 0) static_cast<RowInfo<ACC>*>(p.rows)[i] = info;
+}
+
+// ---- the logit tile ---------------------------------------------------------------------------
+
+// Ss[r][pos] = x_{i0 + r} · W_{weight_row(pos)} for ROWS rows and NW weight rows (zero outside).
+template <int ROWS, int NW, typename TX, typename TW, typename OP, typename ACC, typename RowOf>
+__device__ __forceinline__ void logit_tile(const HeadParams& p, int64_t i0, RowOf wrow, OP* As, OP* Bs, ACC* Ss) {
+  constexpr int lda = kBK + kPad<OP>, lds = NW + kPad<ACC>;
+  __syncthreads();  // every warp is done with the previous tile's Ss
+  for (int e = threadIdx.x; e < ROWS * lds; e += blockDim.x) Ss[e] = ACC(0);
+  for (int64_t d0 = 0; d0 < p.D; d0 += kBK) {
+    __syncthreads();
+    load_tile(As, lda, ROWS, kBK, static_cast<const TX*>(p.x), p.D, d0, p.D,
+              [&](int r) { return i0 + r < p.B ? i0 + r : int64_t(-1); });
+    load_tile(Bs, lda, NW, kBK, static_cast<const TW*>(p.w), p.D, d0, p.D, wrow);
+    __syncthreads();
+    tile_mma<ROWS, NW, kBK, OP, ACC, false, true>(As, lda, Bs, lda, Ss, lds);
+  }
+  __syncthreads();
+}
+
+// One (row, class) entry of a tile: the class logit z⁰ = max_k α β_k u_k (no bias), its winning
+// sub-center, and everything the loss and its gradient need of it.
+template <typename ACC>
+struct Entry {
+  ACC z0;       // margin-free logit without bias
+  ACC plain;    // z⁰ + bias: what accuracy compares
+  ACC z;        // the logit the softmax sees (hard negatives, margin)
+  ACC factor;   // ∂z/∂z⁰ off the target (CurricularFace: t + 2c on hard negatives)
+  int32_t k;    // winning sub-center
+  bool target;  // the margin's target entry
+};
+
+template <typename ACC>
+__device__ __forceinline__ Entry<ACC> entry(const HeadParams& p, const RowInfo<ACC>& row, const ACC* srow, int cc,
+                                            int64_t j, const ACC* wnorm) {
+  Entry<ACC> e;
+  e.z0 = neg_inf<ACC>();
+  e.k = 0;
+  for (int32_t k = 0; k < p.K; ++k) {
+    const ACC beta = make_side<ACC>(wnorm[j * p.K + k], p.cfg.normalize_w, ACC(1)).scale;
+    const ACC v = row.side.scale * beta * srow[cc * p.K + k];
+    if (v > e.z0) {
+      e.z0 = v;
+      e.k = k;
+    }
+  }
+  const ACC bias = load_acc<ACC>(p.bias, j);
+  e.plain = e.z0 + bias;
+  e.z = e.plain;
+  e.factor = ACC(1);
+  if (p.curricular) {
+    const ACC c = e.z0 / ACC(p.cfg.s);
+    if (c > row.tau) {
+      e.z = ACC(p.cfg.s) * c * (row.t + c) + bias;
+      e.factor = row.t + ACC(2) * c;
+    }
+  }
+  e.target = p.cfg.kind != kIdentity && j == row.tcol;
+  if (e.target) {
+    e.z = row.target.logit;
+    e.k = row.tsub;
+  }
+  return e;
+}
+
+template <typename TX, typename TW, typename OP, typename ACC>
+__global__ void __launch_bounds__(kThreads) forward_kernel(HeadParams p) {
+  constexpr int BM = kFwdRows, NW = kTileW, lds = NW + kPad<ACC>;
+  constexpr int kRowsPerWarp = BM / kWarps;
+  MO_DYNAMIC_SMEM(smem_raw);
+  SmemCarver sm{smem_raw};
+  OP* As = sm.take<OP>(BM * (kBK + kPad<OP>));
+  OP* Bs = sm.take<OP>(NW * (kBK + kPad<OP>));
+  ACC* Ss = sm.take<ACC>(BM * lds);
+  const RowInfo<ACC>* rows = static_cast<const RowInfo<ACC>*>(p.rows);
+  const ACC* wnorm = static_cast<const ACC*>(p.w_norm);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t cpt = kTileW / p.K, ntiles = (p.C + cpt - 1) / cpt;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * BM, s = blockIdx.y;
+  const int64_t t0 = s * ntiles / p.splits, t1 = (s + 1) * ntiles / p.splits;
+
+  ACC m[kRowsPerWarp], l[kRowsPerWarp], zs[kRowsPerWarp], bv[kRowsPerWarp];
+  int64_t bj[kRowsPerWarp];
+  for (int q = 0; q < kRowsPerWarp; ++q) {
+    m[q] = neg_inf<ACC>();
+    l[q] = zs[q] = ACC(0);
+    bv[q] = neg_inf<ACC>();
+    bj[q] = -1;
+  }
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t j0 = t * cpt;
+    logit_tile<BM, NW, TX, TW, OP, ACC>(p, i0, [&](int pos) { return weight_row(p, j0, pos); }, As, Bs, Ss);
+    for (int q = 0; q < kRowsPerWarp; ++q) {
+      const int r = warp * kRowsPerWarp + q;
+      const int64_t i = i0 + r;
+      if (i >= p.B) break;
+      const RowInfo<ACC> row = rows[i];
+      ACC zmax = neg_inf<ACC>(), pbest = neg_inf<ACC>(), zsum = 0;
+      int64_t pj = -1;
+      Entry<ACC> es[2];
+      bool valid[2];
+      for (int h = 0; h < 2; ++h) {
+        const int cc = lane + 32 * h;
+        const int64_t j = j0 + cc;
+        valid[h] = cc < cpt && j < p.C;
+        if (!valid[h]) continue;
+        es[h] = entry(p, row, Ss + r * lds, cc, j, wnorm);
+        zmax = max(zmax, es[h].z);
+        zsum += es[h].z;
+        if (es[h].plain > pbest) {
+          pbest = es[h].plain;
+          pj = j;
+        }
+      }
+      zmax = warp_max(zmax);
+      zsum = warp_sum(zsum);
+      for (int o = 16; o > 0; o >>= 1) {  // argmax, first column on ties
+        const ACC ov = __shfl_xor_sync(0xffffffffu, pbest, o);
+        const int64_t oj = __shfl_xor_sync(0xffffffffu, pj, o);
+        if (ov > pbest || (ov == pbest && oj >= 0 && (pj < 0 || oj < pj))) {
+          pbest = ov;
+          pj = oj;
+        }
+      }
+      const ACC mnew = max(m[q], zmax);
+      ACC e = 0;
+      for (int h = 0; h < 2; ++h) {
+        if (valid[h]) e += exp(es[h].z - mnew);
+      }
+      e = warp_sum(e);
+      l[q] = (m[q] == neg_inf<ACC>() ? ACC(0) : l[q] * exp(m[q] - mnew)) + e;
+      m[q] = mnew;
+      zs[q] += zsum;
+      if (pbest > bv[q]) {
+        bv[q] = pbest;
+        bj[q] = pj;
+      }
+    }
+  }
+  if (lane == 0) {
+    ACC* part = static_cast<ACC*>(p.partial);
+    for (int q = 0; q < kRowsPerWarp; ++q) {
+      const int64_t i = i0 + warp * kRowsPerWarp + q;
+      if (i >= p.B) break;
+      ACC* o = part + (s * p.B + i) * 4;
+      o[0] = m[q];
+      o[1] = l[q];
+      o[2] = zs[q];
+      o[3] = bv[q];
+      p.partial_best[s * p.B + i] = bj[q];
+    }
+  }
+}
+
+template <typename ACC>
+__global__ void merge_kernel(HeadParams p) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= p.B) return;
+  const ACC* part = static_cast<const ACC*>(p.partial);
+  ACC m = neg_inf<ACC>(), l = 0, zs = 0, bv = neg_inf<ACC>();
+  int64_t bj = -1;
+  for (int s = 0; s < p.splits; ++s) m = max(m, part[(s * p.B + i) * 4]);
+  for (int s = 0; s < p.splits; ++s) {
+    const ACC* o = part + (s * p.B + i) * 4;
+    if (o[1] > 0) l += o[1] * exp(o[0] - m);
+    zs += o[2];
+    if (o[3] > bv) {
+      bv = o[3];
+      bj = p.partial_best[s * p.B + i];
+    }
+  }
+  const RowInfo<ACC>& row = static_cast<const RowInfo<ACC>*>(p.rows)[i];
+  static_cast<ACC*>(p.lse)[i] = m + log(l);
+  static_cast<ACC*>(p.logit_sum)[i] = zs;
+  static_cast<ACC*>(p.best_logit)[i] = bv;
+  static_cast<ACC*>(p.target_logit)[i] = row.tcol >= 0 ? row.target.logit : ACC(0);
+  p.best_class[i] = bj < 0 ? -1 : p.cfg.class_offset + (p.class_index ? p.class_index[bj] : bj);
+}
+
+// ---- backward -------------------------------------------------------------------------------
+
+template <typename ACC>
+__global__ void target_grad_kernel(HeadParams p) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= p.B) return;
+  RowInfo<ACC>& row = static_cast<RowInfo<ACC>*>(p.rows)[i];
+  row.gl = load_acc<ACC>(p.g_lse, i);
+  row.gs = load_acc<ACC>(p.g_sum, i);
+  row.gt = load_acc<ACC>(p.g_target, i);
+  row.lse = static_cast<const ACC*>(p.lse_in)[i];
+  row.g_target = 0;
+  row.tg = TargetGrad<ACC>{};
+  if (row.tcol >= 0) {
+    row.g_target = row.gl * exp(row.target.logit - row.lse) + row.gs + row.gt;
+    if (p.cfg.kind != kIdentity) row.tg = target_grad<ACC>(row.target, row.side, row.tside, row.g_target);
+  }
+  if (p.dm) {
+    ACC* dm = static_cast<ACC*>(p.dm) + 3 * i;
+    dm[0] = 0;
+    dm[1] = row.tg.d_m2;
+    dm[2] = row.tg.d_m3;
+  }
+}
+
+// ∂L/∂z of one entry before the hard-negative factor (the bias' gradient).
+template <typename ACC>
+__device__ __forceinline__ ACC entry_grad(const RowInfo<ACC>& row, const Entry<ACC>& e, bool is_label) {
+  if (e.target) return row.g_target;
+  ACC g = row.gl * exp(e.z - row.lse) + row.gs;
+  return is_label ? g + row.gt : g;
+}
+
+template <typename TX, typename TW, typename OP, typename ACC>
+__global__ void __launch_bounds__(kThreads) dx_kernel(HeadParams p) {
+  constexpr int BM = kDxRows, NW = kTileW, lds = NW + kPad<ACC>, ldg = NW + kPad<OP>;
+  constexpr int ldw = kChunk + kPad<OP>, SLAB = kSlab<ACC>, lacc = SLAB + kPad<ACC>;
+  constexpr int kRowsPerWarp = BM / kWarps;
+  MO_DYNAMIC_SMEM(smem_raw);
+  SmemCarver sm{smem_raw};
+  OP* As = sm.take<OP>(BM * (kBK + kPad<OP>));
+  OP* Bs = sm.take<OP>(NW * (kBK + kPad<OP>));
+  ACC* Ss = sm.take<ACC>(BM * lds);
+  OP* Gs = sm.take<OP>(BM * ldg);
+  OP* Wc = sm.take<OP>(NW * ldw);
+  ACC* acc = sm.take<ACC>(BM * lacc);
+  ACC* rs = sm.take<ACC>(BM);
+  RowInfo<ACC>* rows = static_cast<RowInfo<ACC>*>(p.rows);
+  const ACC* wnorm = static_cast<const ACC*>(p.w_norm);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t cpt = kTileW / p.K, ntiles = (p.C + cpt - 1) / cpt;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * BM, s = blockIdx.y, d_begin = static_cast<int64_t>(blockIdx.z) * SLAB;
+  const int64_t d_end = d_begin + SLAB < p.D ? d_begin + SLAB : p.D;
+  const int64_t t0 = s * ntiles / p.splits, t1 = (s + 1) * ntiles / p.splits;
+  for (int e = threadIdx.x; e < BM * lacc; e += blockDim.x) acc[e] = ACC(0);
+  for (int e = threadIdx.x; e < BM; e += blockDim.x) rs[e] = ACC(0);
+
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t j0 = t * cpt;
+    const auto wrow = [&](int pos) { return weight_row(p, j0, pos); };
+    logit_tile<BM, NW, TX, TW, OP, ACC>(p, i0, wrow, As, Bs, Ss);
+    for (int e = threadIdx.x; e < BM * ldg; e += blockDim.x) Gs[e] = convert<OP>(0.0f);
+    __syncthreads();
+    for (int q = 0; q < kRowsPerWarp; ++q) {
+      const int r = warp * kRowsPerWarp + q;
+      const int64_t i = i0 + r;
+      if (i >= p.B) break;
+      const RowInfo<ACC> row = rows[i];
+      ACC corr = 0;
+      for (int h = 0; h < 2; ++h) {
+        const int cc = lane + 32 * h;
+        const int64_t j = j0 + cc;
+        if (cc >= cpt || j >= p.C) continue;
+        const Entry<ACC> e = entry(p, row, Ss + r * lds, cc, j, wnorm);
+        const ACC g = entry_grad(row, e, j == row.tcol) * (e.target ? ACC(1) : e.factor);
+        if (!e.target) corr += g * e.z0;
+        const ACC beta = make_side<ACC>(wnorm[j * p.K + e.k], p.cfg.normalize_w, ACC(1)).scale;
+        Gs[r * ldg + cc * p.K + e.k] = convert<OP>((e.target ? row.tg.tile_grad : g) * beta);
+      }
+      corr = warp_sum(corr);
+      if (lane == 0) rs[r] += corr;
+    }
+    // acc[r][d] += Σ_pos G[r][pos] W[pos][d] over this block's slab of D.
+    for (int64_t c0 = d_begin; c0 < d_end; c0 += kChunk) {
+      __syncthreads();
+      load_tile(Wc, ldw, NW, kChunk, static_cast<const TW*>(p.w), p.D, c0, d_end, wrow);
+      __syncthreads();
+      tile_mma<BM, kChunk, NW, OP, ACC, false, false>(Gs, ldg, Wc, ldw, acc + (c0 - d_begin), lacc);
+    }
+    __syncthreads();
+  }
+  ACC* part = static_cast<ACC*>(p.dx_part);
+  for (int e = threadIdx.x; e < BM * SLAB; e += blockDim.x) {
+    const int r = e / SLAB;
+    const int64_t i = i0 + r, d = d_begin + e % SLAB;
+    if (i < p.B && d < d_end) part[(s * p.B + i) * p.D + d] = acc[r * lacc + e % SLAB];
+  }
+  if (blockIdx.z == 0) {
+    for (int r = threadIdx.x; r < BM; r += blockDim.x) {
+      if (i0 + r < p.B) static_cast<ACC*>(p.rsum_part)[s * p.B + i0 + r] = rs[r];
+    }
+  }
+}
+
+// dx_i = α_i Σ_s part[s][i] + x̂_i (−inv_i Σ_s rsum[s][i] [normalized] + the target's x_coef)
+template <typename TX, typename ACC>
+__global__ void dx_finalize_kernel(HeadParams p) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= p.B * p.D) return;
+  const int64_t i = e / p.D;
+  const RowInfo<ACC>& row = static_cast<const RowInfo<ACC>*>(p.rows)[i];
+  const ACC* part = static_cast<const ACC*>(p.dx_part);
+  ACC sum = 0, rsum = 0;
+  for (int s = 0; s < p.splits; ++s) {
+    sum += part[s * p.B * p.D + e];
+    rsum += static_cast<const ACC*>(p.rsum_part)[s * p.B + i];
+  }
+  const bool live = row.side.normalized && row.side.norm > ACC(kNormEps);
+  ACC coef = live ? -row.side.inv * rsum : ACC(0);
+  if (p.cfg.kind != kIdentity && row.tcol >= 0) coef += row.tg.x_coef;
+  const ACC xv = convert<ACC>(static_cast<const TX*>(p.x)[e]);
+  static_cast<TX*>(p.dx)[e] = convert<TX>(row.side.scale * sum + xv * row.side.inv * coef);
+}
+
+template <typename TX, typename TW, typename OP, typename ACC>
+__global__ void __launch_bounds__(kThreads) dw_kernel(HeadParams p) {
+  constexpr int BM = kDwRows, NW = kDwW, lds = NW + kPad<ACC>, ldg = NW + kPad<OP>;
+  constexpr int ldx = kChunk + kPad<OP>, SLAB = kSlab<ACC>, lacc = SLAB + kPad<ACC>;
+  constexpr int kRowsPerWarp = BM / kWarps;
+  MO_DYNAMIC_SMEM(smem_raw);
+  SmemCarver sm{smem_raw};
+  OP* As = sm.take<OP>(BM * (kBK + kPad<OP>));
+  OP* Bs = sm.take<OP>(NW * (kBK + kPad<OP>));
+  ACC* Ss = sm.take<ACC>(BM * lds);
+  OP* Gs = sm.take<OP>(BM * ldg);
+  OP* Xc = sm.take<OP>(BM * ldx);
+  ACC* acc = sm.take<ACC>(NW * lacc);
+  ACC* qsum = sm.take<ACC>(NW);  // per weight row: Σ_i G z⁰ off the target
+  ACC* qt = sm.take<ACC>(NW);    // per weight row: the targets' w_coef
+  ACC* db = sm.take<ACC>(NW);    // per class: Σ_i ∂L/∂z
+  const RowInfo<ACC>* rows = static_cast<const RowInfo<ACC>*>(p.rows);
+  const ACC* wnorm = static_cast<const ACC*>(p.w_norm);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t cpt = kDwW / p.K;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * cpt, d_begin = static_cast<int64_t>(blockIdx.y) * SLAB;
+  const int64_t d_end = d_begin + SLAB < p.D ? d_begin + SLAB : p.D;
+  const auto wrow = [&](int pos) -> int64_t {
+    const int64_t c = j0 + pos / p.K;
+    if (pos >= cpt * p.K || c >= p.C) return -1;
+    return (p.class_index ? p.class_index[c] : c) * p.K + pos % p.K;
+  };
+  for (int e = threadIdx.x; e < NW * lacc; e += blockDim.x) acc[e] = ACC(0);
+  for (int e = threadIdx.x; e < NW; e += blockDim.x) qsum[e] = qt[e] = db[e] = ACC(0);
+
+  for (int64_t i0 = 0; i0 < p.B; i0 += BM) {
+    logit_tile<BM, NW, TX, TW, OP, ACC>(p, i0, wrow, As, Bs, Ss);
+    for (int e = threadIdx.x; e < BM * ldg; e += blockDim.x) Gs[e] = convert<OP>(0.0f);
+    __syncthreads();
+    const int cc = lane;  // one class per lane (cpt <= 32)
+    const int64_t j = j0 + cc;
+    const bool live_class = cc < cpt && j < p.C;
+    ACC my_db = 0;
+    for (int q = 0; q < kRowsPerWarp; ++q) {
+      const int r = warp * kRowsPerWarp + q;
+      const int64_t i = i0 + r;
+      if (i >= p.B) break;
+      if (!live_class) continue;
+      const RowInfo<ACC> row = rows[i];
+      const Entry<ACC> e = entry(p, row, Ss + r * lds, cc, j, wnorm);
+      const ACC g0 = entry_grad(row, e, j == row.tcol);
+      my_db += g0;
+      const ACC g = e.target ? row.tg.tile_grad : g0 * e.factor;
+      const int pos = cc * static_cast<int>(p.K) + e.k;
+      if (e.target) {
+        atomicAdd(qt + pos, row.tg.w_coef);
+      } else {
+        atomicAdd(qsum + pos, g * e.z0);
+      }
+      Gs[r * ldg + pos] = convert<OP>(g * row.side.scale);
+    }
+    if (live_class) atomicAdd(db + cc, my_db);
+    // acc[pos][d] += Σ_r G[r][pos] x[r][d] over this block's slab of D.
+    for (int64_t c0 = d_begin; c0 < d_end; c0 += kChunk) {
+      __syncthreads();
+      load_tile(Xc, ldx, BM, kChunk, static_cast<const TX*>(p.x), p.D, c0, d_end,
+                [&](int r) { return i0 + r < p.B ? i0 + r : int64_t(-1); });
+      __syncthreads();
+      tile_mma<NW, kChunk, BM, OP, ACC, true, false>(Gs, ldg, Xc, ldx, acc + (c0 - d_begin), lacc);
+    }
+    __syncthreads();
+  }
+  // dW_r = β_r acc_r + W_r inv_r (−inv_r qsum_r [normalized] + qt_r)
+  const TW* w = static_cast<const TW*>(p.w);
+  TW* dw = static_cast<TW*>(p.dw);
+  for (int e = threadIdx.x; e < NW * SLAB; e += blockDim.x) {
+    const int pos = e / SLAB;
+    const int64_t d = d_begin + e % SLAB, r = wrow(pos);
+    if (r < 0 || d >= d_end) continue;
+    const Side<ACC> col = make_side<ACC>(wnorm[(j0 + pos / p.K) * p.K + pos % p.K], p.cfg.normalize_w, ACC(1));
+    const bool live = col.normalized && col.norm > ACC(kNormEps);
+    const ACC coef = (live ? -col.inv * qsum[pos] : ACC(0)) + qt[pos];
+    const ACC wv = convert<ACC>(w[r * p.D + d]);
+    dw[r * p.D + d] = convert<TW>(col.scale * acc[pos * lacc + e % SLAB] + wv * col.inv * coef);
+  }
+  if (p.dbias && blockIdx.y == 0) {
+    for (int c = threadIdx.x; c < cpt; c += blockDim.x) {
+      if (j0 + c < p.C) static_cast<ACC*>(p.dbias)[j0 + c] = db[c];
+    }
+  }
+}
+
+// ---- dispatch -------------------------------------------------------------------------------
+
+template <typename OP, typename ACC>
+constexpr size_t forward_smem() {
+  return 3 * 128 + (kFwdRows + kTileW) * (kBK + kPad<OP>) * sizeof(OP) + kFwdRows * (kTileW + kPad<ACC>) * sizeof(ACC);
+}
+template <typename OP, typename ACC>
+constexpr size_t dx_smem() {
+  return 8 * 128 + (kDxRows + kTileW) * (kBK + kPad<OP>) * sizeof(OP) + kDxRows * (kTileW + kPad<ACC>) * sizeof(ACC) +
+         kDxRows * (kTileW + kPad<OP>) * sizeof(OP) + kTileW * (kChunk + kPad<OP>) * sizeof(OP) +
+         kDxRows * (kSlab<ACC> + kPad<ACC>) * sizeof(ACC) + kDxRows * sizeof(ACC);
+}
+template <typename OP, typename ACC>
+constexpr size_t dw_smem() {
+  return 10 * 128 + (kDwRows + kDwW) * (kBK + kPad<OP>) * sizeof(OP) + kDwRows * (kDwW + kPad<ACC>) * sizeof(ACC) +
+         kDwRows * (kDwW + kPad<OP>) * sizeof(OP) + kDwRows * (kChunk + kPad<OP>) * sizeof(OP) +
+         kDwW * (kSlab<ACC> + kPad<ACC>) * sizeof(ACC) + 3 * kDwW * sizeof(ACC);
+}
+
+template <typename Kernel>
+cudaError_t launch(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, const HeadParams& p) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  MO_LAUNCH(kernel, grid, kThreads, smem, stream, p);
+  return cudaGetLastError();
+}
+
+unsigned blocks(int64_t n, int64_t per) { return static_cast<unsigned>((n + per - 1) / per); }
+
+template <typename TX, typename TW, typename OP, typename ACC>
+cudaError_t forward_typed(const HeadParams& p, cudaStream_t stream) {
+  cudaError_t err;
+  if ((err = launch(w_norm_kernel<TW, ACC>, dim3(blocks(p.C * p.K, kWarps)), 0, stream, p)) != cudaSuccess) return err;
+  if ((err = launch(row_prep_kernel<TX, TW, ACC>, dim3(blocks(p.B, kWarps)), 0, stream, p)) != cudaSuccess) return err;
+  const dim3 grid(blocks(p.B, kFwdRows), p.splits);
+  if ((err = launch(forward_kernel<TX, TW, OP, ACC>, grid, forward_smem<OP, ACC>(), stream, p)) != cudaSuccess) return err;
+  if (p.B == 0) return cudaSuccess;
+  MO_LAUNCH(merge_kernel<ACC>, blocks(p.B, 256), 256, 0, stream, p);
+  return cudaGetLastError();
+}
+
+template <typename TX, typename TW, typename OP, typename ACC>
+cudaError_t backward_typed(const HeadParams& p, cudaStream_t stream) {
+  cudaError_t err;
+  if ((err = launch(w_norm_kernel<TW, ACC>, dim3(blocks(p.C * p.K, kWarps)), 0, stream, p)) != cudaSuccess) return err;
+  if ((err = launch(row_prep_kernel<TX, TW, ACC>, dim3(blocks(p.B, kWarps)), 0, stream, p)) != cudaSuccess) return err;
+  if (p.B > 0) {
+    MO_LAUNCH(target_grad_kernel<ACC>, blocks(p.B, 256), 256, 0, stream, p);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  const unsigned slabs = blocks(p.D, kSlab<ACC>);
+  if (p.dx) {
+    const dim3 grid(blocks(p.B, kDxRows), p.splits, slabs);
+    if ((err = launch(dx_kernel<TX, TW, OP, ACC>, grid, dx_smem<OP, ACC>(), stream, p)) != cudaSuccess) return err;
+    if (p.B * p.D > 0) {
+      MO_LAUNCH((dx_finalize_kernel<TX, ACC>), blocks(p.B * p.D, 256), 256, 0, stream, p);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
+  }
+  if (p.dw || p.dbias) {
+    const dim3 grid(blocks(p.C, kDwW / p.K), slabs);
+    if ((err = launch(dw_kernel<TX, TW, OP, ACC>, grid, dw_smem<OP, ACC>(), stream, p)) != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+// The kernels for one (x, weight) dtype pair: 16-bit features run their products on tensor
+// cores with the weight converted tile by tile; float and double on CUDA cores.
+template <typename F>
+cudaError_t dispatch(const HeadParams& p, F&& f) {
+  if (p.x_dtype == kDouble && p.w_dtype == kDouble) return f(double(), double(), double(), double());
+  if (p.x_dtype == kFloat && p.w_dtype == kFloat) return f(float(), float(), float(), float());
+  if (p.x_dtype == kHalf && p.w_dtype == kHalf) return f(__half(), __half(), __half(), float());
+  if (p.x_dtype == kBFloat16 && p.w_dtype == kBFloat16) return f(__nv_bfloat16(), __nv_bfloat16(), __nv_bfloat16(), float());
+  if (p.x_dtype == kHalf && p.w_dtype == kFloat) return f(__half(), float(), __half(), float());
+  if (p.x_dtype == kBFloat16 && p.w_dtype == kFloat) return f(__nv_bfloat16(), float(), __nv_bfloat16(), float());
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+__global__ void psi_kernel(const T* c, const T* m1, const T* m2, const T* m3, int64_t n, int32_t kind, int32_t policy,
+                           double lambda, T* v, T* dc, T* d1, T* d2, T* d3) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const Psi<T> r = ::marginops::margin_psi<T>(kind, policy, c[i], m1[i], m2[i], m3[i], T(lambda));
+  v[i] = r.value;
+  dc[i] = r.d_c;
+  d1[i] = r.d_m1;
+  d2[i] = r.d_m2;
+  d3[i] = r.d_m3;
+}
+
+}  // namespace
+
+bool supported_dtypes(DType x, DType w) {
+  return x == w || (w == kFloat && (x == kHalf || x == kBFloat16));
+}
+
+Workspace workspace_bytes(const HeadParams& p, int sm_count, bool backward) {
+  const size_t acc = p.acc_double ? sizeof(double) : sizeof(float);
+  const size_t row = p.acc_double ? sizeof(RowInfo<double>) : sizeof(RowInfo<float>);
+  const int64_t cpt = kTileW / (p.K > 0 ? p.K : 1), ntiles = (p.C + cpt - 1) / cpt;
+  const int64_t row_tiles = (p.B + kDxRows - 1) / kDxRows;
+  int64_t splits = row_tiles > 0 ? (2 * sm_count + row_tiles - 1) / row_tiles : 1;
+  splits = splits < ntiles ? splits : ntiles;
+  // dx partials stay within 32 MiB: O(B·D·splits) of the memory contract.
+  const int64_t per_split = p.B * p.D * static_cast<int64_t>(acc);
+  const int64_t cap = per_split > 0 ? (int64_t(32) << 20) / per_split : splits;
+  splits = splits < cap ? splits : cap;
+  splits = splits < 1 ? 1 : splits;
+  Workspace w{};
+  w.splits = static_cast<int>(splits);
+  w.rows = static_cast<size_t>(p.B) * row;
+  w.w_norm = static_cast<size_t>(p.C * p.K) * acc;
+  w.partial = static_cast<size_t>(splits * p.B) * 4 * acc;
+  w.partial_best = static_cast<size_t>(splits * p.B) * sizeof(int64_t);
+  w.dx_part = backward ? static_cast<size_t>(splits) * static_cast<size_t>(per_split) : 0;
+  w.rsum_part = backward ? static_cast<size_t>(splits * p.B) * acc : 0;
+  return w;
+}
+
+cudaError_t head_forward(const HeadParams& p, cudaStream_t stream) {
+  return dispatch(p, [&](auto tx, auto tw, auto op, auto acc) {
+    return forward_typed<decltype(tx), decltype(tw), decltype(op), decltype(acc)>(p, stream);
+  });
+}
+
+cudaError_t head_backward(const HeadParams& p, cudaStream_t stream) {
+  return dispatch(p, [&](auto tx, auto tw, auto op, auto acc) {
+    return backward_typed<decltype(tx), decltype(tw), decltype(op), decltype(acc)>(p, stream);
+  });
+}
+
+cudaError_t margin_psi(const void* c, const void* m1, const void* m2, const void* m3, int64_t n, int32_t kind,
+                       int32_t policy, double lambda, bool is_double, void* v, void* dc, void* d1, void* d2, void* d3,
+                       cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  const unsigned grid = blocks(n, 256);
+  if (is_double) {
+    MO_LAUNCH(psi_kernel<double>, grid, 256, 0, stream,
+        static_cast<const double*>(c), static_cast<const double*>(m1), static_cast<const double*>(m2),
+        static_cast<const double*>(m3), n, kind, policy, lambda, static_cast<double*>(v), static_cast<double*>(dc),
+        static_cast<double*>(d1), static_cast<double*>(d2), static_cast<double*>(d3));
+  } else {
+    MO_LAUNCH(psi_kernel<float>, grid, 256, 0, stream,
+        static_cast<const float*>(c), static_cast<const float*>(m1), static_cast<const float*>(m2),
+        static_cast<const float*>(m3), n, kind, policy, lambda, static_cast<float*>(v), static_cast<float*>(dc),
+        static_cast<float*>(d1), static_cast<float*>(d2), static_cast<float*>(d3));
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace marginops::cuda

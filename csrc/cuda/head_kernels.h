@@ -1,0 +1,85 @@
+// The CUDA kernels' interface: one plain params struct and entry points taking raw pointers and
+// a stream. No torch headers, so CI compile-checks the kernels with nvcc alone; the launcher
+// (head_cuda.cpp) binds tensors to it.
+//
+// Shapes (row-major, contiguous):
+//   x [B, D] x_dtype, weight [weight_rows, D] w_dtype, labels [B] int64,
+//   class_index [C] int64 (local classes, strictly increasing) or null,
+//   bias [C] acc (already gathered by class_index), row_margins [B, 3] acc, curricular [B, 2] acc.
+// "acc" is double when x and weight are both float64 (acc_double), else float.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../head_config.h"
+
+namespace marginops::cuda {
+
+enum DType : int32_t { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
+
+struct HeadParams {
+  int64_t B = 0, D = 0;
+  int64_t C = 0;            // classes computed by this call
+  int64_t K = 1;            // weight rows per class
+  int64_t weight_rows = 0;  // rows of weight (local classes · K)
+  DType x_dtype = kFloat, w_dtype = kFloat;
+  bool acc_double = false;
+  const void* x = nullptr;
+  const void* w = nullptr;
+  const int64_t* labels = nullptr;
+  const int64_t* class_index = nullptr;
+  const void* bias = nullptr;
+  const void* row_margins = nullptr;
+  const void* curricular = nullptr;
+  HeadConfig cfg{};
+
+  // Workspace, sized by workspace_bytes(): per-row prepass data and per-weight-row norms.
+  void* rows = nullptr;    // RowInfo<acc>[B]
+  void* w_norm = nullptr;  // acc [C·K]
+  int splits = 1;          // class splits of the forward and dx passes
+  void* partial = nullptr;          // acc [splits, B, 4] (max, sum-exp, logit sum, best logit)
+  int64_t* partial_best = nullptr;  // [splits, B] best computed column
+
+  // Forward outputs, [B]: acc, best_class int64.
+  void* lse = nullptr;
+  void* target_logit = nullptr;
+  void* logit_sum = nullptr;
+  void* best_logit = nullptr;
+  int64_t* best_class = nullptr;
+
+  // Backward inputs (acc [B] or null = zero) and outputs.
+  const void* g_lse = nullptr;
+  const void* g_target = nullptr;
+  const void* g_sum = nullptr;
+  const void* lse_in = nullptr;  // the forward's lse, acc [B]
+  void* dx_part = nullptr;    // acc [splits, B, D]
+  void* rsum_part = nullptr;  // acc [splits, B]
+  void* dx = nullptr;         // x_dtype [B, D], or null
+  void* dw = nullptr;         // w_dtype [weight_rows, D], or null (rows not computed: caller zeroes)
+  void* dbias = nullptr;      // acc [C], or null
+  void* dm = nullptr;         // acc [B, 3], or null
+};
+
+// Whether the (x, weight) dtype pair has kernels: equal dtypes, or float32 weight with float16 /
+// bfloat16 features (mixed precision as users train).
+bool supported_dtypes(DType x, DType w);
+
+// Bytes of each workspace the caller allocates: rows, w_norm, partial, partial_best, dx_part,
+// rsum_part (in that order); splits is chosen from the device's SM count.
+struct Workspace {
+  int splits;
+  size_t rows, w_norm, partial, partial_best, dx_part, rsum_part;
+};
+Workspace workspace_bytes(const HeadParams& p, int sm_count, bool backward);
+
+cudaError_t head_forward(const HeadParams& p, cudaStream_t stream);
+cudaError_t head_backward(const HeadParams& p, cudaStream_t stream);
+
+// ψ elementwise (margin_psi op): c, m1, m2, m3 and the five outputs are acc [n].
+cudaError_t margin_psi(const void* c, const void* m1, const void* m2, const void* m3, int64_t n, int32_t kind,
+                       int32_t policy, double lambda, bool is_double, void* out_value, void* out_dc,
+                       void* out_dm1, void* out_dm2, void* out_dm3, cudaStream_t stream);
+
+}  // namespace marginops::cuda

@@ -1,0 +1,240 @@
+// The ops' bodies for the CUDA kernels: argument checks (shared with the CPU path), label checks
+// on the host (skipped while a CUDA graph is captured), workspace, and the calls into
+// head_kernels.h. Templated on a Runtime (stream, SM count, capture state, error check, device
+// guard) so that tests/cuda_emu can run the same code on its CPU emulation of the kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "../head_inputs.h"
+#include "head_kernels.h"
+
+namespace marginops::cuda {
+
+inline DType dtype_of(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return kHalf;
+    case at::kBFloat16: return kBFloat16;
+    case at::kFloat: return kFloat;
+    default: return kDouble;
+  }
+}
+
+// The kernels' params for checked arguments, with the workspace carved out of one allocation
+// that `keep` holds alive.
+struct Launch {
+  HeadParams p;
+  std::vector<at::Tensor> keep;
+};
+
+template <typename Runtime>
+Launch prepare(const HeadArgs& a, bool backward) {
+  const HeadConfig& cfg = a.cfg;
+  TORCH_CHECK_VALUE(supported_dtypes(dtype_of(a.x.scalar_type()), dtype_of(a.weight.scalar_type())),
+                    "on CUDA, x and weight must share a dtype, or weight be float32 with float16/bfloat16 x; got ",
+                    a.x.scalar_type(), " and ", a.weight.scalar_type());
+  TORCH_CHECK_VALUE(cfg.subcenters <= 32, "on CUDA, at most 32 sub-centers per class, got ", cfg.subcenters);
+  if (!Runtime::capturing()) {  // a clear error instead of a device-side assert; skipped inside CUDA graphs
+    check_label_values(a.labels.cpu(), cfg);
+    if (a.class_index.defined()) check_class_index_values(a.class_index.cpu(), a.weight.size(0) / cfg.subcenters);
+  }
+  const auto acc = a.acc_dtype();
+  Launch l;
+  HeadParams& p = l.p;
+  p.B = a.rows;
+  p.D = a.dim;
+  p.C = a.columns;
+  p.K = cfg.subcenters;
+  p.weight_rows = a.weight.size(0);
+  p.x_dtype = dtype_of(a.x.scalar_type());
+  p.w_dtype = dtype_of(a.weight.scalar_type());
+  p.acc_double = acc == at::kDouble;
+  p.x = a.x.data_ptr();
+  p.w = a.weight.data_ptr();
+  p.labels = a.labels.data_ptr<int64_t>();
+  p.class_index = a.class_index.defined() ? a.class_index.data_ptr<int64_t>() : nullptr;
+  p.cfg = cfg;
+  const auto keep = [&](at::Tensor t) {
+    l.keep.push_back(t);
+    return t.data_ptr();
+  };
+  if (a.bias.defined()) {
+    p.bias = keep((a.class_index.defined() ? a.bias.index_select(0, a.class_index) : a.bias).to(acc).contiguous());
+  }
+  if (a.row_margins.defined()) p.row_margins = keep(a.row_margins.to(acc).contiguous());
+  if (a.curricular.defined()) p.curricular = keep(a.curricular.to(acc).contiguous());
+
+  const Workspace w = workspace_bytes(p, Runtime::sm_count(), backward);
+  p.splits = w.splits;
+  const std::array<size_t, 6> sizes{w.rows, w.w_norm, w.partial, w.partial_best, w.dx_part, w.rsum_part};
+  size_t total = 0;
+  for (size_t s : sizes) total += (s + 255) / 256 * 256;
+  at::Tensor ws = at::empty({static_cast<int64_t>(total)}, a.x.options().dtype(at::kByte));
+  l.keep.push_back(ws);
+  std::array<void*, 6> ptrs{};
+  size_t off = 0;
+  for (size_t k = 0; k < sizes.size(); ++k) {
+    ptrs[k] = sizes[k] ? static_cast<void*>(ws.data_ptr<uint8_t>() + off) : nullptr;
+    off += (sizes[k] + 255) / 256 * 256;
+  }
+  p.rows = ptrs[0];
+  p.w_norm = ptrs[1];
+  p.partial = ptrs[2];
+  p.partial_best = static_cast<int64_t*>(ptrs[3]);
+  p.dx_part = ptrs[4];
+  p.rsum_part = ptrs[5];
+  return l;
+}
+
+inline const void* row_grad(const at::Tensor& g, at::ScalarType acc, Launch& l) {
+  if (!g.defined()) return nullptr;
+  at::Tensor t = g.to(acc).contiguous();
+  l.keep.push_back(t);
+  return t.data_ptr();
+}
+
+template <typename Runtime>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_op(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& row_margins,
+    const std::optional<at::Tensor>& curricular, const std::optional<at::Tensor>& class_index,
+    int64_t num_classes, int64_t class_offset, int64_t ignore_index, int64_t margin_kind,
+    int64_t theta_policy, bool normalize_x, bool normalize_w, double s, double m1, double m2,
+    double m3, double lambda, int64_t subcenters) {
+  const HeadArgs a = check_head_args(x, weight, labels, bias, row_margins, curricular, class_index,
+                                     num_classes, class_offset, ignore_index, margin_kind,
+                                     theta_policy, normalize_x, normalize_w, s, m1, m2, m3, lambda,
+                                     subcenters);
+  const auto guard = Runtime::guard(x.device());
+  Launch l = prepare<Runtime>(a, false);
+  const auto opts = x.options().dtype(a.acc_dtype());
+  at::Tensor lse = at::empty({a.rows}, opts), zt = at::empty({a.rows}, opts), zsum = at::empty({a.rows}, opts);
+  at::Tensor best = at::empty({a.rows}, opts), best_class = at::empty({a.rows}, opts.dtype(at::kLong));
+  l.p.lse = lse.data_ptr();
+  l.p.target_logit = zt.data_ptr();
+  l.p.logit_sum = zsum.data_ptr();
+  l.p.best_logit = best.data_ptr();
+  l.p.best_class = best_class.data_ptr<int64_t>();
+  Runtime::check(head_forward(l.p, Runtime::stream()));
+  return {lse, zt, zsum, best, best_class};
+}
+
+template <typename Runtime>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
+    const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_target,
+    const std::optional<at::Tensor>& grad_sum, const at::Tensor& lse, const at::Tensor& x,
+    const at::Tensor& weight, const at::Tensor& labels, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& row_margins, const std::optional<at::Tensor>& curricular,
+    const std::optional<at::Tensor>& class_index, int64_t num_classes, int64_t class_offset,
+    int64_t ignore_index, int64_t margin_kind, int64_t theta_policy, bool normalize_x,
+    bool normalize_w, double s, double m1, double m2, double m3, double lambda,
+    int64_t subcenters, std::array<bool, 4> output_mask) {
+  const HeadArgs a = check_head_args(x, weight, labels, bias, row_margins, curricular, class_index,
+                                     num_classes, class_offset, ignore_index, margin_kind,
+                                     theta_policy, normalize_x, normalize_w, s, m1, m2, m3, lambda,
+                                     subcenters);
+  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == a.rows, "lse must have shape [", a.rows,
+                    "], got ", lse.sizes());
+  const auto guard = Runtime::guard(x.device());
+  const auto acc = a.acc_dtype();
+  Launch l = prepare<Runtime>(a, true);
+  l.p.g_lse = row_grad(check_row_grad(grad_lse, a, "grad_lse"), acc, l);
+  l.p.g_target = row_grad(check_row_grad(grad_target, a, "grad_target_logit"), acc, l);
+  l.p.g_sum = row_grad(check_row_grad(grad_sum, a, "grad_logit_sum"), acc, l);
+  l.p.lse_in = row_grad(lse, acc, l);
+  const bool need_dx = output_mask[0], need_dw = output_mask[1];
+  const bool need_db = output_mask[2] && a.bias.defined(), need_dm = output_mask[3] && a.row_margins.defined();
+  at::Tensor dx = need_dx ? at::empty_like(a.x) : at::empty({0}, x.options());
+  at::Tensor dw = need_dw ? (a.class_index.defined() ? at::zeros_like(a.weight) : at::empty_like(a.weight))
+                          : at::empty({0}, weight.options());
+  at::Tensor dbias_cols = need_db ? at::zeros({a.columns}, x.options().dtype(acc)) : at::Tensor();
+  at::Tensor dm = need_dm ? at::zeros({a.rows, 3}, x.options().dtype(acc)) : at::Tensor();
+  l.p.dx = need_dx ? dx.data_ptr() : nullptr;
+  l.p.dw = need_dw ? dw.data_ptr() : nullptr;
+  l.p.dbias = need_db ? dbias_cols.data_ptr() : nullptr;
+  l.p.dm = need_dm ? dm.data_ptr() : nullptr;
+  if (need_dx || need_dw || need_db || need_dm) {
+    Runtime::check(head_backward(l.p, Runtime::stream()));
+  }
+  at::Tensor db = at::empty({0}, x.options());
+  if (need_db) {
+    db = at::zeros_like(a.bias);
+    if (a.class_index.defined()) {
+      db.index_copy_(0, a.class_index, dbias_cols.to(db.scalar_type()));
+    } else {
+      db.copy_(dbias_cols);
+    }
+  }
+  return {dx, dw, db, need_dm ? dm.to(a.row_margins.scalar_type()) : at::empty({0}, x.options())};
+}
+
+template <typename Runtime>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> psi_op(
+    const at::Tensor& cos, const at::Tensor& m1, const at::Tensor& m2, const at::Tensor& m3,
+    int64_t margin_kind, int64_t theta_policy, double lambda) {
+  TORCH_CHECK_VALUE(cos.scalar_type() == at::kFloat || cos.scalar_type() == at::kDouble,
+                    "cos must be float32 or float64, got ", cos.scalar_type());
+  for (const at::Tensor* t : {&m1, &m2, &m3}) {
+    TORCH_CHECK_VALUE(t->sizes() == cos.sizes() && t->scalar_type() == cos.scalar_type() && t->device() == cos.device(),
+                      "m1, m2, m3 must match cos (", cos.sizes(), ", ", cos.scalar_type(), ", ", cos.device(), ")");
+  }
+  const auto guard = Runtime::guard(cos.device());
+  const at::Tensor c = cos.contiguous(), a = m1.contiguous(), b = m2.contiguous(), d = m3.contiguous();
+  std::array<at::Tensor, 5> out;
+  for (auto& t : out) t = at::empty_like(c);
+  Runtime::check(margin_psi(c.data_ptr(), a.data_ptr(), b.data_ptr(), d.data_ptr(), c.numel(),
+                            static_cast<int32_t>(margin_kind), static_cast<int32_t>(theta_policy), lambda,
+                            c.scalar_type() == at::kDouble, out[0].data_ptr(), out[1].data_ptr(),
+                            out[2].data_ptr(), out[3].data_ptr(), out[4].data_ptr(),
+                            Runtime::stream()));
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
+// Top-k classes a chunk of classes at a time: temporaries of B × chunk, never B × C.
+template <typename Runtime>
+std::tuple<at::Tensor, at::Tensor> topk_op(const at::Tensor& x, const at::Tensor& weight,
+                                                    const std::optional<at::Tensor>& bias,
+                                                    const std::optional<at::Tensor>& class_index, int64_t k,
+                                                    int64_t class_offset, bool normalize_x, bool normalize_w,
+                                                    double s, int64_t subcenters) {
+  at::NoGradGuard no_grad;
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must have shape [B, D], got ", x.sizes());
+  const at::Tensor no_labels = at::full({x.size(0)}, -1, x.options().dtype(at::kLong));
+  const int64_t local = weight.dim() == 2 && subcenters >= 1 ? weight.size(0) / subcenters : 0;
+  const HeadArgs a = check_head_args(x, weight, no_labels, bias, std::nullopt, std::nullopt, class_index,
+                                     class_offset + std::max<int64_t>(local, 1), class_offset, -1, 0, 2,
+                                     normalize_x, normalize_w, s, 1.0, 0.0, 0.0, 0.0, subcenters);
+  if (a.class_index.defined() && !Runtime::capturing()) check_class_index_values(a.class_index.cpu(), local);
+  TORCH_CHECK_VALUE(k >= 1 && k <= a.columns, "k = ", k, " must lie in [1, ", a.columns, "] (the number of classes)");
+  const auto guard = Runtime::guard(x.device());
+  const auto acc = a.acc_dtype();
+  const int64_t B = a.rows, K = subcenters;
+  at::Tensor xs = a.x.to(acc);
+  if (normalize_x) xs = xs * (s / at::linalg_vector_norm(xs, 2, {1}, true).clamp_min(1e-12));
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(64) << 20) / std::max<int64_t>(1, B * K * 4));
+  at::Tensor vals = at::full({B, k}, -std::numeric_limits<double>::infinity(), xs.options());
+  at::Tensor cols = at::full({B, k}, -1, xs.options().dtype(at::kLong));
+  for (int64_t c0 = 0; c0 < a.columns; c0 += chunk) {
+    const int64_t n = std::min(chunk, a.columns - c0);
+    at::Tensor cls = a.class_index.defined() ? a.class_index.narrow(0, c0, n)
+                                              : at::arange(c0, c0 + n, cols.options());
+    at::Tensor rows = (cls.unsqueeze(1) * K + at::arange(K, cls.options()).unsqueeze(0)).reshape({-1});
+    at::Tensor w = a.weight.index_select(0, rows).to(acc);
+    if (normalize_w) w = w / at::linalg_vector_norm(w, 2, {1}, true).clamp_min(1e-12);
+    at::Tensor z = at::mm(xs, w.t()).view({B, n, K}).amax(2);
+    if (a.bias.defined()) z = z + (a.class_index.defined() ? a.bias.index_select(0, cls) : a.bias.narrow(0, c0, n)).to(acc);
+    const auto [top, pos] = at::cat({vals, z}, 1).topk(k, 1);
+    cols = at::cat({cols, at::arange(c0, c0 + n, cols.options()).unsqueeze(0).expand({B, n})}, 1).gather(1, pos);
+    vals = top;
+  }
+  at::Tensor cls = a.class_index.defined() ? a.class_index.index({cols.clamp_min(0)}) : cols;
+  return {vals, at::where(cols.ge(0), cls + class_offset, at::full_like(cols, -1))};
+}
+
+}  // namespace marginops::cuda

@@ -1,0 +1,151 @@
+// Device helpers shared by the head kernels: dtype conversions (explicit: torch builds with
+// __CUDA_NO_HALF_CONVERSIONS__), block reductions, and one shared-memory tile product
+//   C[M][N] += A(m, k) · B(k, n),  k < KK
+// used for all three of the head's products (logits X·Wᵀ, dx += G·W, dW += Gᵀ·X). 16-bit operands
+// run on tensor cores through WMMA (fp32 accumulate); float/double operands on CUDA cores.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <cstdint>
+#include <type_traits>
+
+// Kernel launches and dynamic shared memory go through these macros so that the kernels also
+// build on the host under tests/cuda_emu (a CPU emulation of the features they use).
+#ifndef MO_LAUNCH
+#define MO_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
+#ifndef MO_DYNAMIC_SMEM
+#define MO_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
+
+namespace marginops::cuda {
+
+template <typename T>
+struct Convert;
+template <>
+struct Convert<__half> {
+  __device__ __forceinline__ static float to_float(__half v) { return __half2float(v); }
+  __device__ __forceinline__ static __half from_float(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Convert<__nv_bfloat16> {
+  __device__ __forceinline__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ __forceinline__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+};
+template <>
+struct Convert<float> {
+  __device__ __forceinline__ static float to_float(float v) { return v; }
+  __device__ __forceinline__ static float from_float(float v) { return v; }
+};
+template <>
+struct Convert<double> {
+  __device__ __forceinline__ static float to_float(double v) { return static_cast<float>(v); }
+  __device__ __forceinline__ static double from_float(float v) { return v; }
+};
+
+// Any supported value to the operand or accumulator type.
+template <typename To, typename From>
+__device__ __forceinline__ To convert(From v) {
+  if constexpr (std::is_same_v<To, From>) {
+    return v;
+  } else if constexpr (std::is_same_v<To, double>) {
+    return static_cast<double>(Convert<From>::to_float(v));
+  } else if constexpr (std::is_same_v<From, double>) {
+    return Convert<To>::from_float(static_cast<float>(v));
+  } else {
+    return Convert<To>::from_float(Convert<From>::to_float(v));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+template <typename OP>
+constexpr bool kTensorCore = std::is_same_v<OP, __half> || std::is_same_v<OP, __nv_bfloat16>;
+
+// Row padding of shared tiles, in elements: keeps WMMA's 32-byte alignment for 16-bit and float
+// tiles and breaks bank conflicts.
+template <typename T>
+constexpr int kPad = sizeof(T) == 2 ? 8 : (sizeof(T) == 4 ? 4 : 2);
+
+// C[M][N] (ACC, row-major, ldc) += Σ_k A(m, k) B(k, n), k < KK, with
+//   A(m, k) = A_COL ? A[k·lda + m] : A[m·lda + k],  B(k, n) = B_COL ? B[n·ldb + k] : B[k·ldb + n].
+// Every thread of the block calls it; it does not synchronize (callers fence before and after).
+// M, N, KK are multiples of 16 on the tensor-core path.
+template <int M, int N, int KK, typename OP, typename ACC, bool A_COL, bool B_COL>
+__device__ __forceinline__ void tile_mma(const OP* A, int lda, const OP* B, int ldb, ACC* C, int ldc) {
+  if constexpr (kTensorCore<OP>) {
+    static_assert(std::is_same_v<ACC, float>, "tensor cores accumulate in float");
+    static_assert(M % 16 == 0 && N % 16 == 0 && KK % 16 == 0, "tile sizes must be multiples of 16");
+    using namespace nvcuda;
+    using LA = std::conditional_t<A_COL, wmma::col_major, wmma::row_major>;
+    using LB = std::conditional_t<B_COL, wmma::col_major, wmma::row_major>;
+    const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    for (int f = warp; f < (M / 16) * (N / 16); f += warps) {
+      const int mi = f / (N / 16), ni = f % (N / 16);
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+      float* cp = C + (mi * 16) * ldc + ni * 16;
+      wmma::load_matrix_sync(c, cp, ldc, wmma::mem_row_major);
+      for (int kk = 0; kk < KK / 16; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, OP, LA> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, OP, LB> b;
+        wmma::load_matrix_sync(a, A_COL ? A + (kk * 16) * lda + mi * 16 : A + (mi * 16) * lda + kk * 16, lda);
+        wmma::load_matrix_sync(b, B_COL ? B + (ni * 16) * ldb + kk * 16 : B + (kk * 16) * ldb + ni * 16, ldb);
+        wmma::mma_sync(c, a, b, c);
+      }
+      wmma::store_matrix_sync(cp, c, ldc, wmma::mem_row_major);
+    }
+  } else {
+    for (int e = threadIdx.x; e < M * N; e += blockDim.x) {
+      const int m = e / N, n = e % N;
+      ACC s = 0;
+#pragma unroll 8
+      for (int k = 0; k < KK; ++k) {
+        const ACC a = static_cast<ACC>(A_COL ? A[k * lda + m] : A[m * lda + k]);
+        const ACC b = static_cast<ACC>(B_COL ? B[n * ldb + k] : B[k * ldb + n]);
+        s += a * b;
+      }
+      C[m * ldc + n] += s;
+    }
+  }
+}
+
+// Copies rows [row0, row0 + rows) × columns [col0, col0 + cols) of a row-major global matrix
+// (ld elements per row) into a shared tile (ld_s), converting; out-of-range rows and columns
+// become zero, so partial tiles add nothing. row_of maps a tile row to a global row (or -1).
+template <typename TS, typename TG, typename RowOf>
+__device__ __forceinline__ void load_tile(TS* dst, int ld_s, int rows, int cols, const TG* src, int64_t ld, int64_t col0,
+                                          int64_t col_end, RowOf row_of) {
+  for (int e = threadIdx.x; e < rows * cols; e += blockDim.x) {
+    const int r = e / cols, c = e % cols;
+    const int64_t g = row_of(r);
+    const int64_t gc = col0 + c;
+    dst[r * ld_s + c] = (g >= 0 && gc < col_end) ? convert<TS>(src[g * ld + gc]) : convert<TS>(0.0f);
+  }
+}
+
+// Carves aligned arrays out of dynamic shared memory.
+struct SmemCarver {
+  unsigned char* base;
+  size_t offset = 0;
+  template <typename T>
+  __device__ T* take(size_t count) {
+    offset = (offset + 127) / 128 * 128;
+    T* p = reinterpret_cast<T*>(base + offset);
+    offset += count * sizeof(T);
+    return p;
+  }
+};
+
+}  // namespace marginops::cuda

@@ -1,0 +1,3 @@
+// Emulation stand-in: see fake_cuda.h.
+#pragma once
+#include "fake_cuda.h"

@@ -1,0 +1,170 @@
+"""The CUDA kernels' source (csrc/cuda/head_kernels.cu) and launcher (head_launch.h), built for
+the CPU emulation in tests/cuda_emu and compared with the CPU op. This checks their indexing,
+tiling, class splits, reductions, epilogues and backward formulas on machines without a GPU;
+what it cannot check (timing, shared-memory limits, real tensor-core rounding) needs the device:
+tests/test_cuda.py and scripts/gpu-check."""
+
+import os
+
+import pytest
+import torch
+
+import marginops as mo
+from marginops import ops, reference
+
+from conftest import make_inputs, rel_err
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+f64 = torch.float64
+_cpu = torch.ops.marginops
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from torch.utils.cpp_extension import load
+
+    if os.environ.get("MARGINOPS_SKIP_EMULATION") == "1":
+        pytest.skip("MARGINOPS_SKIP_EMULATION=1")
+    return load(
+        name="marginops_cuda_emu",
+        sources=[os.path.join(ROOT, "tests", "cuda_emu", "emu_ext.cpp"), os.path.join(ROOT, "csrc", "head_inputs.cpp")],
+        extra_include_paths=[os.path.join(ROOT, "tests", "cuda_emu", "include")],
+        extra_cflags=["-O2"],
+    )
+
+
+def op_args(x, W, y, b, margin, rm=None, cur=None, ci=None, num_classes=None, offset=0):
+    return (x, W, y, b, rm, cur, ci, num_classes or W.shape[0] // margin.config().subcenters, offset, -100, *margin.config())
+
+
+def compare(emu, args, tol, grads=True):
+    fwd_e, fwd_c = emu.forward(*args), _cpu.margin_ce_forward(*args)
+    for name, e, c in zip(("lse", "target_logit", "logit_sum", "best_logit"), fwd_e[:4], fwd_c[:4]):
+        assert rel_err(e, c) <= tol, f"forward {name}: {rel_err(e, c):.2e}"
+    assert torch.equal(fwd_e[4], fwd_c[4]), "best class"
+    if not grads:
+        return
+    B = args[0].shape[0]
+    acc = ops.acc_dtype(args[0], args[1])
+    g = [torch.randn(B, dtype=acc, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    mask = [True, True, args[3] is not None, args[4] is not None]
+    bwd_e = emu.backward(*g, fwd_c[0], *args, mask)
+    bwd_c = _cpu.margin_ce_backward(*g, fwd_c[0], *args, mask)
+    for name, e, c, used in zip(("dx", "dW", "dbias", "dmargins"), bwd_e, bwd_c, mask):
+        if used:
+            assert e.dtype == c.dtype and e.shape == c.shape, name
+            assert rel_err(e, c) <= tol, f"backward {name}: {rel_err(e, c):.2e}"
+
+
+MARGINS = {
+    "softmax": mo.Softmax(),
+    "normface": mo.NormFace(s=20.0),
+    "l2softmax": mo.L2Softmax(s=16.0),
+    "lsoftmax": mo.LSoftmax(m=3, lambda_=0.5),
+    "sphereface": mo.SphereFace(m=4),
+    "cosface": mo.CosFace(s=30.0),
+    "arcface": mo.ArcFace(s=30.0),
+    "combined_continuous": mo.CombinedMargin(s=30.0, m1=1.35, m2=0.25, m3=0.1, policy="continuous"),
+}
+
+
+@pytest.mark.parametrize("name", list(MARGINS))
+def test_float64_matches_cpu(emu, name):
+    x, W, y, b = make_inputs(70, 40, 150, bias=True, ignore=3, requires_grad=False)
+    compare(emu, op_args(x, W, y, b, MARGINS[name]), 1e-12)
+
+
+@pytest.mark.parametrize("sms", [1, 3, 50])
+def test_class_splits_and_d_slabs(emu, sms):
+    """Split counts from 1 to many (the SM count sets them); D = 600 spans two dx/dW slabs."""
+    emu.set_sm_count(sms)
+    try:
+        x, W, y, b = make_inputs(37, 600, 300, bias=True, ignore=2, requires_grad=False)
+        compare(emu, op_args(x, W, y, b, mo.ArcFace(s=30.0)), 1e-12)
+    finally:
+        emu.set_sm_count(4)
+
+
+def test_subcenters_curricular_and_row_margins(emu):
+    x, W, y, _ = make_inputs(40, 24, 3 * 50, ignore=2, requires_grad=False)
+    y = torch.where(y >= 0, y % 50, y)
+    compare(emu, op_args(x, W, y, None, mo.SubCenterArcFace(K=3, s=30.0)), 1e-12)
+    x, W, y, b = make_inputs(40, 24, 90, bias=True, ignore=2, requires_grad=False)
+    cur = torch.stack([torch.linspace(-0.6, 0.6, 40, dtype=f64), torch.full((40,), 0.2, dtype=f64)], 1)
+    compare(emu, op_args(x, W, y, b, mo.CurricularFace(s=30.0), cur=cur), 1e-12)
+    rm = torch.stack([torch.ones(40), torch.linspace(-0.2, 0.6, 40), torch.linspace(0, 0.3, 40)], 1).double()
+    compare(emu, op_args(x, W, y, b, mo.CombinedMargin(s=30.0, m2=0.1, policy="clip"), rm=rm), 1e-12)
+
+
+def test_shards_and_class_index(emu):
+    x, W, y, b = make_inputs(33, 16, 80, bias=True, ignore=4, requires_grad=False)
+    y = torch.where(y >= 0, y + 100, y)  # classes [100, 180) of 300
+    compare(emu, op_args(x, W, y, b, mo.ArcFace(s=30.0), num_classes=300, offset=100), 1e-12)
+    idx = torch.tensor(sorted(set(range(0, 80, 3)) | set((y[y >= 0] - 100).tolist())))
+    compare(emu, op_args(x, W, y, b, mo.CosFace(s=30.0), ci=idx, num_classes=300, offset=100), 1e-12)
+
+
+def test_float32_runs_exact_on_cuda_cores(emu):
+    x, W, y, b = make_inputs(50, 48, 130, dtype=torch.float32, bias=True, ignore=1, requires_grad=False)
+    compare(emu, op_args(x, W, y, b, mo.ArcFace(s=30.0)), 2e-5)
+
+
+@pytest.mark.parametrize("dtype, wdtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+@pytest.mark.parametrize("name", ["softmax", "arcface", "sphereface"])
+def test_tensor_core_paths_within_twice_eager(emu, dtype, wdtype, name):
+    """16-bit features run their products on (emulated) tensor cores, G in 16 bits as P·V in
+    flash-attention: the error against float64 stays within twice eager PyTorch's in the dtype."""
+    margin = {"arcface": mo.ArcFace(s=64.0), "softmax": mo.Softmax(), "sphereface": mo.SphereFace()}[name]
+    x, W, y, _ = make_inputs(64, 64, 200, requires_grad=False)
+    if name != "arcface":
+        W = W * 0.05
+    xl, Wl = x.to(dtype), W.to(wdtype)
+    args = op_args(xl, Wl, y, None, margin)
+    lse, zt, zsum, _, _ = emu.forward(*args)
+    loss_e = (lse - zt).mean()
+    g = torch.full((64,), 1.0 / 64)
+    dx_e, dw_e, _, _ = emu.backward(g, -g, None, lse, *args, [True, True, False, False])
+    assert dx_e.dtype == dtype and dw_e.dtype == wdtype
+    x64, W64 = xl.double().requires_grad_(), Wl.double().requires_grad_()
+    truth = reference.margin_cross_entropy(x64, W64, y, margin)
+    tdx, tdw = torch.autograd.grad(truth, [x64, W64])
+    xe, We = xl.clone().requires_grad_(), Wl.to(dtype).clone().requires_grad_()
+    eager = reference.margin_cross_entropy(xe, We, y, margin)
+    edx, edw = torch.autograd.grad(eager, [xe, We])
+    for what, f, e in (
+        ("loss", rel_err(loss_e, truth), rel_err(eager, truth)),
+        ("dx", rel_err(dx_e, tdx), rel_err(edx, tdx)),
+        ("dW", rel_err(dw_e, tdw), rel_err(edw, tdw)),
+    ):
+        assert f <= 2 * e + 1e-6, f"{what}: emulated CUDA {f:.2e} vs eager {dtype} {e:.2e}"
+
+
+def test_edge_cases(emu):
+    W = torch.randn(20, 8, dtype=f64)
+    empty = emu.forward(*op_args(torch.zeros(0, 8, dtype=f64), W, torch.zeros(0, dtype=torch.long), None, mo.ArcFace()))
+    assert empty[0].shape == (0,)
+    lse = empty[0]
+    dx, dw, _, _ = emu.backward(None, None, None, lse, *op_args(torch.zeros(0, 8, dtype=f64), W, torch.zeros(0, dtype=torch.long), None, mo.ArcFace()), [True, True, False, False])
+    assert dx.shape == (0, 8) and float(dw.abs().max()) == 0.0
+    x, W, y, _ = make_inputs(9, 8, 20, ignore=9, requires_grad=False)  # every row ignored
+    compare(emu, op_args(x, W, y, None, mo.ArcFace(s=30.0)), 1e-12)
+    with pytest.raises(ValueError, match=r"labels\[0\] = 25 is out of range"):
+        emu.forward(*op_args(x, W, torch.full((9,), 25), None, mo.ArcFace()))
+    with pytest.raises(ValueError, match="on CUDA, x and weight must share a dtype"):
+        emu.forward(*op_args(x.float(), W.to(torch.bfloat16), y, None, mo.ArcFace()))
+
+
+def test_psi_and_topk(emu):
+    c = torch.linspace(-1, 1, 301, dtype=f64)
+    ones = torch.ones_like(c)
+    for kind, policy in ((1, 0), (1, 3), (1, 4), (2, 2)):
+        m1 = ones * (4.0 if kind == 2 else 1.0)
+        out_e = emu.psi(c, m1, ones * 0.5, ones * 0.1, kind, policy, 0.3)
+        out_c = _cpu.margin_psi(c, m1, ones * 0.5, ones * 0.1, kind, policy, 0.3)
+        for e, r in zip(out_e, out_c):
+            assert torch.equal(e, r)
+    x, W, _, b = make_inputs(30, 16, 2 * 100, bias=False, requires_grad=False)
+    bias = torch.randn(100, dtype=f64)
+    ve, ce = emu.topk(x, W, bias, None, 7, 0, True, True, 30.0, 2)
+    vc, cc = _cpu.margin_topk(x, W, bias, None, 7, 0, True, True, 30.0, 2)
+    assert rel_err(ve, vc) <= 1e-12 and torch.equal(ce, cc)
