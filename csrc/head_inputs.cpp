@@ -29,14 +29,7 @@ at::ScalarType HeadArgs::acc_dtype() const {
                                                                                  : at::kFloat;
 }
 
-HeadArgs check_head_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
-                         const std::optional<at::Tensor>& bias,
-                         const std::optional<at::Tensor>& row_margins,
-                         const std::optional<at::Tensor>& curricular,
-                         const std::optional<at::Tensor>& class_index, int64_t num_classes,
-                         int64_t class_offset, int64_t ignore_index, int64_t margin_kind,
-                         int64_t theta_policy, bool normalize_x, bool normalize_w, double s,
-                         double m1, double m2, double m3, double lambda, int64_t subcenters) {
+HeadArgs check_head_args(MO_HEAD_PARAMS) {
   TORCH_CHECK_VALUE(x.dim() == 2, "x must have shape [B, D], got ", x.sizes());
   check_float(x, "x");
   const int64_t B = x.size(0), D = x.size(1);

@@ -29,14 +29,22 @@ struct HeadArgs {
   at::ScalarType acc_dtype() const;
 };
 
-HeadArgs check_head_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
-                         const std::optional<at::Tensor>& bias,
-                         const std::optional<at::Tensor>& row_margins,
-                         const std::optional<at::Tensor>& curricular,
-                         const std::optional<at::Tensor>& class_index, int64_t num_classes,
-                         int64_t class_offset, int64_t ignore_index, int64_t margin_kind,
-                         int64_t theta_policy, bool normalize_x, bool normalize_w, double s,
-                         double m1, double m2, double m3, double lambda, int64_t subcenters);
+// The ops' head arguments as C++ parameters and as names, in schema order (MO_HEAD_ARGS of
+// csrc/marginops.cpp): every implementation of the ops declares them through these.
+#define MO_HEAD_PARAMS                                                                         \
+  const at::Tensor &x, const at::Tensor &weight, const at::Tensor &labels,                    \
+      const std::optional<at::Tensor> &bias, const std::optional<at::Tensor> &row_margins,    \
+      const std::optional<at::Tensor> &curricular,                                            \
+      const std::optional<at::Tensor> &class_index, int64_t num_classes, int64_t class_offset, \
+      int64_t ignore_index, int64_t margin_kind, int64_t theta_policy, bool normalize_x,      \
+      bool normalize_w, double s, double m1, double m2, double m3, double lambda,             \
+      int64_t subcenters
+#define MO_HEAD_PARAM_NAMES                                                                    \
+  x, weight, labels, bias, row_margins, curricular, class_index, num_classes, class_offset,   \
+      ignore_index, margin_kind, theta_policy, normalize_x, normalize_w, s, m1, m2, m3, lambda, \
+      subcenters
+
+HeadArgs check_head_args(MO_HEAD_PARAMS);
 
 // A per-row gradient of the backward op: [B] on x's device, or undefined.
 at::Tensor check_row_grad(const std::optional<at::Tensor>& grad, const HeadArgs& args,

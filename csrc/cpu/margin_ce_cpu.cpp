@@ -544,36 +544,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_typed(
   return {dx.defined() ? dx : at::empty({0}, a.x.options()), dw, db, dm};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_forward(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& row_margins,
-    const std::optional<at::Tensor>& curricular, const std::optional<at::Tensor>& class_index,
-    int64_t num_classes, int64_t class_offset, int64_t ignore_index, int64_t margin_kind,
-    int64_t theta_policy, bool normalize_x, bool normalize_w, double s, double m1, double m2,
-    double m3, double lambda, int64_t subcenters) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_forward(MO_HEAD_PARAMS) {
   at::NoGradGuard no_grad;
-  const HeadArgs a = check_head_args(x, weight, labels, bias, row_margins, curricular, class_index,
-                                     num_classes, class_offset, ignore_index, margin_kind,
-                                     theta_policy, normalize_x, normalize_w, s, m1, m2, m3, lambda,
-                                     subcenters);
+  const HeadArgs a = check_head_args(MO_HEAD_PARAM_NAMES);
   if (a.acc_dtype() == at::kDouble) return forward_typed<double>(a);
   return forward_typed<float>(a);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_backward(
     const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_target,
-    const std::optional<at::Tensor>& grad_sum, const at::Tensor& lse, const at::Tensor& x,
-    const at::Tensor& weight, const at::Tensor& labels, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& row_margins, const std::optional<at::Tensor>& curricular,
-    const std::optional<at::Tensor>& class_index, int64_t num_classes, int64_t class_offset,
-    int64_t ignore_index, int64_t margin_kind, int64_t theta_policy, bool normalize_x,
-    bool normalize_w, double s, double m1, double m2, double m3, double lambda,
-    int64_t subcenters, std::array<bool, 4> output_mask) {
+    const std::optional<at::Tensor>& grad_sum, const at::Tensor& lse, MO_HEAD_PARAMS,
+    std::array<bool, 4> output_mask) {
   at::NoGradGuard no_grad;
-  const HeadArgs a = check_head_args(x, weight, labels, bias, row_margins, curricular, class_index,
-                                     num_classes, class_offset, ignore_index, margin_kind,
-                                     theta_policy, normalize_x, normalize_w, s, m1, m2, m3, lambda,
-                                     subcenters);
+  const HeadArgs a = check_head_args(MO_HEAD_PARAM_NAMES);
   TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == a.rows, "lse must have shape [", a.rows,
                     "], got ", lse.sizes());
   const at::Tensor gl = check_row_grad(grad_lse, a, "grad_lse");

@@ -70,6 +70,37 @@ __device__ __forceinline__ int64_t weight_row(const HeadParams& p, int64_t j0, i
   return local * p.K + pos % p.K;
 }
 
+// Shared memory of a tile kernel: the logit tile's operands As [BM][kBK] and Bs [NW][kBK], the
+// tile Ss [BM][NW]; for the backward products also G [BM][NW] as operands, the streamed operand
+// Cs [CROWS][kChunk], the accumulator acc [AROWS][slab] and EXTRA scalars.
+template <int BM, int NW, int CROWS, int AROWS, int EXTRA, typename OP, typename ACC>
+struct TileSmem {
+  static constexpr int lda = kBK + kPad<OP>, lds = NW + kPad<ACC>, ldg = NW + kPad<OP>;
+  static constexpr int ldc = kChunk + kPad<OP>, lacc = kSlab<ACC> + kPad<ACC>;
+  OP *As, *Bs;
+  ACC* Ss;
+  OP *Gs, *Cs;
+  ACC *acc, *extra;
+  size_t bytes;
+  __host__ __device__ explicit TileSmem(unsigned char* base) {
+    SmemCarver sm{reinterpret_cast<std::uintptr_t>(base)};
+    As = sm.take<OP>(BM * lda);
+    Bs = sm.take<OP>(NW * lda);
+    Ss = sm.take<ACC>(BM * lds);
+    Gs = sm.take<OP>(AROWS ? BM * ldg : 0);
+    Cs = sm.take<OP>(CROWS * ldc);
+    acc = sm.take<ACC>(AROWS * lacc);
+    extra = sm.take<ACC>(EXTRA);
+    bytes = sm.offset;
+  }
+};
+template <typename OP, typename ACC>
+using ForwardSmem = TileSmem<kFwdRows, kTileW, 0, 0, 0, OP, ACC>;
+template <typename OP, typename ACC>
+using DxSmem = TileSmem<kDxRows, kTileW, kTileW, kDxRows, kDxRows, OP, ACC>;  // Cs: W rows; extra: Σ G z⁰ per row
+template <typename OP, typename ACC>
+using DwSmem = TileSmem<kDwRows, kDwW, kDwRows, kDwW, 3 * kDwW, OP, ACC>;  // Cs: x rows; extra: three sums per weight row
+
 // ---- prepass --------------------------------------------------------------------------------
 
 template <typename TW, typename ACC>
@@ -222,13 +253,13 @@ __device__ __forceinline__ Entry<ACC> entry(const HeadParams& p, const RowInfo<A
 
 template <typename TX, typename TW, typename OP, typename ACC>
 __global__ void __launch_bounds__(kThreads) forward_kernel(HeadParams p) {
-  constexpr int BM = kFwdRows, NW = kTileW, lds = NW + kPad<ACC>;
-  constexpr int kRowsPerWarp = BM / kWarps;
+  constexpr int BM = kFwdRows, NW = kTileW;
+  using Smem = ForwardSmem<OP, ACC>;
+  constexpr int lds = Smem::lds, kRowsPerWarp = BM / kWarps;
   MO_DYNAMIC_SMEM(smem_raw);
-  SmemCarver sm{smem_raw};
-  OP* As = sm.take<OP>(BM * (kBK + kPad<OP>));
-  OP* Bs = sm.take<OP>(NW * (kBK + kPad<OP>));
-  ACC* Ss = sm.take<ACC>(BM * lds);
+  const Smem sm(smem_raw);
+  OP *As = sm.As, *Bs = sm.Bs;
+  ACC* Ss = sm.Ss;
   const RowInfo<ACC>* rows = static_cast<const RowInfo<ACC>*>(p.rows);
   const ACC* wnorm = static_cast<const ACC*>(p.w_norm);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -369,18 +400,13 @@ __device__ __forceinline__ ACC entry_grad(const RowInfo<ACC>& row, const Entry<A
 
 template <typename TX, typename TW, typename OP, typename ACC>
 __global__ void __launch_bounds__(kThreads) dx_kernel(HeadParams p) {
-  constexpr int BM = kDxRows, NW = kTileW, lds = NW + kPad<ACC>, ldg = NW + kPad<OP>;
-  constexpr int ldw = kChunk + kPad<OP>, SLAB = kSlab<ACC>, lacc = SLAB + kPad<ACC>;
-  constexpr int kRowsPerWarp = BM / kWarps;
+  constexpr int BM = kDxRows, NW = kTileW, SLAB = kSlab<ACC>;
+  using Smem = DxSmem<OP, ACC>;
+  constexpr int lds = Smem::lds, ldg = Smem::ldg, ldw = Smem::ldc, lacc = Smem::lacc, kRowsPerWarp = BM / kWarps;
   MO_DYNAMIC_SMEM(smem_raw);
-  SmemCarver sm{smem_raw};
-  OP* As = sm.take<OP>(BM * (kBK + kPad<OP>));
-  OP* Bs = sm.take<OP>(NW * (kBK + kPad<OP>));
-  ACC* Ss = sm.take<ACC>(BM * lds);
-  OP* Gs = sm.take<OP>(BM * ldg);
-  OP* Wc = sm.take<OP>(NW * ldw);
-  ACC* acc = sm.take<ACC>(BM * lacc);
-  ACC* rs = sm.take<ACC>(BM);
+  const Smem sm(smem_raw);
+  OP *As = sm.As, *Bs = sm.Bs, *Gs = sm.Gs, *Wc = sm.Cs;
+  ACC *Ss = sm.Ss, *acc = sm.acc, *rs = sm.extra;
   RowInfo<ACC>* rows = static_cast<RowInfo<ACC>*>(p.rows);
   const ACC* wnorm = static_cast<const ACC*>(p.w_norm);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -460,20 +486,16 @@ __global__ void dx_finalize_kernel(HeadParams p) {
 
 template <typename TX, typename TW, typename OP, typename ACC>
 __global__ void __launch_bounds__(kThreads) dw_kernel(HeadParams p) {
-  constexpr int BM = kDwRows, NW = kDwW, lds = NW + kPad<ACC>, ldg = NW + kPad<OP>;
-  constexpr int ldx = kChunk + kPad<OP>, SLAB = kSlab<ACC>, lacc = SLAB + kPad<ACC>;
-  constexpr int kRowsPerWarp = BM / kWarps;
+  constexpr int BM = kDwRows, NW = kDwW, SLAB = kSlab<ACC>;
+  using Smem = DwSmem<OP, ACC>;
+  constexpr int lds = Smem::lds, ldg = Smem::ldg, ldx = Smem::ldc, lacc = Smem::lacc, kRowsPerWarp = BM / kWarps;
   MO_DYNAMIC_SMEM(smem_raw);
-  SmemCarver sm{smem_raw};
-  OP* As = sm.take<OP>(BM * (kBK + kPad<OP>));
-  OP* Bs = sm.take<OP>(NW * (kBK + kPad<OP>));
-  ACC* Ss = sm.take<ACC>(BM * lds);
-  OP* Gs = sm.take<OP>(BM * ldg);
-  OP* Xc = sm.take<OP>(BM * ldx);
-  ACC* acc = sm.take<ACC>(NW * lacc);
-  ACC* qsum = sm.take<ACC>(NW);  // per weight row: Σ_i G z⁰ off the target
-  ACC* qt = sm.take<ACC>(NW);    // per weight row: the targets' w_coef
-  ACC* db = sm.take<ACC>(NW);    // per class: Σ_i ∂L/∂z
+  const Smem sm(smem_raw);
+  OP *As = sm.As, *Bs = sm.Bs, *Gs = sm.Gs, *Xc = sm.Cs;
+  ACC *Ss = sm.Ss, *acc = sm.acc;
+  ACC* qsum = sm.extra;         // per weight row: Σ_i G z⁰ off the target
+  ACC* qt = sm.extra + NW;      // per weight row: the targets' w_coef
+  ACC* db = sm.extra + 2 * NW;  // per class: Σ_i ∂L/∂z
   const RowInfo<ACC>* rows = static_cast<const RowInfo<ACC>*>(p.rows);
   const ACC* wnorm = static_cast<const ACC*>(p.w_norm);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -547,21 +569,9 @@ __global__ void __launch_bounds__(kThreads) dw_kernel(HeadParams p) {
 
 // ---- dispatch -------------------------------------------------------------------------------
 
-template <typename OP, typename ACC>
-constexpr size_t forward_smem() {
-  return 3 * 128 + (kFwdRows + kTileW) * (kBK + kPad<OP>) * sizeof(OP) + kFwdRows * (kTileW + kPad<ACC>) * sizeof(ACC);
-}
-template <typename OP, typename ACC>
-constexpr size_t dx_smem() {
-  return 8 * 128 + (kDxRows + kTileW) * (kBK + kPad<OP>) * sizeof(OP) + kDxRows * (kTileW + kPad<ACC>) * sizeof(ACC) +
-         kDxRows * (kTileW + kPad<OP>) * sizeof(OP) + kTileW * (kChunk + kPad<OP>) * sizeof(OP) +
-         kDxRows * (kSlab<ACC> + kPad<ACC>) * sizeof(ACC) + kDxRows * sizeof(ACC);
-}
-template <typename OP, typename ACC>
-constexpr size_t dw_smem() {
-  return 10 * 128 + (kDwRows + kDwW) * (kBK + kPad<OP>) * sizeof(OP) + kDwRows * (kDwW + kPad<ACC>) * sizeof(ACC) +
-         kDwRows * (kDwW + kPad<OP>) * sizeof(OP) + kDwRows * (kChunk + kPad<OP>) * sizeof(OP) +
-         kDwW * (kSlab<ACC> + kPad<ACC>) * sizeof(ACC) + 3 * kDwW * sizeof(ACC);
+template <typename Smem>
+size_t smem_bytes() {
+  return Smem(nullptr).bytes;
 }
 
 template <typename Kernel>
@@ -581,7 +591,7 @@ cudaError_t forward_typed(const HeadParams& p, cudaStream_t stream) {
   if ((err = launch(w_norm_kernel<TW, ACC>, dim3(blocks(p.C * p.K, kWarps)), 0, stream, p)) != cudaSuccess) return err;
   if ((err = launch(row_prep_kernel<TX, TW, ACC>, dim3(blocks(p.B, kWarps)), 0, stream, p)) != cudaSuccess) return err;
   const dim3 grid(blocks(p.B, kFwdRows), p.splits);
-  if ((err = launch(forward_kernel<TX, TW, OP, ACC>, grid, forward_smem<OP, ACC>(), stream, p)) != cudaSuccess) return err;
+  if ((err = launch(forward_kernel<TX, TW, OP, ACC>, grid, smem_bytes<ForwardSmem<OP, ACC>>(), stream, p)) != cudaSuccess) return err;
   if (p.B == 0) return cudaSuccess;
   MO_LAUNCH(merge_kernel<ACC>, blocks(p.B, 256), 256, 0, stream, p);
   return cudaGetLastError();
@@ -599,7 +609,7 @@ cudaError_t backward_typed(const HeadParams& p, cudaStream_t stream) {
   const unsigned slabs = blocks(p.D, kSlab<ACC>);
   if (p.dx) {
     const dim3 grid(blocks(p.B, kDxRows), p.splits, slabs);
-    if ((err = launch(dx_kernel<TX, TW, OP, ACC>, grid, dx_smem<OP, ACC>(), stream, p)) != cudaSuccess) return err;
+    if ((err = launch(dx_kernel<TX, TW, OP, ACC>, grid, smem_bytes<DxSmem<OP, ACC>>(), stream, p)) != cudaSuccess) return err;
     if (p.B * p.D > 0) {
       MO_LAUNCH((dx_finalize_kernel<TX, ACC>), blocks(p.B * p.D, 256), 256, 0, stream, p);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
@@ -607,7 +617,7 @@ cudaError_t backward_typed(const HeadParams& p, cudaStream_t stream) {
   }
   if (p.dw || p.dbias) {
     const dim3 grid(blocks(p.C, kDwW / p.K), slabs);
-    if ((err = launch(dw_kernel<TX, TW, OP, ACC>, grid, dw_smem<OP, ACC>(), stream, p)) != cudaSuccess) return err;
+    if ((err = launch(dw_kernel<TX, TW, OP, ACC>, grid, smem_bytes<DwSmem<OP, ACC>>(), stream, p)) != cudaSuccess) return err;
   }
   return cudaSuccess;
 }

@@ -135,12 +135,13 @@ __device__ __forceinline__ void load_tile(TS* dst, int ld_s, int rows, int cols,
   }
 }
 
-// Carves aligned arrays out of dynamic shared memory.
+// Carves 128-byte-aligned arrays out of dynamic shared memory. With a null base it only counts:
+// the host sizes a launch with the same code the kernel carves with.
 struct SmemCarver {
-  unsigned char* base;
+  std::uintptr_t base;
   size_t offset = 0;
   template <typename T>
-  __device__ T* take(size_t count) {
+  __host__ __device__ T* take(size_t count) {
     offset = (offset + 127) / 128 * 128;
     T* p = reinterpret_cast<T*>(base + offset);
     offset += count * sizeof(T);
