@@ -3,7 +3,7 @@ without a [B, C] logits tensor."""
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ from .margins import NORM_EPS, Margin, NormFace, RowContext, Softmax, target_cos
 def loss_from_stats(
     stats: ops.HeadStats,
     labels: torch.Tensor,
-    num_classes: int,
+    num_classes: Union[int, torch.Tensor],
     ignore_index: int,
     label_smoothing: float,
     reduction: str,
