@@ -29,7 +29,7 @@ def emu():
         name="marginops_cuda_emu",
         sources=[os.path.join(ROOT, "tests", "cuda_emu", "emu_ext.cpp"), os.path.join(ROOT, "csrc", "head_inputs.cpp")],
         extra_include_paths=[os.path.join(ROOT, "tests", "cuda_emu", "include")],
-        extra_cflags=["-O2"],
+        extra_cflags=["-O2", "-std=c++20"],  # std::barrier; torch before 2.13 defaults to C++17
     )
 
 
@@ -107,6 +107,38 @@ def test_shards_and_class_index(emu):
 def test_float32_runs_exact_on_cuda_cores(emu):
     x, W, y, b = make_inputs(50, 48, 130, dtype=torch.float32, bias=True, ignore=1, requires_grad=False)
     compare(emu, op_args(x, W, y, b, mo.ArcFace(s=30.0)), 2e-5)
+
+
+def test_float32_runs_as_tf32_only_when_torch_allows_it(emu):
+    """With torch.backends.cuda.matmul.allow_tf32 the float32 products take the (emulated) TF32
+    tensor-core path: rounded (worse than exact float32) but within twice eager float16's error,
+    which has the same 10-bit mantissa."""
+    x, W, y, _ = make_inputs(64, 64, 200, dtype=torch.float32, requires_grad=False)
+    args = op_args(x, W, y, None, mo.ArcFace(s=30.0))
+    x64, W64 = x.double().requires_grad_(), W.double().requires_grad_()
+    truth = reference.margin_cross_entropy(x64, W64, y, mo.ArcFace(s=30.0), reduction="sum")
+    tdx, tdw = torch.autograd.grad(truth, [x64, W64])
+    xh, Wh = x.half().requires_grad_(), W.half().requires_grad_()
+    eager = reference.margin_cross_entropy(xh, Wh, y, mo.ArcFace(s=30.0), reduction="sum")
+    edx, edw = torch.autograd.grad(eager, [xh, Wh])
+    eager_errs = [rel_err(eager, truth), rel_err(edx, tdx), rel_err(edw, tdw)]
+
+    def errors():
+        lse, zt, _, _, _ = emu.forward(*args)
+        g = torch.ones(64)
+        dx, dw, _, _ = emu.backward(g, -g, None, lse, *args, [True, True, False, False])
+        return [rel_err((lse - zt)[y >= 0].sum(), truth), rel_err(dx, tdx), rel_err(dw, tdw)]
+
+    exact = errors()
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        tf32 = errors()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert max(exact) < 1e-5, exact
+    assert all(t > 10 * e for t, e in zip(tf32, exact)), f"TF32 {tf32} vs exact {exact}"
+    assert all(t <= 2 * e for t, e in zip(tf32, eager_errs)), f"TF32 {tf32} vs eager float16 {eager_errs}"
 
 
 @pytest.mark.parametrize("dtype, wdtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])

@@ -10,7 +10,8 @@
 //             tile). Each recomputes its logit tiles; no [B, C] buffer, no chunk of logits in
 //             global memory.
 // Tiles live in shared memory as fp32/fp64 between the product and the epilogue; the 16-bit
-// operand copies of G feed tensor cores as in flash-attention's P·V.
+// operand copies of G feed tensor cores as in flash-attention's P·V. float32 inputs are exact
+// (CUDA cores) unless torch allows TF32 for float32 matmuls, as cuBLAS reads the same switch.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -623,11 +624,14 @@ cudaError_t backward_typed(const HeadParams& p, cudaStream_t stream) {
 }
 
 // The kernels for one (x, weight) dtype pair: 16-bit features run their products on tensor
-// cores with the weight converted tile by tile; float and double on CUDA cores.
+// cores with the weight converted tile by tile; float on tensor cores as TF32 when allowed, else
+// on CUDA cores, as double always is.
 template <typename F>
 cudaError_t dispatch(const HeadParams& p, F&& f) {
   if (p.x_dtype == kDouble && p.w_dtype == kDouble) return f(double(), double(), double(), double());
-  if (p.x_dtype == kFloat && p.w_dtype == kFloat) return f(float(), float(), float(), float());
+  if (p.x_dtype == kFloat && p.w_dtype == kFloat) {
+    return p.allow_tf32 ? f(float(), float(), tf32_t(), float()) : f(float(), float(), float(), float());
+  }
   if (p.x_dtype == kHalf && p.w_dtype == kHalf) return f(__half(), __half(), __half(), float());
   if (p.x_dtype == kBFloat16 && p.w_dtype == kBFloat16) return f(__nv_bfloat16(), __nv_bfloat16(), __nv_bfloat16(), float());
   if (p.x_dtype == kHalf && p.w_dtype == kFloat) return f(__half(), float(), __half(), float());

@@ -26,6 +26,7 @@ struct HeadParams {
   int64_t weight_rows = 0;  // rows of weight (local classes · K)
   DType x_dtype = kFloat, w_dtype = kFloat;
   bool acc_double = false;
+  bool allow_tf32 = false;  // float32 products may run on tensor cores as TF32 (torch's allow_tf32)
   const void* x = nullptr;
   const void* w = nullptr;
   const int64_t* labels = nullptr;

@@ -55,6 +55,8 @@ Launch prepare(const HeadArgs& a, bool backward) {
   p.x_dtype = dtype_of(a.x.scalar_type());
   p.w_dtype = dtype_of(a.weight.scalar_type());
   p.acc_double = acc == at::kDouble;
+  // torch.backends.cuda.matmul.allow_tf32 (or fp32_precision = "tf32"), the switch cuBLAS reads
+  p.allow_tf32 = at::globalContext().allowTF32CuBLAS();
   p.x = a.x.data_ptr();
   p.w = a.weight.data_ptr();
   p.labels = a.labels.data_ptr<int64_t>();

@@ -2,7 +2,8 @@
 // __CUDA_NO_HALF_CONVERSIONS__), block reductions, and one shared-memory tile product
 //   C[M][N] += A(m, k) · B(k, n),  k < KK
 // used for all three of the head's products (logits X·Wᵀ, dx += G·W, dW += Gᵀ·X). 16-bit operands
-// run on tensor cores through WMMA (fp32 accumulate); float/double operands on CUDA cores.
+// run on tensor cores through WMMA (fp32 accumulate); tf32_t operands (float32 inputs while torch
+// allows TF32) on tensor cores as TF32; float/double operands on CUDA cores, exactly.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -23,8 +24,19 @@
 
 namespace marginops::cuda {
 
+// A float32 operand that the tensor cores may round to TF32 (10-bit mantissa). Shared tiles hold
+// the full float; fragments round it on load, as cuBLAS does when TF32 is allowed.
+struct tf32_t {
+  float v;
+};
+
 template <typename T>
 struct Convert;
+template <>
+struct Convert<tf32_t> {
+  __device__ __forceinline__ static float to_float(tf32_t v) { return v.v; }
+  __device__ __forceinline__ static tf32_t from_float(float v) { return tf32_t{v}; }
+};
 template <>
 struct Convert<__half> {
   __device__ __forceinline__ static float to_float(__half v) { return __half2float(v); }
@@ -72,7 +84,7 @@ __device__ __forceinline__ T warp_max(T v) {
 }
 
 template <typename OP>
-constexpr bool kTensorCore = std::is_same_v<OP, __half> || std::is_same_v<OP, __nv_bfloat16>;
+constexpr bool kTensorCore = std::is_same_v<OP, __half> || std::is_same_v<OP, __nv_bfloat16> || std::is_same_v<OP, tf32_t>;
 
 // Row padding of shared tiles, in elements: keeps WMMA's 32-byte alignment for 16-bit and float
 // tiles and breaks bank conflicts.
@@ -87,21 +99,31 @@ template <int M, int N, int KK, typename OP, typename ACC, bool A_COL, bool B_CO
 __device__ __forceinline__ void tile_mma(const OP* A, int lda, const OP* B, int ldb, ACC* C, int ldc) {
   if constexpr (kTensorCore<OP>) {
     static_assert(std::is_same_v<ACC, float>, "tensor cores accumulate in float");
-    static_assert(M % 16 == 0 && N % 16 == 0 && KK % 16 == 0, "tile sizes must be multiples of 16");
     using namespace nvcuda;
+    constexpr bool kTf32 = std::is_same_v<OP, tf32_t>;
+    constexpr int MK = kTf32 ? 8 : 16;  // depth of one WMMA step: m16n16k8 for TF32, m16n16k16 for 16-bit
+    using Frag = std::conditional_t<kTf32, wmma::precision::tf32, OP>;  // fragment element type
+    using Mem = std::conditional_t<kTf32, float, OP>;                    // what a fragment loads from
+    static_assert(M % 16 == 0 && N % 16 == 0 && KK % MK == 0, "tile sizes must be multiples of the WMMA shape");
     using LA = std::conditional_t<A_COL, wmma::col_major, wmma::row_major>;
     using LB = std::conditional_t<B_COL, wmma::col_major, wmma::row_major>;
+    const Mem* a_mem = reinterpret_cast<const Mem*>(A);
+    const Mem* b_mem = reinterpret_cast<const Mem*>(B);
     const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
     for (int f = warp; f < (M / 16) * (N / 16); f += warps) {
       const int mi = f / (N / 16), ni = f % (N / 16);
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+      wmma::fragment<wmma::accumulator, 16, 16, MK, float> c;
       float* cp = C + (mi * 16) * ldc + ni * 16;
       wmma::load_matrix_sync(c, cp, ldc, wmma::mem_row_major);
-      for (int kk = 0; kk < KK / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, OP, LA> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, OP, LB> b;
-        wmma::load_matrix_sync(a, A_COL ? A + (kk * 16) * lda + mi * 16 : A + (mi * 16) * lda + kk * 16, lda);
-        wmma::load_matrix_sync(b, B_COL ? B + (ni * 16) * ldb + kk * 16 : B + (kk * 16) * ldb + ni * 16, ldb);
+      for (int kk = 0; kk < KK / MK; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, MK, Frag, LA> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, MK, Frag, LB> b;
+        wmma::load_matrix_sync(a, A_COL ? a_mem + (kk * MK) * lda + mi * 16 : a_mem + (mi * 16) * lda + kk * MK, lda);
+        wmma::load_matrix_sync(b, B_COL ? b_mem + (ni * 16) * ldb + kk * MK : b_mem + (kk * MK) * ldb + ni * 16, ldb);
+        if constexpr (kTf32) {
+          for (int t = 0; t < a.num_elements; ++t) a.x[t] = wmma::__float_to_tf32(a.x[t]);
+          for (int t = 0; t < b.num_elements; ++t) b.x[t] = wmma::__float_to_tf32(b.x[t]);
+        }
         wmma::mma_sync(c, a, b, c);
       }
       wmma::store_matrix_sync(cp, c, ldc, wmma::mem_row_major);

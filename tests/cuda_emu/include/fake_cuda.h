@@ -19,6 +19,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #define __global__
@@ -164,66 +165,89 @@ inline __nv_bfloat16 __float2bfloat16_rn(float v) {
 }
 
 // ---- mma.h ----
+// Fragments hold the whole tile in every lane: matrix_a [16][K], matrix_b [K][16], accumulator
+// [16][16]; K is 16 (half, bfloat16) or 8 (precision::tf32, loaded from float).
 namespace nvcuda::wmma {
 struct row_major {};
 struct col_major {};
 struct matrix_a {};
 struct matrix_b {};
 struct accumulator {};
+namespace precision {
+struct tf32 {};
+}
 enum layout_t { mem_row_major, mem_col_major };
 
 template <class Use, int M, int N, int K, class T, class Layout = void>
 struct fragment {
-  float v[16 * 16];  // matrix_a: [m][k], matrix_b: [k][n], accumulator: [m][n]
+  static constexpr int num_elements = 16 * 16;
+  float x[16 * 16];
 };
+
+template <class T>
+using mem_t = std::conditional_t<std::is_same_v<T, precision::tf32>, float, T>;
 
 inline float as_float(float v) { return v; }
 inline float as_float(__half v) { return __half2float(v); }
 inline float as_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-template <class T, class L>
-void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
+// cvt.rna.tf32.f32: round to nearest, ties away from zero, to a 10-bit mantissa.
+inline float __float_to_tf32(float v) {
+  if (!std::isfinite(v)) return v;
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u = (u + 0x1000u) & 0xffffe000u;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+
+template <int K, class T, class L>
+void load_matrix_sync(fragment<matrix_a, 16, 16, K, T, L>& f, const mem_t<T>* p, unsigned ldm) {
   __syncwarp();
   for (int m = 0; m < 16; ++m)
-    for (int k = 0; k < 16; ++k)
-      f.v[m * 16 + k] = as_float(std::is_same_v<L, col_major> ? p[k * ldm + m] : p[m * ldm + k]);
+    for (int k = 0; k < K; ++k)
+      f.x[m * K + k] = as_float(std::is_same_v<L, col_major> ? p[k * ldm + m] : p[m * ldm + k]);
   __syncwarp();
 }
-template <class T, class L>
-void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
+template <int K, class T, class L>
+void load_matrix_sync(fragment<matrix_b, 16, 16, K, T, L>& f, const mem_t<T>* p, unsigned ldm) {
   __syncwarp();
-  for (int k = 0; k < 16; ++k)
+  for (int k = 0; k < K; ++k)
     for (int n = 0; n < 16; ++n)
-      f.v[k * 16 + n] = as_float(std::is_same_v<L, col_major> ? p[n * ldm + k] : p[k * ldm + n]);
+      f.x[k * 16 + n] = as_float(std::is_same_v<L, col_major> ? p[n * ldm + k] : p[k * ldm + n]);
   __syncwarp();
 }
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm, layout_t l) {
+template <int K>
+void load_matrix_sync(fragment<accumulator, 16, 16, K, float>& f, const float* p, unsigned ldm, layout_t l) {
   __syncwarp();
   for (int m = 0; m < 16; ++m)
-    for (int n = 0; n < 16; ++n) f.v[m * 16 + n] = l == mem_row_major ? p[m * ldm + n] : p[n * ldm + m];
+    for (int n = 0; n < 16; ++n) f.x[m * 16 + n] = l == mem_row_major ? p[m * ldm + n] : p[n * ldm + m];
   __syncwarp();
 }
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t l) {
+template <int K>
+void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, K, float>& f, unsigned ldm, layout_t l) {
   __syncwarp();
   if (threadIdx.x % 32 == 0) {
     for (int m = 0; m < 16; ++m)
-      for (int n = 0; n < 16; ++n) (l == mem_row_major ? p[m * ldm + n] : p[n * ldm + m]) = f.v[m * 16 + n];
+      for (int n = 0; n < 16; ++n) (l == mem_row_major ? p[m * ldm + n] : p[n * ldm + m]) = f.x[m * 16 + n];
   }
   __syncwarp();
 }
-inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float v) {
-  for (float& e : f.v) e = v;
+template <int K>
+void fill_fragment(fragment<accumulator, 16, 16, K, float>& f, float v) {
+  for (float& e : f.x) e = v;
 }
-template <class T, class LA, class LB>
-void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
-              const fragment<matrix_b, 16, 16, 16, T, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+// Products of the (already rounded) inputs, accumulated in float.
+template <int K, class T, class LA, class LB>
+void mma_sync(fragment<accumulator, 16, 16, K, float>& d, const fragment<matrix_a, 16, 16, K, T, LA>& a,
+              const fragment<matrix_b, 16, 16, K, T, LB>& b, const fragment<accumulator, 16, 16, K, float>& c) {
   float out[256];
   for (int m = 0; m < 16; ++m)
     for (int n = 0; n < 16; ++n) {
-      float s = c.v[m * 16 + n];
-      for (int k = 0; k < 16; ++k) s += a.v[m * 16 + k] * b.v[k * 16 + n];
+      float s = c.x[m * 16 + n];
+      for (int k = 0; k < K; ++k) s += a.x[m * K + k] * b.x[k * 16 + n];
       out[m * 16 + n] = s;
     }
-  std::memcpy(d.v, out, sizeof(out));
+  std::memcpy(d.x, out, sizeof(out));
 }
 }  // namespace nvcuda::wmma
