@@ -139,6 +139,10 @@ at::Tensor check_row_grad(const std::optional<at::Tensor>& grad, const HeadArgs&
   return grad->contiguous();
 }
 
+void check_grad_skip(double grad_skip) {
+  TORCH_CHECK_VALUE(grad_skip >= 0.0 && grad_skip < 1.0, "grad_skip must lie in [0, 1), got ", grad_skip);
+}
+
 void check_label_values(const at::Tensor& labels_cpu, const HeadConfig& cfg) {
   const int64_t* y = labels_cpu.data_ptr<int64_t>();
   const int64_t n = labels_cpu.numel();

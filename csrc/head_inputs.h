@@ -50,6 +50,9 @@ HeadArgs check_head_args(MO_HEAD_PARAMS);
 at::Tensor check_row_grad(const std::optional<at::Tensor>& grad, const HeadArgs& args,
                           const char* name);
 
+// The backward's grad_skip threshold: in [0, 1).
+void check_grad_skip(double grad_skip);
+
 // Label values and class_index order, read on the host. Raises on the first bad entry.
 void check_label_values(const at::Tensor& labels_cpu, const HeadConfig& cfg);
 void check_class_index_values(const at::Tensor& class_index_cpu, int64_t local_classes);

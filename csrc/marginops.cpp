@@ -23,15 +23,18 @@ TORCH_LIBRARY(marginops, m) {
   // Per-row statistics of z over the computed classes, without materializing z:
   //   lse = logsumexp_j z_ij, target_logit = z_iy (0 where y is not computed here),
   //   logit_sum = Σ_j z_ij, best_logit/best_class = max/argmax_j of the margin-free logits.
+  // grad_skip only reaches the backward (see below); the forward takes it so autograd can.
   m.def("margin_ce_forward(" MO_HEAD_ARGS
-        ") -> (Tensor lse, Tensor target_logit, Tensor logit_sum, Tensor best_logit, "
+        ", float grad_skip=0.) -> (Tensor lse, Tensor target_logit, Tensor logit_sum, Tensor best_logit, "
         "Tensor best_class)");
   // Gradients of Σ_i (grad_lse_i·lse_i + grad_target_logit_i·z_iy + grad_logit_sum_i·Σ_j z_ij)
   // given the forward's lse. output_mask picks (x, weight, bias, row_margins); an output that is
-  // not asked for comes back empty.
+  // not asked for comes back empty. grad_skip in [0, 1): 0 is exact; above 0, a tile of entries
+  // whose probabilities exp(z − lse) all lie below it, holding no row's label and no row with a
+  // grad_logit_sum, adds nothing to any gradient (its products are skipped).
   m.def("margin_ce_backward(Tensor? grad_lse, Tensor? grad_target_logit, Tensor? grad_logit_sum, "
         "Tensor lse, " MO_HEAD_ARGS
-        ", bool[4] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "
+        ", bool[4] output_mask, float grad_skip=0.) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "
         "Tensor grad_row_margins)");
   // The k largest margin-free logits of each row among the computed classes and their global
   // class ids, without a [B, C] tensor (inference). Not differentiable.

@@ -63,6 +63,13 @@ def check_head_inputs(
     return labels.long()
 
 
+def check_grad_skip(threshold: float) -> float:
+    """grad_skip_threshold: a probability in [0, 1); 0 (the default) computes every gradient."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold < 1.0:
+        raise ValueError(f"grad_skip_threshold must lie in [0, 1), got {threshold!r}")
+    return float(threshold)
+
+
 def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Raises on the first label outside [0, num_classes) that is not ignore_index (syncs on GPU)."""
     bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import ops
-from ._checks import FLOAT_DTYPES, REDUCTIONS
+from ._checks import FLOAT_DTYPES, REDUCTIONS, check_grad_skip
 from .functional import accuracy_from_stats, loss_from_stats
 from .margins import Margin, RowContext, target_cosines
 from .nn import MarginState, _check_margin, _ClassWeights
@@ -142,6 +142,7 @@ class ShardedMarginHead(_ClassWeights):
         return_accuracy: bool = False,
         scale_grad_by_world_size: bool = False,
         seed: int = 0,
+        grad_skip_threshold: float = 0.0,
         device=None,
         dtype=None,
     ):
@@ -166,6 +167,7 @@ class ShardedMarginHead(_ClassWeights):
         self.return_accuracy = return_accuracy
         self.grad_scale = float(self.world_size) if scale_grad_by_world_size else 1.0
         self.seed = int(seed)
+        self.grad_skip_threshold = check_grad_skip(grad_skip_threshold)
         K = self.margin.config().subcenters
         self._init_weights(embedding_size, self.class_end - self.class_start, K, bias, {"device": device, "dtype": dtype})
         self.num_classes = num_classes  # the head's classes, all ranks together
@@ -186,6 +188,7 @@ class ShardedMarginHead(_ClassWeights):
             "ignore_index": self.ignore_index,
             "label_smoothing": self.label_smoothing,
             "reduction": self.reduction,
+            "grad_skip_threshold": self.grad_skip_threshold,
         }
 
     def _check_consistent(self) -> None:
@@ -271,7 +274,7 @@ class ShardedMarginHead(_ClassWeights):
         cfg = self.margin.config()
         stats = ops.head_stats(
             xg, self.weight, yg, self.bias, terms.row_margins, terms.curricular, sample,
-            self.num_classes, self.class_start, self.ignore_index, cfg,
+            self.num_classes, self.class_start, self.ignore_index, cfg, self.grad_skip_threshold,
         )
         computed = float(self.local_classes if sample is None else sample.numel())
         packed = torch.stack(

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import functional
-from ._checks import REDUCTIONS
+from ._checks import REDUCTIONS, check_grad_skip
 from .margins import LambdaSchedule, LSoftmax, Margin, Softmax
 
 
@@ -94,6 +94,7 @@ class MarginHead(_ClassWeights):
     backbone. Stateful margins keep their state in ``margin_state`` buffers, updated in training
     mode only. ``lambda_schedule`` anneals an L-Softmax/SphereFace margin's λ per training step
     (it changes a Python float each step, so ``torch.compile`` recompiles while it anneals).
+    ``grad_skip_threshold`` is :func:`marginops.margin_cross_entropy`'s (default 0: exact).
     """
 
     _loss_fn = staticmethod(functional.margin_cross_entropy)
@@ -109,6 +110,7 @@ class MarginHead(_ClassWeights):
         label_smoothing: float = 0.0,
         return_accuracy: bool = False,
         lambda_schedule: Optional[LambdaSchedule] = None,
+        grad_skip_threshold: float = 0.0,
         device=None,
         dtype=None,
     ):
@@ -126,6 +128,7 @@ class MarginHead(_ClassWeights):
         self.label_smoothing = label_smoothing
         self.return_accuracy = return_accuracy
         self.lambda_schedule = lambda_schedule
+        self.grad_skip_threshold = check_grad_skip(grad_skip_threshold)
         self._init_weights(embedding_size, num_classes, self.margin.config().subcenters, bias, {"device": device, "dtype": dtype})
         self.margin_state = MarginState(self.margin.state_init())
         if lambda_schedule is not None:
@@ -154,6 +157,7 @@ class MarginHead(_ClassWeights):
             return_accuracy=self.return_accuracy,
             margin_state=self.margin_state.as_dict(),
             update_state=self.training,
+            grad_skip_threshold=self.grad_skip_threshold,
         )
 
     def extra_repr(self) -> str:
@@ -179,6 +183,7 @@ class WeightedMarginHead(_ClassWeights):
         bias: bool = False,
         ignore_index: int = -100,
         label_smoothing: float = 0.0,
+        grad_skip_threshold: float = 0.0,
         device=None,
         dtype=None,
     ):
@@ -199,6 +204,7 @@ class WeightedMarginHead(_ClassWeights):
         self.margin = checked[0][0]
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
+        self.grad_skip_threshold = check_grad_skip(grad_skip_threshold)
         self._init_weights(embedding_size, num_classes, 1, bias, {"device": device, "dtype": dtype})
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -208,6 +214,7 @@ class WeightedMarginHead(_ClassWeights):
             loss = self._loss_fn(
                 x, self.weight, labels, margin=margin, bias=self.bias,
                 ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+                grad_skip_threshold=self.grad_skip_threshold,
             )
             total = w * loss if total is None else total + w * loss
         return total

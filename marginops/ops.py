@@ -41,13 +41,15 @@ def head_stats(
     class_offset: int,
     ignore_index: int,
     cfg: OpConfig,
+    grad_skip: float = 0.0,
 ) -> HeadStats:
     """Per-row statistics of the head over the classes [class_offset, class_offset + C) (a
     shard; with class_index, only those of its classes). Differentiable in x, weight, bias and
-    row_margins."""
+    row_margins; ``grad_skip`` > 0 lets the backward skip negligible tiles (see
+    margin_ce_backward's schema)."""
     return HeadStats(
         *_ops.margin_ce_forward(
-            x, weight, labels, bias, row_margins, curricular, class_index, num_classes, class_offset, ignore_index, *cfg
+            x, weight, labels, bias, row_margins, curricular, class_index, num_classes, class_offset, ignore_index, *cfg, grad_skip
         )
     )
 
@@ -77,9 +79,13 @@ def _forward_fake(x, weight, labels, bias, row_margins, curricular, class_index,
 
 
 @torch.library.register_fake("marginops::margin_ce_backward")
-def _backward_fake(grad_lse, grad_target, grad_sum, lse, x, weight, labels, bias, row_margins, curricular, class_index, *rest):
+def _backward_fake(
+    grad_lse, grad_target, grad_sum, lse, x, weight, labels, bias, row_margins, curricular, class_index,
+    num_classes, class_offset, ignore_index, margin_kind, theta_policy, normalize_x, normalize_w, s, m1, m2, m3,
+    lambda_, subcenters, output_mask, grad_skip=0.0,
+):  # fmt: skip
     _check_fake_shapes(x, weight, labels, bias, row_margins, curricular, class_index)
-    need_x, need_w, need_b, need_m = rest[-1]
+    need_x, need_w, need_b, need_m = output_mask
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else x.new_empty((0,)),
         torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else weight.new_empty((0,)),
@@ -100,9 +106,10 @@ def _psi_fake(cos, m1, m2, m3, kind, policy, lambda_):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, labels, bias, row_margins, curricular, class_index, *scalars = inputs
+    x, weight, labels, bias, row_margins, curricular, class_index, *scalars, grad_skip = inputs  # defaults filled in
     ctx.save_for_backward(x, weight, labels, bias, row_margins, curricular, class_index, output[0])
     ctx.scalars = scalars
+    ctx.grad_skip = grad_skip
 
 
 def _backward(ctx, grad_lse, grad_target, grad_sum, _grad_best, _grad_class):
@@ -110,10 +117,11 @@ def _backward(ctx, grad_lse, grad_target, grad_sum, _grad_best, _grad_class):
     need = ctx.needs_input_grad
     mask = [need[0], need[1], need[3] and bias is not None, need[4] and row_margins is not None]
     dx, dw, db, dm = _ops.margin_ce_backward(
-        grad_lse, grad_target, grad_sum, lse, x, weight, labels, bias, row_margins, curricular, class_index, *ctx.scalars, mask
+        grad_lse, grad_target, grad_sum, lse, x, weight, labels, bias, row_margins, curricular, class_index, *ctx.scalars, mask,
+        ctx.grad_skip,
     )
     grads = [dx if mask[0] else None, dw if mask[1] else None, None, db if mask[2] else None, dm if mask[3] else None]
-    return tuple(grads) + (None,) * (2 + len(ctx.scalars))
+    return tuple(grads) + (None,) * (2 + len(ctx.scalars) + 1)
 
 
 torch.library.register_autograd("marginops::margin_ce_forward", _backward, setup_context=_setup_context)

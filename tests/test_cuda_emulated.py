@@ -25,12 +25,28 @@ def emu():
 
     if os.environ.get("MARGINOPS_SKIP_EMULATION") == "1":
         pytest.skip("MARGINOPS_SKIP_EMULATION=1")
-    return load(
+    return _Emulated(load(
         name="marginops_cuda_emu",
         sources=[os.path.join(ROOT, "tests", "cuda_emu", "emu_ext.cpp"), os.path.join(ROOT, "csrc", "head_inputs.cpp")],
         extra_include_paths=[os.path.join(ROOT, "tests", "cuda_emu", "include")],
         extra_cflags=["-O2", "-std=c++20"],  # std::barrier; torch before 2.13 defaults to C++17
-    )
+    ))
+
+
+class _Emulated:
+    """The emulated ops with the schemas' trailing default (grad_skip = 0)."""
+
+    def __init__(self, ext):
+        self.ext = ext
+
+    def forward(self, *args, grad_skip=0.0):
+        return self.ext.forward(*args, grad_skip)
+
+    def backward(self, *args, grad_skip=0.0):
+        return self.ext.backward(*args, grad_skip)
+
+    def __getattr__(self, name):
+        return getattr(self.ext, name)
 
 
 def op_args(x, W, y, b, margin, rm=None, cur=None, ci=None, num_classes=None, offset=0):
@@ -107,6 +123,25 @@ def test_shards_and_class_index(emu):
 def test_float32_runs_exact_on_cuda_cores(emu):
     x, W, y, b = make_inputs(50, 48, 130, dtype=torch.float32, bias=True, ignore=1, requires_grad=False)
     compare(emu, op_args(x, W, y, b, mo.ArcFace(s=30.0)), 2e-5)
+
+
+@pytest.mark.parametrize("margin", [mo.ArcFace(s=30.0), mo.Softmax()], ids=["arcface", "softmax"])
+def test_grad_skip_drops_exactly_the_negligible_tiles(emu, margin):
+    """The kernels' block vote against float64 eager with the negligible tiles' ∂L/∂z zeroed
+    (dx tiles 32 × 64, dW tiles 64 × 32), at a threshold that skips about half of them."""
+    from test_grad_skip import TILES, skip_inputs, skipped_reference
+
+    x, W, y = skip_inputs("cpu", 70, 1500)
+    ref_dx, ref_dw, threshold, skipped = skipped_reference(x, W, y, margin, TILES["cuda"])
+    assert 0.2 < skipped < 0.8
+    args = op_args(x.detach(), W.detach(), y, None, margin)
+    lse = emu.forward(*args)[0]
+    valid = (y >= 0).double()
+    gl = valid / valid.sum()
+    dx, dw, _, _ = emu.backward(gl, -gl, None, lse, *args, [True, True, False, False], grad_skip=threshold)
+    assert rel_err(dx, ref_dx) < 1e-10 and rel_err(dw, ref_dw) < 1e-10
+    exact = emu.backward(gl, -gl, None, lse, *args, [True, True, False, False])
+    assert rel_err(dx, exact[0]) > 1e-9 and rel_err(dw, exact[1]) > 1e-9, "nothing was skipped"
 
 
 def test_float32_runs_as_tf32_only_when_torch_allows_it(emu):

@@ -364,10 +364,28 @@ const T* row_grad_ptr(const at::Tensor& g, at::ScalarType acc, at::Tensor& keep)
   return ptr<T>(keep);
 }
 
+// Gradient skipping (grad_skip > 0): whether a block of P = exp(z − lse) adds nothing visible —
+// every probability of a row with a grad_lse below the threshold, no row's label in the block
+// (its entry carries the target's gradient) and no row with a grad_logit_sum (label smoothing
+// puts a uniform gradient on every entry).
+template <typename T, typename EachTarget>
+bool negligible_block(const at::Tensor& P, int64_t i0, int64_t rb, const T* gl, const T* gs, T threshold,
+                      const EachTarget& each_target) {
+  bool label = false;
+  each_target([&](int64_t, int64_t, int64_t) { label = true; });
+  if (label) return false;
+  const at::Tensor pmax = gl ? P.amax(1) : at::Tensor();
+  for (int64_t i = 0; i < rb; ++i) {
+    if (gs && gs[i0 + i] != T(0)) return false;
+    if (gl && gl[i0 + i] != T(0) && ptr<T>(pmax)[i] >= threshold) return false;
+  }
+  return true;
+}
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_typed(
     const HeadArgs& a, const at::Tensor& g_lse_in, const at::Tensor& g_t_in,
-    const at::Tensor& g_sum_in, const at::Tensor& lse_in, std::array<bool, 4> mask) {
+    const at::Tensor& g_sum_in, const at::Tensor& lse_in, std::array<bool, 4> mask, double grad_skip) {
   const HeadConfig& cfg = a.cfg;
   const int64_t B = a.rows, D = a.dim, C = a.columns, K = cfg.subcenters;
   const auto acc = a.acc_dtype();
@@ -468,10 +486,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_typed(
             });
           }
           if (gl) {
-            g.sub_(lse.narrow(0, i0, rb).unsqueeze(1)).exp_().mul_(keep_l.narrow(0, i0, rb).unsqueeze(1));
+            g.sub_(lse.narrow(0, i0, rb).unsqueeze(1)).exp_();  // P
           } else {
             g.zero_();
           }
+          if (grad_skip > 0 && negligible_block(g, i0, rb, gl, gs, T(grad_skip), each_target)) continue;
+          if (gl) g.mul_(keep_l.narrow(0, i0, rb).unsqueeze(1));
           if (gs) g.add_(keep_s.narrow(0, i0, rb).unsqueeze(1));
           if (rd.has_margin) {
             each_target([&](int64_t i, int64_t e, int64_t) { gp[e] = g_target[i]; });
@@ -544,7 +564,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_typed(
   return {dx.defined() ? dx : at::empty({0}, a.x.options()), dw, db, dm};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_forward(MO_HEAD_PARAMS) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_forward(MO_HEAD_PARAMS,
+                                                                                         double /*grad_skip*/) {
   at::NoGradGuard no_grad;
   const HeadArgs a = check_head_args(MO_HEAD_PARAM_NAMES);
   if (a.acc_dtype() == at::kDouble) return forward_typed<double>(a);
@@ -554,16 +575,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_backward(
     const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_target,
     const std::optional<at::Tensor>& grad_sum, const at::Tensor& lse, MO_HEAD_PARAMS,
-    std::array<bool, 4> output_mask) {
+    std::array<bool, 4> output_mask, double grad_skip) {
   at::NoGradGuard no_grad;
   const HeadArgs a = check_head_args(MO_HEAD_PARAM_NAMES);
+  check_grad_skip(grad_skip);
   TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == a.rows, "lse must have shape [", a.rows,
                     "], got ", lse.sizes());
   const at::Tensor gl = check_row_grad(grad_lse, a, "grad_lse");
   const at::Tensor gt = check_row_grad(grad_target, a, "grad_target_logit");
   const at::Tensor gs = check_row_grad(grad_sum, a, "grad_logit_sum");
-  if (a.acc_dtype() == at::kDouble) return backward_typed<double>(a, gl, gt, gs, lse, output_mask);
-  return backward_typed<float>(a, gl, gt, gs, lse, output_mask);
+  if (a.acc_dtype() == at::kDouble) return backward_typed<double>(a, gl, gt, gs, lse, output_mask, grad_skip);
+  return backward_typed<float>(a, gl, gt, gs, lse, output_mask, grad_skip);
 }
 
 template <typename T>

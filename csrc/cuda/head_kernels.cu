@@ -8,7 +8,7 @@
 //   backward  two atomic-free passes from the saved lse: the row owner (dx, per class split, then
 //             a reduction over splits) and the class owner (dW and dbias, streaming every row
 //             tile). Each recomputes its logit tiles; no [B, C] buffer, no chunk of logits in
-//             global memory.
+//             global memory. With grad_skip, a tile voted negligible skips its products.
 // Tiles live in shared memory as fp32/fp64 between the product and the epilogue; the 16-bit
 // operand copies of G feed tensor cores as in flash-attention's P·V. float32 inputs are exact
 // (CUDA cores) unless torch allows TF32 for float32 matmuls, as cuBLAS reads the same switch.
@@ -399,6 +399,28 @@ __device__ __forceinline__ ACC entry_grad(const RowInfo<ACC>& row, const Entry<A
   return is_label ? g + row.gt : g;
 }
 
+// Gradient skipping (p.grad_skip > 0), a block vote on the recomputed tile of rows [i0, i0 + bm)
+// × classes [j0, j0 + cpt): whether any entry carries a visible gradient — a probability
+// exp(z − lse) at or above the threshold in a row with a grad_lse, a row's label, or a row with a
+// grad_logit_sum (label smoothing's uniform gradient). The same rule as the CPU op's.
+template <typename ACC>
+__device__ bool tile_visible(const HeadParams& p, const RowInfo<ACC>* rows, const ACC* Ss, int lds, int64_t i0, int bm,
+                             int64_t j0, int64_t cpt, const ACC* wnorm) {
+  int visible = 0;
+  for (int64_t e = threadIdx.x; e < bm * cpt && !visible; e += blockDim.x) {
+    const int r = static_cast<int>(e / cpt), cc = static_cast<int>(e % cpt);
+    const int64_t i = i0 + r, j = j0 + cc;
+    if (i >= p.B || j >= p.C) continue;
+    const RowInfo<ACC>& row = rows[i];
+    if (j == row.tcol || row.gs != ACC(0)) {
+      visible = 1;
+    } else if (row.gl != ACC(0)) {
+      visible = exp(entry(p, row, Ss + r * lds, cc, j, wnorm).z - row.lse) >= ACC(p.grad_skip);
+    }
+  }
+  return __syncthreads_or(visible) != 0;
+}
+
 template <typename TX, typename TW, typename OP, typename ACC>
 __global__ void __launch_bounds__(kThreads) dx_kernel(HeadParams p) {
   constexpr int BM = kDxRows, NW = kTileW, SLAB = kSlab<ACC>;
@@ -422,6 +444,7 @@ __global__ void __launch_bounds__(kThreads) dx_kernel(HeadParams p) {
     const int64_t j0 = t * cpt;
     const auto wrow = [&](int pos) { return weight_row(p, j0, pos); };
     logit_tile<BM, NW, TX, TW, OP, ACC>(p, i0, wrow, As, Bs, Ss);
+    if (p.grad_skip > 0 && !tile_visible(p, rows, Ss, lds, i0, BM, j0, cpt, wnorm)) continue;
     for (int e = threadIdx.x; e < BM * ldg; e += blockDim.x) Gs[e] = convert<OP>(0.0f);
     __syncthreads();
     for (int q = 0; q < kRowsPerWarp; ++q) {
@@ -513,6 +536,7 @@ __global__ void __launch_bounds__(kThreads) dw_kernel(HeadParams p) {
 
   for (int64_t i0 = 0; i0 < p.B; i0 += BM) {
     logit_tile<BM, NW, TX, TW, OP, ACC>(p, i0, wrow, As, Bs, Ss);
+    if (p.grad_skip > 0 && !tile_visible(p, rows, Ss, lds, i0, BM, j0, cpt, wnorm)) continue;
     for (int e = threadIdx.x; e < BM * ldg; e += blockDim.x) Gs[e] = convert<OP>(0.0f);
     __syncthreads();
     const int cc = lane;  // one class per lane (cpt <= 32)

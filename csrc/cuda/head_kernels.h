@@ -55,6 +55,7 @@ struct HeadParams {
   const void* g_target = nullptr;
   const void* g_sum = nullptr;
   const void* lse_in = nullptr;  // the forward's lse, acc [B]
+  double grad_skip = 0;          // see margin_ce_backward's schema; 0: every tile (exact)
   void* dx_part = nullptr;    // acc [splits, B, D]
   void* rsum_part = nullptr;  // acc [splits, B]
   void* dx = nullptr;         // x_dtype [B, D], or null

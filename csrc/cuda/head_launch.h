@@ -102,7 +102,7 @@ inline const void* row_grad(const at::Tensor& g, at::ScalarType acc, Launch& l) 
 }
 
 template <typename Runtime>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_op(MO_HEAD_PARAMS) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_op(MO_HEAD_PARAMS, double /*grad_skip*/) {
   const HeadArgs a = check_head_args(MO_HEAD_PARAM_NAMES);
   const auto guard = Runtime::guard(x.device());
   Launch l = prepare<Runtime>(a, false);
@@ -122,8 +122,9 @@ template <typename Runtime>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
     const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_target,
     const std::optional<at::Tensor>& grad_sum, const at::Tensor& lse, MO_HEAD_PARAMS,
-    std::array<bool, 4> output_mask) {
+    std::array<bool, 4> output_mask, double grad_skip) {
   const HeadArgs a = check_head_args(MO_HEAD_PARAM_NAMES);
+  check_grad_skip(grad_skip);
   TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == a.rows, "lse must have shape [", a.rows,
                     "], got ", lse.sizes());
   const auto guard = Runtime::guard(x.device());
@@ -133,6 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
   l.p.g_target = row_grad(check_row_grad(grad_target, a, "grad_target_logit"), acc, l);
   l.p.g_sum = row_grad(check_row_grad(grad_sum, a, "grad_logit_sum"), acc, l);
   l.p.lse_in = row_grad(lse, acc, l);
+  l.p.grad_skip = grad_skip;
   const bool need_dx = output_mask[0], need_dw = output_mask[1];
   const bool need_db = output_mask[2] && a.bias.defined(), need_dm = output_mask[3] && a.row_margins.defined();
   at::Tensor dx = need_dx ? at::empty_like(a.x) : at::empty({0}, x.options());

@@ -60,6 +60,7 @@ struct Block {
     for (unsigned w = 0; w < (threads + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>());
   }
   std::barrier<> bar;
+  std::atomic<int> vote{0};  // __syncthreads_or
   std::vector<unsigned char> storage;
   std::vector<std::unique_ptr<Warp>> warps;
   unsigned char* smem() {
@@ -111,6 +112,16 @@ inline Warp& my_warp() { return *block->warps[thread_idx.x / 32]; }
   fake_cuda::launch(dim3(grid), dim3(threads), (smem), [&] { kernel(__VA_ARGS__); })
 
 inline void __syncthreads() { fake_cuda::block->bar.arrive_and_wait(); }
+// Three barriers: earlier readers are done, the vote is reset, every vote is in.
+inline int __syncthreads_or(int predicate) {
+  fake_cuda::Block& b = *fake_cuda::block;
+  b.bar.arrive_and_wait();
+  if (threadIdx.x == 0) b.vote.store(0);
+  b.bar.arrive_and_wait();
+  if (predicate) b.vote.store(1);
+  b.bar.arrive_and_wait();
+  return b.vote.load();
+}
 inline void __syncwarp(unsigned = 0xffffffffu) { fake_cuda::my_warp().bar.arrive_and_wait(); }
 
 template <class T>

@@ -1,0 +1,126 @@
+"""Gradient skipping (grad_skip_threshold): exact when off; when on, the gradients equal float64
+eager gradients with exactly the negligible tiles' entries of ∂L/∂z dropped, under the rule of
+margin_ce_backward's schema and each backend's tile shape."""
+
+from unittest import mock
+
+import pytest
+import torch
+
+import marginops as mo
+from marginops import reference
+
+from conftest import make_inputs, rel_err
+
+# (rows, classes) of a backward tile: (dx tiling, dW tiling)
+TILES = {"cpu": ((256, 256), (256, 256)), "cuda": ((32, 64), (64, 32))}
+
+
+def tile_maxima(P, y, valid, rows, cols):
+    """Per tile: whether a row's label lies in it, and the largest probability of its valid rows."""
+    B, C = P.shape
+    out = []
+    for i0 in range(0, B, rows):
+        r = slice(i0, i0 + rows)
+        for j0 in range(0, C, cols):
+            labels = valid[r] & (y[r] >= j0) & (y[r] < j0 + cols)
+            block = P[r, j0 : j0 + cols][valid[r]]
+            out.append(((i0, j0), bool(labels.any()), float(block.max()) if block.numel() else 0.0))
+    return out
+
+
+def skipped_reference(x, W, y, margin, tiles, threshold=None, ignore_index=-100):
+    """Float64 eager (dx, dW) of the mean loss with the skipped tiles' ∂L/∂z zeroed, the threshold
+    used (default: the median of the label-free dx tiles' largest probability, so that about half
+    of them are skipped) and the fraction of dx tiles skipped."""
+    x64, W64 = x.detach().double().requires_grad_(), W.detach().double().requires_grad_()
+    seen = {}
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def capture(logits, *args, **kwargs):
+        seen["z"] = logits
+        return cross_entropy(logits, *args, **kwargs)
+
+    with mock.patch.object(reference.F, "cross_entropy", capture):
+        loss = reference.margin_cross_entropy(x64, W64, y, margin, ignore_index=ignore_index)
+    z = seen["z"]
+    (G,) = torch.autograd.grad(loss, z, retain_graph=True)
+    P, valid = torch.softmax(z.detach(), 1), y != ignore_index
+    if threshold is None:
+        free = [m for _, lab, m in tile_maxima(P, y, valid, *tiles[0]) if not lab]
+        threshold = float(torch.tensor(free).median())
+    grads, fractions = [], []
+    for (rows, cols), wrt in zip(tiles, (x64, W64)):
+        keep = torch.zeros_like(G, dtype=torch.bool)
+        stats = tile_maxima(P, y, valid, rows, cols)
+        for (i0, j0), lab, m in stats:
+            keep[i0 : i0 + rows, j0 : j0 + cols] = lab or m >= threshold
+        grads.append(torch.autograd.grad(z, wrt, G * keep, retain_graph=True)[0])
+        fractions.append(sum(not lab and m < threshold for _, lab, m in stats) / len(stats))
+    return grads[0], grads[1], threshold, fractions[0]
+
+
+def skip_inputs(device, B, C, D=8):
+    """Labels confined to the first classes, so that most class tiles hold no label."""
+    x, W, y, _ = make_inputs(B, D, C, device=device, ignore=3, requires_grad=True)
+    y = torch.where(y >= 0, y % 100, y)
+    return x, W, y
+
+
+def test_zero_threshold_is_the_exact_path(device):
+    x, W, y = skip_inputs(device, 300, 3000)
+    grads = []
+    for kwargs in ({}, {"grad_skip_threshold": 0.0}):
+        x.grad = W.grad = None
+        mo.margin_cross_entropy(x, W, y, mo.ArcFace(), **kwargs).backward()
+        grads.append((x.grad.clone(), W.grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("margin", [mo.ArcFace(s=30.0), mo.CosFace(s=30.0), mo.Softmax()], ids=["arcface", "cosface", "softmax"])
+def test_skipped_tiles_are_exactly_the_negligible_ones(device, margin):
+    B, C = (300, 6000) if device.type == "cpu" else (100, 3000)
+    x, W, y = skip_inputs(device, B, C)
+    tiles = TILES[device.type]
+    ref_dx, ref_dw, threshold, skipped = skipped_reference(x, W, y, margin, tiles)
+    assert 0.2 < skipped < 0.8, f"the test's threshold should skip about half the tiles, skipped {skipped:.2f}"
+    loss = mo.margin_cross_entropy(x, W, y, margin, grad_skip_threshold=threshold)
+    loss.backward()
+    assert rel_err(loss, reference.margin_cross_entropy(x, W, y, margin)) < 1e-12  # the forward is untouched
+    assert rel_err(x.grad, ref_dx) < 1e-10 and rel_err(W.grad, ref_dw) < 1e-10
+    exact_dx, exact_dw = torch.autograd.grad(reference.margin_cross_entropy(x, W, y, margin), [x, W])
+    assert rel_err(x.grad, exact_dx) > 1e-9 and rel_err(W.grad, exact_dw) > 1e-9, "nothing was skipped"
+
+
+def test_label_smoothing_rows_are_never_skipped(device):
+    x, W, y = skip_inputs(device, 300, 3000)
+    grads = []
+    for threshold in (0.0, 0.5):
+        x.grad = W.grad = None
+        mo.margin_cross_entropy(x, W, y, mo.ArcFace(), label_smoothing=0.1, grad_skip_threshold=threshold).backward()
+        grads.append((x.grad.clone(), W.grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_heads_pass_the_threshold_and_bad_values_raise():
+    x, W, y = skip_inputs("cpu", 40, 4000)
+    threshold = skipped_reference(x, W, y, mo.ArcFace(), TILES["cpu"])[2]
+    head = mo.MarginHead(x.shape[1], 4000, margin=mo.ArcFace(), grad_skip_threshold=threshold).double()
+    with torch.no_grad():
+        head.weight.copy_(W)
+    head(x, y).backward()
+    grads = [head.weight.grad]
+    for threshold in (threshold, 0.0):
+        W.grad = None
+        mo.margin_cross_entropy(x, W, y, mo.ArcFace(), grad_skip_threshold=threshold).backward()
+        grads.append(W.grad)
+    assert torch.equal(grads[0], grads[1]) and not torch.equal(grads[0], grads[2])
+    for bad in (-0.1, 1.0, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="grad_skip_threshold must lie in \\[0, 1\\)"):
+            mo.margin_cross_entropy(x, W, y, mo.ArcFace(), grad_skip_threshold=bad)
+        with pytest.raises(ValueError, match="grad_skip_threshold"):
+            mo.MarginHead(8, 10, grad_skip_threshold=bad)
+    lse = torch.zeros(40, dtype=torch.float64)
+    args = (x.detach(), W.detach(), y, None, None, None, None, 4000, 0, -100, *mo.ArcFace().config())
+    with pytest.raises(ValueError, match="grad_skip must lie in \\[0, 1\\), got 2"):
+        torch.ops.marginops.margin_ce_backward(lse, None, None, lse, *args, [True] * 4, 2.0)
