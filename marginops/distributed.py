@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from . import ops
 from ._checks import FLOAT_DTYPES, REDUCTIONS, check_grad_skip
-from .functional import accuracy_from_stats, loss_from_stats
+from .functional import accuracy_from_stats, autocast_features, loss_from_stats
 from .margins import Margin, RowContext, target_cosines
 from .nn import MarginState, _check_margin, _ClassWeights
 
@@ -262,6 +262,7 @@ class ShardedMarginHead(_ClassWeights):
         return cos
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor):
+        x = autocast_features(x)  # before the all-gather: half the bytes under bf16/fp16 autocast
         counts = self._exchange_header(x, labels)
         labels = labels.long()
         xg = _GatherRows.apply(x, counts, self.group, self.grad_scale)

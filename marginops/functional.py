@@ -55,6 +55,16 @@ def _check_backend(x: torch.Tensor) -> None:
         )
 
 
+def autocast_features(x: torch.Tensor) -> torch.Tensor:
+    """Under torch.autocast, float32 features become the autocast dtype, as a matmul's inputs
+    would. The weight is left alone: the kernels convert its tiles as they load them, so no
+    low-precision copy of W is made and dW comes back in W's dtype."""
+    device = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 def margin_cross_entropy(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -84,7 +94,8 @@ def margin_cross_entropy(
     dict of tensors from ``margin.state_init()``, as heads keep it) and update it in place when
     ``update_state``; without it they use the statistics of this batch alone.
 
-    ``grad_skip_threshold`` (default 0: exact) lets the backward skip a tile of the recomputed
+    Under ``torch.autocast``, float32 ``x`` is cast to the autocast dtype (the weight is not:
+    its tiles are converted in the kernel). ``grad_skip_threshold`` (default 0: exact) lets the backward skip a tile of the recomputed
     logits — rows × classes, 256 × 256 on the CPU, 32 × 64 and 64 × 32 on CUDA — when every
     probability ``exp(z − lse)`` in it lies below the threshold, no row's label falls in it and
     no row is label-smoothed; the skipped entries' gradients (each below ``threshold`` times the
@@ -95,6 +106,7 @@ def margin_cross_entropy(
     labels = check_head_inputs(x, weight, labels, margin, bias, reduction, label_smoothing)
     grad_skip_threshold = check_grad_skip(grad_skip_threshold)
     _check_backend(x)
+    x = autocast_features(x)
     cfg = margin.config()
     num_classes = weight.shape[0] // cfg.subcenters
     valid = labels != ignore_index

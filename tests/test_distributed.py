@@ -122,6 +122,14 @@ def check_reductions_and_grad_scale(rank, world, C):
         (ref.sum() if reduction == "none" else ref).backward()
         # "none": this rank's rows of a global per-row loss; summing it on every rank sums the global loss
         assert rel_err(x_local.grad, world * xr.grad[rows[rank]]) <= 1e-10
+    # under autocast, float32 features are cast before the all-gather; the float32 weight is not
+    head = mdist.ShardedMarginHead(D, C, mo.ArcFace(s=30.0))
+    with torch.no_grad():
+        head.weight.copy_(W[head.class_start : head.class_end])
+    xf = x[rows[rank]].float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_loss = head(xf, y[rows[rank]])
+    assert torch.equal(autocast_loss, head(xf.bfloat16(), y[rows[rank]]))
 
 
 def test_reductions_and_ddp_grad_scale():

@@ -79,6 +79,8 @@ def test_low_precision_error_within_twice_eager(device, dtype, name):
 
 
 def test_mixed_precision_float32_weight_bfloat16_features(device):
+    """bf16 features with fp32 master weights: gradients in each input's dtype, error within
+    twice eager bf16's (CUDA rounds W's tiles to bf16 for the tensor cores; the CPU does not)."""
     x, W, y, _ = make_inputs(64, 32, 500, device=device)
     xl = x.detach().bfloat16().requires_grad_()
     W32 = W.detach().float().requires_grad_()
@@ -86,7 +88,29 @@ def test_mixed_precision_float32_weight_bfloat16_features(device):
     assert (loss.dtype, dx.dtype, dW.dtype) == (torch.float32, torch.bfloat16, torch.float32)
     x64, W64 = xl.detach().double().requires_grad_(), W32.detach().double().requires_grad_()
     ref_loss, (rdx, rdW) = run(reference.margin_cross_entropy, mo.ArcFace(), x64, W64, y, None)
-    assert rel_err(loss, ref_loss) < 1e-5 and rel_err(dW, rdW) < 1e-4 and rel_err(dx, rdx) < 1e-2
+    Wl = W32.detach().bfloat16().requires_grad_()
+    eager_loss, (edx, edW) = run(reference.margin_cross_entropy, mo.ArcFace(), xl.detach().requires_grad_(), Wl, y, None)
+    for what, f, e in (("loss", rel_err(loss, ref_loss), rel_err(eager_loss, ref_loss)), ("dx", rel_err(dx, rdx), rel_err(edx, rdx)), ("dW", rel_err(dW, rdW), rel_err(edW, rdW))):
+        assert f <= 2 * e + 1e-6, f"{what}: fused {f:.2e} vs eager bf16 {e:.2e}"
+    if device.type == "cpu":  # products in float32 from the exact inputs
+        assert rel_err(loss, ref_loss) < 1e-5 and rel_err(dW, rdW) < 1e-4
+
+
+def test_autocast_casts_features_not_weights(device):
+    """Under torch.autocast, float32 features go to the autocast dtype as a matmul's would; the
+    float32 weight is not copied (its tiles are converted in the kernel) and dW stays float32."""
+    x, W, y, _ = make_inputs(64, 32, 500, device=device, dtype=torch.float32)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss, (dx, dW) = run(mo.margin_cross_entropy, mo.ArcFace(), x, W, y, None)
+    assert (loss.dtype, dx.dtype, dW.dtype) == (torch.float32,) * 3
+    xl = x.detach().bfloat16().requires_grad_()
+    W2 = W.detach().clone().requires_grad_()
+    loss2, (dx2, dW2) = run(mo.margin_cross_entropy, mo.ArcFace(), xl, W2, y, None)
+    assert torch.equal(loss, loss2) and torch.equal(dx, dx2.float()) and torch.equal(dW, dW2)
+    x64 = x.detach().double().requires_grad_()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=False):
+        plain = mo.margin_cross_entropy(x64, W.detach().double(), y, mo.ArcFace())
+    assert plain.dtype == torch.float64  # float64 is never cast
 
 
 GRADCHECK_MARGINS = list(MARGINS) + ["arcface_clip"]
