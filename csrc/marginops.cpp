@@ -29,9 +29,9 @@ TORCH_LIBRARY(marginops, m) {
         "Tensor best_class)");
   // Gradients of Σ_i (grad_lse_i·lse_i + grad_target_logit_i·z_iy + grad_logit_sum_i·Σ_j z_ij)
   // given the forward's lse. output_mask picks (x, weight, bias, row_margins); an output that is
-  // not asked for comes back empty. grad_skip in [0, 1): 0 is exact; above 0, a tile of entries
-  // whose probabilities exp(z − lse) all lie below it, holding no row's label and no row with a
-  // grad_logit_sum, adds nothing to any gradient (its products are skipped).
+  // not asked for comes back empty. grad_skip in [0, 1): 0 is exact; above 0, a tile whose
+  // non-label probabilities exp(z − lse) all lie below it, holding no row with a grad_logit_sum,
+  // keeps only its label entries (its products become one row update per label).
   m.def("margin_ce_backward(Tensor? grad_lse, Tensor? grad_target_logit, Tensor? grad_logit_sum, "
         "Tensor lse, " MO_HEAD_ARGS
         ", bool[4] output_mask, float grad_skip=0.) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "

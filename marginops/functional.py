@@ -95,12 +95,16 @@ def margin_cross_entropy(
     ``update_state``; without it they use the statistics of this batch alone.
 
     Under ``torch.autocast``, float32 ``x`` is cast to the autocast dtype (the weight is not:
-    its tiles are converted in the kernel). ``grad_skip_threshold`` (default 0: exact) lets the backward skip a tile of the recomputed
-    logits — rows × classes, 256 × 256 on the CPU, 32 × 64 and 64 × 32 on CUDA — when every
-    probability ``exp(z − lse)`` in it lies below the threshold, no row's label falls in it and
-    no row is label-smoothed; the skipped entries' gradients (each below ``threshold`` times the
-    row's loss weight) are dropped. Label smoothing puts ``ε/C`` on every entry, so smoothed rows
-    are never skipped. The eager reference accepts it and computes every gradient.
+    its tiles are converted in the kernel).
+
+    ``grad_skip_threshold`` (default 0: exact) lets the backward drop a tile of the recomputed
+    logits — rows × classes, 256 × 256 on the CPU, 32 × 64 (dx) and 64 × 32 (dW) weight rows on
+    CUDA — when every non-label probability ``exp(z − lse)`` in it lies below the threshold and
+    no row in it is label-smoothed: the tile's label entries still count exactly, the others'
+    gradients (each below ``threshold`` times the row's loss weight) are dropped, and the tile's
+    two products become one row update per label. Label smoothing puts ``ε/C`` on every entry,
+    so smoothed rows are never dropped. The eager reference accepts it and computes every
+    gradient. See the README for what it saves and costs.
     """
     margin = Softmax() if margin is None else margin
     labels = check_head_inputs(x, weight, labels, margin, bias, reduction, label_smoothing)

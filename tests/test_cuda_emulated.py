@@ -125,14 +125,16 @@ def test_float32_runs_exact_on_cuda_cores(emu):
     compare(emu, op_args(x, W, y, b, mo.ArcFace(s=30.0)), 2e-5)
 
 
-@pytest.mark.parametrize("margin", [mo.ArcFace(s=30.0), mo.Softmax()], ids=["arcface", "softmax"])
+@pytest.mark.parametrize("margin", [mo.ArcFace(s=30.0), mo.Softmax(), mo.SubCenterArcFace(K=3, s=30.0)], ids=["arcface", "softmax", "subcenter"])
 def test_grad_skip_drops_exactly_the_negligible_tiles(emu, margin):
-    """The kernels' block vote against float64 eager with the negligible tiles' ∂L/∂z zeroed
-    (dx tiles 32 × 64, dW tiles 64 × 32), at a threshold that skips about half of them."""
-    from test_grad_skip import TILES, skip_inputs, skipped_reference
+    """The kernels' block vote and sparse label updates against float64 eager with the negligible
+    tiles' non-label ∂L/∂z zeroed (dx tiles 32 × 64, dW tiles 64 × 32 weight rows), at a
+    threshold that skips about half of them."""
+    from test_grad_skip import skip_inputs, skipped_reference, tiles
 
-    x, W, y = skip_inputs("cpu", 70, 1500)
-    ref_dx, ref_dw, threshold, skipped = skipped_reference(x, W, y, margin, TILES["cuda"])
+    K = margin.config().subcenters
+    x, W, y = skip_inputs("cpu", 70, 600, K=K)
+    ref_dx, ref_dw, threshold, skipped = skipped_reference(x, W, y, margin, tiles("cuda", K))
     assert 0.2 < skipped < 0.8
     args = op_args(x.detach(), W.detach(), y, None, margin)
     lse = emu.forward(*args)[0]

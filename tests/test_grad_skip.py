@@ -1,6 +1,6 @@
 """Gradient skipping (grad_skip_threshold): exact when off; when on, the gradients equal float64
-eager gradients with exactly the negligible tiles' entries of ∂L/∂z dropped, under the rule of
-margin_ce_backward's schema and each backend's tile shape."""
+eager gradients with exactly the negligible tiles' non-label entries of ∂L/∂z dropped, under the
+rule of margin_ce_backward's schema and each backend's tile shape."""
 
 from unittest import mock
 
@@ -12,26 +12,22 @@ from marginops import reference
 
 from conftest import make_inputs, rel_err
 
-# (rows, classes) of a backward tile: (dx tiling, dW tiling)
-TILES = {"cpu": ((256, 256), (256, 256)), "cuda": ((32, 64), (64, 32))}
+def tiles(device_type, K=1):
+    """(rows, classes) of a backward tile, (dx tiling, dW tiling): the CPU's tiles hold 256
+    classes; CUDA's 64 (dx) or 32 (dW) weight rows, so K sub-centers divide their classes."""
+    return ((256, 256), (256, 256)) if device_type == "cpu" else ((32, 64 // K), (64, 32 // K))
 
 
-def tile_maxima(P, y, valid, rows, cols):
-    """Per tile: whether a row's label lies in it, and the largest probability of its valid rows."""
+def tile_maxima(P, label, valid, rows, cols):
+    """Per tile: its corner and the largest probability of its valid rows' non-label entries."""
     B, C = P.shape
-    out = []
-    for i0 in range(0, B, rows):
-        r = slice(i0, i0 + rows)
-        for j0 in range(0, C, cols):
-            labels = valid[r] & (y[r] >= j0) & (y[r] < j0 + cols)
-            block = P[r, j0 : j0 + cols][valid[r]]
-            out.append(((i0, j0), bool(labels.any()), float(block.max()) if block.numel() else 0.0))
-    return out
+    P = P.masked_fill(label | ~valid[:, None], 0.0)
+    return [((i0, j0), float(P[i0 : i0 + rows, j0 : j0 + cols].max())) for i0 in range(0, B, rows) for j0 in range(0, C, cols)]
 
 
 def skipped_reference(x, W, y, margin, tiles, threshold=None, ignore_index=-100):
-    """Float64 eager (dx, dW) of the mean loss with the skipped tiles' ∂L/∂z zeroed, the threshold
-    used (default: the median of the label-free dx tiles' largest probability, so that about half
+    """Float64 eager (dx, dW) of the mean loss with the skipped tiles' non-label ∂L/∂z zeroed, the
+    threshold used (default: the median of the dx tiles' largest probability, so that about half
     of them are skipped) and the fraction of dx tiles skipped."""
     x64, W64 = x.detach().double().requires_grad_(), W.detach().double().requires_grad_()
     seen = {}
@@ -46,25 +42,24 @@ def skipped_reference(x, W, y, margin, tiles, threshold=None, ignore_index=-100)
     z = seen["z"]
     (G,) = torch.autograd.grad(loss, z, retain_graph=True)
     P, valid = torch.softmax(z.detach(), 1), y != ignore_index
+    label = torch.zeros_like(P, dtype=torch.bool)
+    label[valid.nonzero().squeeze(1), y[valid]] = True
     if threshold is None:
-        free = [m for _, lab, m in tile_maxima(P, y, valid, *tiles[0]) if not lab]
-        threshold = float(torch.tensor(free).median())
+        threshold = float(torch.tensor([m for _, m in tile_maxima(P, label, valid, *tiles[0])]).median())
     grads, fractions = [], []
     for (rows, cols), wrt in zip(tiles, (x64, W64)):
-        keep = torch.zeros_like(G, dtype=torch.bool)
-        stats = tile_maxima(P, y, valid, rows, cols)
-        for (i0, j0), lab, m in stats:
-            keep[i0 : i0 + rows, j0 : j0 + cols] = lab or m >= threshold
+        keep = label.clone()
+        stats = tile_maxima(P, label, valid, rows, cols)
+        for (i0, j0), m in stats:
+            keep[i0 : i0 + rows, j0 : j0 + cols] |= m >= threshold
         grads.append(torch.autograd.grad(z, wrt, G * keep, retain_graph=True)[0])
-        fractions.append(sum(not lab and m < threshold for _, lab, m in stats) / len(stats))
+        fractions.append(sum(m < threshold for _, m in stats) / len(stats))
     return grads[0], grads[1], threshold, fractions[0]
 
 
-def skip_inputs(device, B, C, D=8):
-    """Labels confined to the first classes, so that most class tiles hold no label."""
-    x, W, y, _ = make_inputs(B, D, C, device=device, ignore=3, requires_grad=True)
-    y = torch.where(y >= 0, y % 100, y)
-    return x, W, y
+def skip_inputs(device, B, C, D=8, K=1):
+    x, W, y, _ = make_inputs(B, D, C * K, device=device, ignore=3, requires_grad=True)
+    return x, W, torch.where(y >= 0, y % C, y)
 
 
 def test_zero_threshold_is_the_exact_path(device):
@@ -77,12 +72,24 @@ def test_zero_threshold_is_the_exact_path(device):
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
-@pytest.mark.parametrize("margin", [mo.ArcFace(s=30.0), mo.CosFace(s=30.0), mo.Softmax()], ids=["arcface", "cosface", "softmax"])
-def test_skipped_tiles_are_exactly_the_negligible_ones(device, margin):
-    B, C = (300, 6000) if device.type == "cpu" else (100, 3000)
-    x, W, y = skip_inputs(device, B, C)
-    tiles = TILES[device.type]
-    ref_dx, ref_dw, threshold, skipped = skipped_reference(x, W, y, margin, tiles)
+SKIP_MARGINS = {
+    "arcface": mo.ArcFace(s=30.0),
+    "cosface": mo.CosFace(s=30.0),
+    "softmax": mo.Softmax(),
+    "subcenter": mo.SubCenterArcFace(K=3, s=30.0),
+    "curricular": mo.CurricularFace(s=30.0),
+}
+
+
+@pytest.mark.parametrize("name", list(SKIP_MARGINS))
+def test_skipped_tiles_are_exactly_the_negligible_ones(device, name):
+    """Labels fall in most tiles (C is a few times B): their entries are kept exactly while the
+    rest of a negligible tile is dropped."""
+    margin = SKIP_MARGINS[name]
+    K = margin.config().subcenters
+    B, C = (300, 2000) if device.type == "cpu" else (100, 1000)
+    x, W, y = skip_inputs(device, B, C, K=K)
+    ref_dx, ref_dw, threshold, skipped = skipped_reference(x, W, y, margin, tiles(device.type, K))
     assert 0.2 < skipped < 0.8, f"the test's threshold should skip about half the tiles, skipped {skipped:.2f}"
     loss = mo.margin_cross_entropy(x, W, y, margin, grad_skip_threshold=threshold)
     loss.backward()
@@ -104,7 +111,7 @@ def test_label_smoothing_rows_are_never_skipped(device):
 
 def test_heads_pass_the_threshold_and_bad_values_raise():
     x, W, y = skip_inputs("cpu", 40, 4000)
-    threshold = skipped_reference(x, W, y, mo.ArcFace(), TILES["cpu"])[2]
+    threshold = skipped_reference(x, W, y, mo.ArcFace(), tiles("cpu"))[2]
     head = mo.MarginHead(x.shape[1], 4000, margin=mo.ArcFace(), grad_skip_threshold=threshold).double()
     with torch.no_grad():
         head.weight.copy_(W)

@@ -364,16 +364,12 @@ const T* row_grad_ptr(const at::Tensor& g, at::ScalarType acc, at::Tensor& keep)
   return ptr<T>(keep);
 }
 
-// Gradient skipping (grad_skip > 0): whether a block of P = exp(z − lse) adds nothing visible —
-// every probability of a row with a grad_lse below the threshold, no row's label in the block
-// (its entry carries the target's gradient) and no row with a grad_logit_sum (label smoothing
-// puts a uniform gradient on every entry).
-template <typename T, typename EachTarget>
-bool negligible_block(const at::Tensor& P, int64_t i0, int64_t rb, const T* gl, const T* gs, T threshold,
-                      const EachTarget& each_target) {
-  bool label = false;
-  each_target([&](int64_t, int64_t, int64_t) { label = true; });
-  if (label) return false;
+// Gradient skipping (grad_skip > 0): whether a block of P = exp(z − lse) is negligible apart from
+// its label entries — no row with a grad_logit_sum (label smoothing puts a uniform gradient on
+// every entry) and every other probability of a row with a grad_lse below the threshold. The
+// label entries are zeroed in P by the caller before asking.
+template <typename T>
+bool negligible_block(const at::Tensor& P, int64_t i0, int64_t rb, const T* gl, const T* gs, T threshold) {
   const at::Tensor pmax = gl ? P.amax(1) : at::Tensor();
   for (int64_t i = 0; i < rb; ++i) {
     if (gs && gs[i0 + i] != T(0)) return false;
@@ -445,6 +441,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_typed(
       const at::Tensor qsum = at::empty({nw}, opts), qt = at::empty({nw}, opts);
       const at::Tensor dbt = at::empty({kClassTile}, opts);
       T* rs = ptr<T>(rsum) + chunk * B;
+      std::vector<T> label_p;  // gradient skipping: the label entries' P, set aside
       at::Tensor kidx;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t j0 = t * kClassTile;
@@ -490,7 +487,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_typed(
           } else {
             g.zero_();
           }
-          if (grad_skip > 0 && negligible_block(g, i0, rb, gl, gs, T(grad_skip), each_target)) continue;
+          // A negligible block keeps only its label entries: G is zero elsewhere, and its products
+          // shrink to one row update per label (sparse) instead of two GEMMs.
+          bool sparse = false;
+          if (grad_skip > 0) {
+            label_p.clear();
+            each_target([&](int64_t, int64_t e, int64_t) {
+              label_p.push_back(gp[e]);
+              gp[e] = T(0);
+            });
+            sparse = negligible_block(g, i0, rb, gl, gs, T(grad_skip));
+            if (sparse) g.zero_();
+            size_t n = 0;
+            each_target([&](int64_t, int64_t e, int64_t) { gp[e] = label_p[n++]; });
+          }
           if (gl) g.mul_(keep_l.narrow(0, i0, rb).unsqueeze(1));
           if (gs) g.add_(keep_s.narrow(0, i0, rb).unsqueeze(1));
           if (rd.has_margin) {
@@ -514,6 +524,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_typed(
               gp[e] = tg[i].tile_grad;
               ptr<T>(qt)[c * K + rd.tsub[i]] += tg[i].w_coef;
             });
+          }
+          if (sparse) {
+            each_target([&](int64_t i, int64_t e, int64_t c) {
+              const int64_t r = c * K + (kp ? kp[e] : 0);  // the label's weight row in the tile
+              if (need_dx) dxs[chunk][i].add_(tile.ws[r], gp[e]);
+              if (need_dw) dws_t[r].add_(rd.xs[i], gp[e]);
+            });
+            continue;
           }
           const at::Tensor gw = to_rows(g, kidx, K, rows_buf);  // [rb, tc·K]
           if (need_dx) dxs[chunk].narrow(0, i0, rb).addmm_(gw, tile.ws);

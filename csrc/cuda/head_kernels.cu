@@ -8,7 +8,8 @@
 //   backward  two atomic-free passes from the saved lse: the row owner (dx, per class split, then
 //             a reduction over splits) and the class owner (dW and dbias, streaming every row
 //             tile). Each recomputes its logit tiles; no [B, C] buffer, no chunk of logits in
-//             global memory. With grad_skip, a tile voted negligible skips its products.
+//             global memory. With grad_skip, a tile voted negligible keeps only its label
+//             entries, and its products become one row update per label.
 // Tiles live in shared memory as fp32/fp64 between the product and the epilogue; the 16-bit
 // operand copies of G feed tensor cores as in flash-attention's P·V. float32 inputs are exact
 // (CUDA cores) unless torch allows TF32 for float32 matmuls, as cuBLAS reads the same switch.
@@ -400,25 +401,32 @@ __device__ __forceinline__ ACC entry_grad(const RowInfo<ACC>& row, const Entry<A
 }
 
 // Gradient skipping (p.grad_skip > 0), a block vote on the recomputed tile of rows [i0, i0 + bm)
-// × classes [j0, j0 + cpt): whether any entry carries a visible gradient — a probability
-// exp(z − lse) at or above the threshold in a row with a grad_lse, a row's label, or a row with a
-// grad_logit_sum (label smoothing's uniform gradient). The same rule as the CPU op's.
+// × classes [j0, j0 + cpt): whether it is negligible apart from its label entries — no row with
+// a grad_logit_sum (label smoothing's uniform gradient) and every other probability exp(z − lse)
+// of a row with a grad_lse below the threshold. The same rule as the CPU op's. A negligible tile
+// keeps only its label entries, and its products shrink to one row update per label.
 template <typename ACC>
-__device__ bool tile_visible(const HeadParams& p, const RowInfo<ACC>* rows, const ACC* Ss, int lds, int64_t i0, int bm,
-                             int64_t j0, int64_t cpt, const ACC* wnorm) {
+__device__ bool tile_negligible(const HeadParams& p, const RowInfo<ACC>* rows, const ACC* Ss, int lds, int64_t i0,
+                                int bm, int64_t j0, int64_t cpt, const ACC* wnorm) {
   int visible = 0;
   for (int64_t e = threadIdx.x; e < bm * cpt && !visible; e += blockDim.x) {
     const int r = static_cast<int>(e / cpt), cc = static_cast<int>(e % cpt);
     const int64_t i = i0 + r, j = j0 + cc;
-    if (i >= p.B || j >= p.C) continue;
+    if (i >= p.B || j >= p.C || j == rows[i].tcol) continue;
     const RowInfo<ACC>& row = rows[i];
-    if (j == row.tcol || row.gs != ACC(0)) {
+    if (row.gs != ACC(0)) {
       visible = 1;
     } else if (row.gl != ACC(0)) {
       visible = exp(entry(p, row, Ss + r * lds, cc, j, wnorm).z - row.lse) >= ACC(p.grad_skip);
     }
   }
-  return __syncthreads_or(visible) != 0;
+  return __syncthreads_or(visible) == 0;
+}
+
+// The label's column of row i within the tile's classes [j0, j0 + cpt), or -1.
+template <typename ACC>
+__device__ __forceinline__ int label_column(const RowInfo<ACC>& row, int64_t j0, int64_t cpt) {
+  return row.tcol >= j0 && row.tcol < j0 + cpt ? static_cast<int>(row.tcol - j0) : -1;
 }
 
 template <typename TX, typename TW, typename OP, typename ACC>
@@ -444,7 +452,7 @@ __global__ void __launch_bounds__(kThreads) dx_kernel(HeadParams p) {
     const int64_t j0 = t * cpt;
     const auto wrow = [&](int pos) { return weight_row(p, j0, pos); };
     logit_tile<BM, NW, TX, TW, OP, ACC>(p, i0, wrow, As, Bs, Ss);
-    if (p.grad_skip > 0 && !tile_visible(p, rows, Ss, lds, i0, BM, j0, cpt, wnorm)) continue;
+    const bool sparse = p.grad_skip > 0 && tile_negligible(p, rows, Ss, lds, i0, BM, j0, cpt, wnorm);
     for (int e = threadIdx.x; e < BM * ldg; e += blockDim.x) Gs[e] = convert<OP>(0.0f);
     __syncthreads();
     for (int q = 0; q < kRowsPerWarp; ++q) {
@@ -456,7 +464,7 @@ __global__ void __launch_bounds__(kThreads) dx_kernel(HeadParams p) {
       for (int h = 0; h < 2; ++h) {
         const int cc = lane + 32 * h;
         const int64_t j = j0 + cc;
-        if (cc >= cpt || j >= p.C) continue;
+        if (cc >= cpt || j >= p.C || (sparse && j != row.tcol)) continue;
         const Entry<ACC> e = entry(p, row, Ss + r * lds, cc, j, wnorm);
         const ACC g = entry_grad(row, e, j == row.tcol) * (e.target ? ACC(1) : e.factor);
         if (!e.target) corr += g * e.z0;
@@ -465,6 +473,20 @@ __global__ void __launch_bounds__(kThreads) dx_kernel(HeadParams p) {
       }
       corr = warp_sum(corr);
       if (lane == 0) rs[r] += corr;
+    }
+    if (sparse) {  // acc[r] += G[r][pos] W[pos] at each row's label (its sub-centers: one is nonzero)
+      __syncwarp();
+      for (int q = 0; q < kRowsPerWarp; ++q) {
+        const int r = warp * kRowsPerWarp + q;
+        const int c = i0 + r < p.B ? label_column(rows[i0 + r], j0, cpt) : -1;
+        for (int k = 0; c >= 0 && k < p.K; ++k) {
+          const int pos = c * static_cast<int>(p.K) + k;
+          const ACC g = convert<ACC>(Gs[r * ldg + pos]);
+          const TW* w = static_cast<const TW*>(p.w) + wrow(pos) * p.D;
+          for (int64_t d = d_begin + lane; g != ACC(0) && d < d_end; d += 32) acc[r * lacc + (d - d_begin)] += g * convert<ACC>(w[d]);
+        }
+      }
+      continue;  // the next tile's first barrier orders these writes
     }
     // acc[r][d] += Σ_pos G[r][pos] W[pos][d] over this block's slab of D.
     for (int64_t c0 = d_begin; c0 < d_end; c0 += kChunk) {
@@ -475,6 +497,7 @@ __global__ void __launch_bounds__(kThreads) dx_kernel(HeadParams p) {
     }
     __syncthreads();
   }
+  __syncthreads();  // a last sparse tile's row updates
   ACC* part = static_cast<ACC*>(p.dx_part);
   for (int e = threadIdx.x; e < BM * SLAB; e += blockDim.x) {
     const int r = e / SLAB;
@@ -536,7 +559,7 @@ __global__ void __launch_bounds__(kThreads) dw_kernel(HeadParams p) {
 
   for (int64_t i0 = 0; i0 < p.B; i0 += BM) {
     logit_tile<BM, NW, TX, TW, OP, ACC>(p, i0, wrow, As, Bs, Ss);
-    if (p.grad_skip > 0 && !tile_visible(p, rows, Ss, lds, i0, BM, j0, cpt, wnorm)) continue;
+    const bool sparse = p.grad_skip > 0 && tile_negligible(p, rows, Ss, lds, i0, BM, j0, cpt, wnorm);
     for (int e = threadIdx.x; e < BM * ldg; e += blockDim.x) Gs[e] = convert<OP>(0.0f);
     __syncthreads();
     const int cc = lane;  // one class per lane (cpt <= 32)
@@ -547,7 +570,7 @@ __global__ void __launch_bounds__(kThreads) dw_kernel(HeadParams p) {
       const int r = warp * kRowsPerWarp + q;
       const int64_t i = i0 + r;
       if (i >= p.B) break;
-      if (!live_class) continue;
+      if (!live_class || (sparse && j != rows[i].tcol)) continue;
       const RowInfo<ACC> row = rows[i];
       const Entry<ACC> e = entry(p, row, Ss + r * lds, cc, j, wnorm);
       const ACC g0 = entry_grad(row, e, j == row.tcol);
@@ -562,6 +585,23 @@ __global__ void __launch_bounds__(kThreads) dw_kernel(HeadParams p) {
       Gs[r * ldg + pos] = convert<OP>(g * row.side.scale);
     }
     if (live_class) atomicAdd(db + cc, my_db);
+    if (sparse) {  // acc[pos] += G[r][pos] x[r] at each row's label; rows may share a class: atomics
+      __syncwarp();
+      for (int q = 0; q < kRowsPerWarp; ++q) {
+        const int r = warp * kRowsPerWarp + q;
+        const int64_t i = i0 + r;
+        const int c = i < p.B ? label_column(rows[i], j0, cpt) : -1;
+        for (int k = 0; c >= 0 && k < p.K; ++k) {
+          const int pos = c * static_cast<int>(p.K) + k;
+          const ACC g = convert<ACC>(Gs[r * ldg + pos]);
+          const TX* x = static_cast<const TX*>(p.x) + i * p.D;
+          for (int64_t d = d_begin + lane; g != ACC(0) && d < d_end; d += 32) {
+            atomicAdd(acc + pos * lacc + (d - d_begin), g * convert<ACC>(x[d]));
+          }
+        }
+      }
+      continue;  // the next tile's first barrier orders these writes
+    }
     // acc[pos][d] += Σ_r G[r][pos] x[r][d] over this block's slab of D.
     for (int64_t c0 = d_begin; c0 < d_end; c0 += kChunk) {
       __syncthreads();
@@ -572,6 +612,7 @@ __global__ void __launch_bounds__(kThreads) dw_kernel(HeadParams p) {
     }
     __syncthreads();
   }
+  __syncthreads();  // a last sparse tile's row updates
   // dW_r = β_r acc_r + W_r inv_r (−inv_r qsum_r [normalized] + qt_r)
   const TW* w = static_cast<const TW*>(p.w);
   TW* dw = static_cast<TW*>(p.dw);
