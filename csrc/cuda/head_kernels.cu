@@ -21,13 +21,12 @@
 
 #include "../margin_math.h"
 #include "head_kernels.h"
+#include "head_rows.cuh"
 #include "tile_mma.cuh"
 
 namespace marginops::cuda {
 namespace {
 
-constexpr int kThreads = 256;  // 8 warps per block
-constexpr int kWarps = kThreads / 32;
 constexpr int kBK = 32;        // depth of one step of a logit tile's product
 constexpr int kFwdRows = 64;   // rows of a forward tile
 constexpr int kDxRows = 32;    // rows of a dx tile
@@ -38,31 +37,6 @@ constexpr int kChunk = 64;     // columns of D per step of the dx / dW products
 
 template <typename ACC>
 constexpr int kSlab = std::is_same_v<ACC, double> ? 256 : 512;  // columns of D one block accumulates
-
-template <typename ACC>
-struct RowInfo {
-  Side<ACC> side;      // of x_i
-  Target<ACC> target;  // valid where tcol >= 0
-  Side<ACC> tside;     // of the target's best sub-center
-  int64_t tcol;        // target column among the computed classes, or -1
-  int32_t tsub;        // the target's best sub-center
-  int32_t pad;
-  ACC tau, t;          // CurricularFace threshold and t (tau = +inf: none)
-  // Set by target_grad_kernel for the backward passes.
-  ACC gl, gs, gt, lse;
-  ACC g_target;        // ∂L/∂z_iy
-  TargetGrad<ACC> tg;
-};
-
-template <typename ACC>
-__device__ __forceinline__ ACC neg_inf() {
-  return -std::numeric_limits<ACC>::infinity();
-}
-
-template <typename ACC>
-__device__ __forceinline__ ACC load_acc(const void* p, int64_t i) {
-  return p == nullptr ? ACC(0) : static_cast<const ACC*>(p)[i];
-}
 
 // The weight row of tile position pos (classes j0 + pos / K), or -1 past the computed classes.
 __device__ __forceinline__ int64_t weight_row(const HeadParams& p, int64_t j0, int pos) {
@@ -122,73 +96,6 @@ __global__ void __launch_bounds__(kThreads) w_norm_kernel(HeadParams p) {
   if (lane == 0) static_cast<ACC*>(p.w_norm)[r] = sqrt(s);
 }
 
-template <typename TX, typename TW, typename ACC>
-__global__ void __launch_bounds__(kThreads) row_prep_kernel(HeadParams p) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (i >= p.B) return;
-  const HeadConfig& cfg = p.cfg;
-  const TX* x = static_cast<const TX*>(p.x) + i * p.D;
-  ACC ss = 0;
-  for (int64_t d = lane; d < p.D; d += 32) {
-    const ACC v = convert<ACC>(x[d]);
-    ss += v * v;
-  }
-  ss = warp_sum(ss);
-  RowInfo<ACC> info{};
-  info.side = make_side<ACC>(sqrt(ss), cfg.normalize_x, ACC(cfg.s));
-  info.tcol = -1;
-  info.tau = std::numeric_limits<ACC>::infinity();
-  if (p.curricular) {
-    info.tau = static_cast<const ACC*>(p.curricular)[2 * i];
-    info.t = static_cast<const ACC*>(p.curricular)[2 * i + 1];
-  }
-  const int64_t y = p.labels[i];
-  if (y != cfg.ignore_index) {
-    const int64_t local = y - cfg.class_offset;
-    if (p.class_index) {
-      int64_t lo = 0, hi = p.C;  // lower bound of local in class_index
-      while (lo < hi) {
-        const int64_t mid = (lo + hi) / 2;
-        if (p.class_index[mid] < local) lo = mid + 1; else hi = mid;
-      }
-      if (lo < p.C && p.class_index[lo] == local) info.tcol = lo;
-    } else if (local >= 0 && local < p.C) {
-      info.tcol = local;
-    }
-  }
-  if (info.tcol >= 0) {
-    const int64_t lc = p.class_index ? p.class_index[info.tcol] : info.tcol;
-    ACC best_u = 0, best_norm = 0, best = neg_inf<ACC>();
-    int32_t best_k = 0;
-    for (int32_t k = 0; k < p.K; ++k) {  // the sub-center the tiles pick: first largest logit
-      const TW* w = static_cast<const TW*>(p.w) + (lc * p.K + k) * p.D;
-      ACC u = 0, wn = 0;
-      for (int64_t d = lane; d < p.D; d += 32) {
-        const ACC wv = convert<ACC>(w[d]);
-        u += convert<ACC>(x[d]) * wv;
-        wn += wv * wv;
-      }
-      u = warp_sum(u);
-      wn = sqrt(warp_sum(wn));
-      const ACC logit = info.side.scale * make_side<ACC>(wn, cfg.normalize_w, ACC(1)).scale * u;
-      if (logit > best) {
-        best = logit;
-        best_k = k;
-        best_u = u;
-        best_norm = wn;
-      }
-    }
-    info.tsub = best_k;
-    info.tside = make_side<ACC>(best_norm, cfg.normalize_w, ACC(1));
-    const ACC* m = p.row_margins ? static_cast<const ACC*>(p.row_margins) + 3 * i : nullptr;
-    info.target = target_logit<ACC>(cfg.kind, cfg.policy, best_u, info.side, info.tside, m ? m[0] : ACC(cfg.m1),
-                                    m ? m[1] : ACC(cfg.m2), m ? m[2] : ACC(cfg.m3), ACC(cfg.lambda),
-                                    load_acc<ACC>(p.bias, info.tcol));
-  }
-  if (lane == 0) static_cast<RowInfo<ACC>*>(p.rows)[i] = info;
-}
-
 // ---- the logit tile ---------------------------------------------------------------------------
 
 // Ss[r][pos] = x_{i0 + r} · W_{weight_row(pos)} for ROWS rows and NW weight rows (zero outside).
@@ -206,51 +113,6 @@ __device__ __forceinline__ void logit_tile(const HeadParams& p, int64_t i0, RowO
     tile_mma<ROWS, NW, kBK, OP, ACC, false, true>(As, lda, Bs, lda, Ss, lds);
   }
   __syncthreads();
-}
-
-// One (row, class) entry of a tile: the class logit z⁰ = max_k α β_k u_k (no bias), its winning
-// sub-center, and everything the loss and its gradient need of it.
-template <typename ACC>
-struct Entry {
-  ACC z0;       // margin-free logit without bias
-  ACC plain;    // z⁰ + bias: what accuracy compares
-  ACC z;        // the logit the softmax sees (hard negatives, margin)
-  ACC factor;   // ∂z/∂z⁰ off the target (CurricularFace: t + 2c on hard negatives)
-  int32_t k;    // winning sub-center
-  bool target;  // the margin's target entry
-};
-
-template <typename ACC>
-__device__ __forceinline__ Entry<ACC> entry(const HeadParams& p, const RowInfo<ACC>& row, const ACC* srow, int cc,
-                                            int64_t j, const ACC* wnorm) {
-  Entry<ACC> e;
-  e.z0 = neg_inf<ACC>();
-  e.k = 0;
-  for (int32_t k = 0; k < p.K; ++k) {
-    const ACC beta = make_side<ACC>(wnorm[j * p.K + k], p.cfg.normalize_w, ACC(1)).scale;
-    const ACC v = row.side.scale * beta * srow[cc * p.K + k];
-    if (v > e.z0) {
-      e.z0 = v;
-      e.k = k;
-    }
-  }
-  const ACC bias = load_acc<ACC>(p.bias, j);
-  e.plain = e.z0 + bias;
-  e.z = e.plain;
-  e.factor = ACC(1);
-  if (p.curricular) {
-    const ACC c = e.z0 / ACC(p.cfg.s);
-    if (c > row.tau) {
-      e.z = ACC(p.cfg.s) * c * (row.t + c) + bias;
-      e.factor = row.t + ACC(2) * c;
-    }
-  }
-  e.target = p.cfg.kind != kIdentity && j == row.tcol;
-  if (e.target) {
-    e.z = row.target.logit;
-    e.k = row.tsub;
-  }
-  return e;
 }
 
 template <typename TX, typename TW, typename OP, typename ACC>
@@ -294,7 +156,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(HeadParams p) {
         const int64_t j = j0 + cc;
         valid[h] = cc < cpt && j < p.C;
         if (!valid[h]) continue;
-        es[h] = entry(p, row, Ss + r * lds, cc, j, wnorm);
+        es[h] = entry(p, row, Ss + r * lds + cc * p.K, wnorm + j * p.K, j);
         zmax = max(zmax, es[h].z);
         zsum += es[h].z;
         if (es[h].plain > pbest) {
@@ -342,63 +204,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(HeadParams p) {
   }
 }
 
-template <typename ACC>
-__global__ void merge_kernel(HeadParams p) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= p.B) return;
-  const ACC* part = static_cast<const ACC*>(p.partial);
-  ACC m = neg_inf<ACC>(), l = 0, zs = 0, bv = neg_inf<ACC>();
-  int64_t bj = -1;
-  for (int s = 0; s < p.splits; ++s) m = max(m, part[(s * p.B + i) * 4]);
-  for (int s = 0; s < p.splits; ++s) {
-    const ACC* o = part + (s * p.B + i) * 4;
-    if (o[1] > 0) l += o[1] * exp(o[0] - m);
-    zs += o[2];
-    if (o[3] > bv) {
-      bv = o[3];
-      bj = p.partial_best[s * p.B + i];
-    }
-  }
-  const RowInfo<ACC>& row = static_cast<const RowInfo<ACC>*>(p.rows)[i];
-  static_cast<ACC*>(p.lse)[i] = m + log(l);
-  static_cast<ACC*>(p.logit_sum)[i] = zs;
-  static_cast<ACC*>(p.best_logit)[i] = bv;
-  static_cast<ACC*>(p.target_logit)[i] = row.tcol >= 0 ? row.target.logit : ACC(0);
-  p.best_class[i] = bj < 0 ? -1 : p.cfg.class_offset + (p.class_index ? p.class_index[bj] : bj);
-}
-
 // ---- backward -------------------------------------------------------------------------------
-
-template <typename ACC>
-__global__ void target_grad_kernel(HeadParams p) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= p.B) return;
-  RowInfo<ACC>& row = static_cast<RowInfo<ACC>*>(p.rows)[i];
-  row.gl = load_acc<ACC>(p.g_lse, i);
-  row.gs = load_acc<ACC>(p.g_sum, i);
-  row.gt = load_acc<ACC>(p.g_target, i);
-  row.lse = static_cast<const ACC*>(p.lse_in)[i];
-  row.g_target = 0;
-  row.tg = TargetGrad<ACC>{};
-  if (row.tcol >= 0) {
-    row.g_target = row.gl * exp(row.target.logit - row.lse) + row.gs + row.gt;
-    if (p.cfg.kind != kIdentity) row.tg = target_grad<ACC>(row.target, row.side, row.tside, row.g_target);
-  }
-  if (p.dm) {
-    ACC* dm = static_cast<ACC*>(p.dm) + 3 * i;
-    dm[0] = 0;
-    dm[1] = row.tg.d_m2;
-    dm[2] = row.tg.d_m3;
-  }
-}
-
-// ∂L/∂z of one entry before the hard-negative factor (the bias' gradient).
-template <typename ACC>
-__device__ __forceinline__ ACC entry_grad(const RowInfo<ACC>& row, const Entry<ACC>& e, bool is_label) {
-  if (e.target) return row.g_target;
-  ACC g = row.gl * exp(e.z - row.lse) + row.gs;
-  return is_label ? g + row.gt : g;
-}
 
 // Gradient skipping (p.grad_skip > 0), a block vote on the recomputed tile of rows [i0, i0 + bm)
 // × classes [j0, j0 + cpt): whether it is negligible apart from its label entries — no row with
@@ -417,7 +223,7 @@ __device__ bool tile_negligible(const HeadParams& p, const RowInfo<ACC>* rows, c
     if (row.gs != ACC(0)) {
       visible = 1;
     } else if (row.gl != ACC(0)) {
-      visible = exp(entry(p, row, Ss + r * lds, cc, j, wnorm).z - row.lse) >= ACC(p.grad_skip);
+      visible = exp(entry(p, row, Ss + r * lds + cc * p.K, wnorm + j * p.K, j).z - row.lse) >= ACC(p.grad_skip);
     }
   }
   return __syncthreads_or(visible) == 0;
@@ -465,7 +271,7 @@ __global__ void __launch_bounds__(kThreads) dx_kernel(HeadParams p) {
         const int cc = lane + 32 * h;
         const int64_t j = j0 + cc;
         if (cc >= cpt || j >= p.C || (sparse && j != row.tcol)) continue;
-        const Entry<ACC> e = entry(p, row, Ss + r * lds, cc, j, wnorm);
+        const Entry<ACC> e = entry(p, row, Ss + r * lds + cc * p.K, wnorm + j * p.K, j);
         const ACC g = entry_grad(row, e, j == row.tcol) * (e.target ? ACC(1) : e.factor);
         if (!e.target) corr += g * e.z0;
         const ACC beta = make_side<ACC>(wnorm[j * p.K + e.k], p.cfg.normalize_w, ACC(1)).scale;
@@ -572,7 +378,7 @@ __global__ void __launch_bounds__(kThreads) dw_kernel(HeadParams p) {
       if (i >= p.B) break;
       if (!live_class || (sparse && j != rows[i].tcol)) continue;
       const RowInfo<ACC> row = rows[i];
-      const Entry<ACC> e = entry(p, row, Ss + r * lds, cc, j, wnorm);
+      const Entry<ACC> e = entry(p, row, Ss + r * lds + cc * p.K, wnorm + j * p.K, j);
       const ACC g0 = entry_grad(row, e, j == row.tcol);
       my_db += g0;
       const ACC g = e.target ? row.tg.tile_grad : g0 * e.factor;
