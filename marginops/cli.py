@@ -161,8 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--skip-eager", action="store_true", help="run the fused head only")
     t.add_argument("--json", help="also write the results to this file")
     t.set_defaults(func=cmd_train)
-    b = sub.add_parser("bench", help="benchmark the head against the reference and peers")
     from . import bench
+
+    b = sub.add_parser("bench", help="benchmark the head against the reference and peers", description=bench.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
 
     bench.add_arguments(b)
     b.set_defaults(func=bench.run)

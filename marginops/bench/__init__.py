@@ -4,12 +4,27 @@ torch.compile of it, and the peers that are installed, across class counts.
 Defaults: on the CPU, B = 256, D = 128, C = 10k … 300k, float32, ArcFace (about two minutes on
 two cores); on a GPU, the face-recognition shapes B = 1024 (after all-gather), D = 512,
 C = 100k … 3M, bfloat16, ArcFace, CosFace and plain softmax (for the peers), and the largest C
-that fits for each implementation.
+that fits for each implementation (bounded by the free device memory). Expected run time on
+one H100: about 10 to 20 minutes (an estimate: torch.compile dominates); --time-budget-s (default
+1800 on a GPU) caps it: what is left is reported as skipped, a largest-C search as a lower bound.
+
+--preset gpu-check (GPU only, what scripts/gpu-check runs, about 3 to 6 minutes, at most
+--time-budget-s = 360): B = 1024, D = 512, bfloat16, ArcFace, C = 100k, 1M, 3M with marginops'
+two CUDA backends (chunked, fused-tiles), the eager reference, torch.compile of it and three GEMMs;
+plain softmax too for Cut Cross-Entropy and Liger when one is installed; no largest-C search; and
+the issue #10 checks at C = 1M: chunked within 64 MiB above inputs and gradients (the run fails
+if not), time <= 0.5x eager's and >= 300 TFLOP/s (reported only).
+
+Implementations: fused (marginops' default backend: the tiled path on the CPU, chunked on CUDA),
+chunked and fused-tiles (CUDA only: backend="chunked" / backend="fused"), reference (eager),
+compiled (torch.compile of it), pml, cce, liger (peers, when installed).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import signal
 import sys
 import time
 from typing import List, Optional
@@ -18,13 +33,22 @@ import torch
 
 from .impls import IMPLS, MARGINS, Case
 from .measure import environment, precise_host_memory, sweep
-from .report import LEGEND, largest_classes, text_table, write
+from .report import LEGEND, checks, checks_text, largest_classes, text_table, write
 
 DEFAULTS = {
     "cpu": dict(batch=256, dim=128, classes="10000,30000,100000,300000", dtype="float32", margins="arcface",
-                impls="fused,reference,compiled,pml", repeat=3, max_budget_mib=512, max_limit=4_000_000),
+                impls="fused,reference,compiled,pml", repeat=3, max_budget_mib=512, max_limit=4_000_000, time_budget_s=None),
     "cuda": dict(batch=1024, dim=512, classes="100000,300000,1000000,3000000", dtype="bfloat16", margins="arcface,cosface,softmax",
-                 impls="fused,reference,compiled,pml,cce,liger", repeat=10, max_budget_mib=None, max_limit=200_000_000),
+                 impls="chunked,fused-tiles,reference,compiled,pml,cce,liger", repeat=10, max_budget_mib=None,
+                 max_limit=200_000_000, time_budget_s=1800),
+}
+SOFTMAX_PEERS = ("cut_cross_entropy", "liger_kernel")
+PRESETS = {
+    # scripts/gpu-check's bench stage: one bounded run (issue #10 item 6).
+    "gpu-check": dict(batch=1024, dim=512, classes="100000,1000000,3000000", dtype="bfloat16",
+                      margins="arcface,softmax" if any(importlib.util.find_spec(p) for p in SOFTMAX_PEERS) else "arcface",
+                      impls="chunked,fused-tiles,reference,compiled,cce,liger", repeat=10, max_budget_mib=None,
+                      max_limit=200_000_000, time_budget_s=360, no_max_classes=True, hard_checks=True),
 }
 QUICK = dict(batch=32, dim=16, classes="500,2000", margins="arcface", impls="fused,reference", repeat=2, max_budget_mib=64, max_limit=200_000)
 
@@ -41,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-max-classes", action="store_true", help="skip the search for the largest C that fits")
     p.add_argument("--max-budget-mib", type=int, help="host memory budget for the largest-C search on the CPU")
     p.add_argument("--quick", action="store_true", help="a CI-sized run")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="gpu-check: the bounded GPU sweep scripts/gpu-check runs (see above)")
+    p.add_argument("--time-budget-s", type=float,
+                   help="stop starting measurements after this many seconds (default: 1800 on a GPU, none on the CPU)")
     p.add_argument("--out", default="marginops-bench", help="folder for the JSON, Markdown and PNG outputs")
 
 
@@ -70,11 +97,18 @@ def _progress():
 def run(args) -> int:
     device = torch.device(args.device)
     cfg = dict(DEFAULTS["cuda" if device.type == "cuda" else "cpu"])
+    preset = getattr(args, "preset", None)
+    if preset:
+        if device.type != "cuda":
+            print(f"marginops bench: --preset {preset} needs a CUDA device (--device cuda)", file=sys.stderr)
+            return 2
+        cfg.update(PRESETS[preset])
     if args.quick:
         cfg.update(QUICK)
-    for key in ("batch", "dim", "classes", "dtype", "margins", "impls", "repeat", "max_budget_mib"):
+    for key in ("batch", "dim", "classes", "dtype", "margins", "impls", "repeat", "max_budget_mib", "time_budget_s"):
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
+    find_max = not (args.no_max_classes or cfg.get("no_max_classes", False))
     impls = [i.strip() for i in str(cfg["impls"]).split(",") if i.strip()]
     margins = [m.strip() for m in str(cfg["margins"]).split(",") if m.strip()]
     unknown = [i for i in impls if i not in IMPLS] + [m for m in margins if m not in MARGINS]
@@ -90,24 +124,47 @@ def run(args) -> int:
           f"{len(cases)} cases x {len(impls)} implementations", flush=True)
     step, close = _progress()
     budget = None if cfg["max_budget_mib"] is None else int(cfg["max_budget_mib"]) * 2**20
-    results = sweep(cases, impls, device, int(cfg["repeat"]), budget, not args.no_max_classes, int(cfg["max_limit"]), step)
+    deadline = None if cfg.get("time_budget_s") is None else time.monotonic() + float(cfg["time_budget_s"])
+    prefix = "gpu-" if device.type == "cuda" else "cpu-"
+    config = {k: v for k, v in cfg.items()}
+    config.update(preset=preset, find_max_classes=find_max)
+    results: list = []
+
+    def interrupted(signum, frame):  # e.g. `timeout` in scripts/gpu-check: keep what was measured
+        found = checks(results)
+        write(results, env, config, args.out, prefix, found, f"interrupted by signal {signum}: partial results", plots=False)
+        print(f"\nmarginops bench: interrupted (signal {signum}); partial results in {args.out}", file=sys.stderr, flush=True)
+        sys.exit(124)
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        sweep(cases, impls, device, int(cfg["repeat"]), budget, find_max, int(cfg["max_limit"]), step, deadline, results)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     close()
     print()
     print(text_table(results))
     print()
     print(LEGEND)
-    if not args.no_max_classes:
+    if find_max:
         print()
         print(largest_classes(results))
         if budget is not None:
             print(f"(on the host: inputs, gradients and peak extra memory within {cfg['max_budget_mib']} MiB)")
-    prefix = "gpu-" if device.type == "cuda" else "cpu-"
-    files = write(results, env, {k: v for k, v in cfg.items()}, args.out, prefix)
+    found = checks(results)
+    if cfg.get("hard_checks") and not found:  # the preset's shape did not run chunked at all
+        found = {"memory_64mib": dict(what="chunked at B=1024 D=512 C=1,000,000 bfloat16 arcface", value_mib=None,
+                                      limit_mib=64, hard=True, passed=False, note="not in this run")}
+    if found:
+        print()
+        print(checks_text(found))
+    files = write(results, env, config, args.out, prefix, found)
     print("\nwrote " + ", ".join(files))
-    return 0
+    failed = [k for k, c in found.items() if c["hard"] and not c["passed"]]
+    return 1 if failed and cfg.get("hard_checks") else 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="marginops bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="marginops bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     return run(p.parse_args(argv))

@@ -1,6 +1,15 @@
 """The implementations a benchmark compares: marginops, the eager reference, torch.compile of the
 reference, and the peers when their packages are installed. Each turns (x, W, labels) into a
-loss that autograd can differentiate with respect to x and W."""
+loss that autograd can differentiate with respect to x and W.
+
+marginops appears as ``fused`` (its default, ``backend="auto"``: the tiled path on the CPU, the
+chunked backend on CUDA; the name the CPU results have always used) and, on CUDA only, as
+``chunked`` (``backend="chunked"``: cuBLAS GEMMs over chunks of classes) and ``fused-tiles``
+(``backend="fused"``: the one-kernel tile path).
+
+Each implementation also estimates the device memory one step needs above the inputs and their
+gradients, so that a GPU sweep skips a class count that cannot fit instead of running out of
+memory (a rough upper estimate; an out-of-memory error is still caught)."""
 
 from __future__ import annotations
 
@@ -59,17 +68,48 @@ class Impl:
     def make(self, case: Case, device: torch.device) -> LossFn:
         raise NotImplementedError
 
+    # Peak bytes above inputs and gradients ≈ logits·B·C·e + weights·C·D·e + fixed, e the element
+    # size: upper estimates, from the design (how many [B, C] and [C, D] temporaries it keeps).
+    logits, weights, fixed = 0.0, 0.0, 64 * 2**20
+
+    def extra_bytes(self, case: Case) -> int:
+        e = torch.empty((), dtype=case.torch_dtype).element_size()
+        return int(self.logits * case.batch * case.classes * e + self.weights * case.classes * case.dim * e + self.fixed)
+
 
 class Fused(Impl):
-    name, description = "fused", "marginops"
+    name, description = "fused", "marginops (backend auto: tiled on the CPU, chunked on CUDA)"
+    fixed = 96 * 2**20  # the chunked backend's 64 MiB workspace and small per-row buffers
 
     def make(self, case, device):
         margin = MARGINS[case.margin]()
         return lambda x, W, y: margin_cross_entropy(x, W, y, margin)
 
 
+class _CudaBackend(Impl):
+    backend = ""
+    fixed = 96 * 2**20
+
+    def unsupported(self, case, device):
+        return None if device.type == "cuda" else "CUDA only (on the CPU, `fused` is marginops)"
+
+    def make(self, case, device):
+        margin = MARGINS[case.margin]()
+        backend = self.backend
+        return lambda x, W, y: margin_cross_entropy(x, W, y, margin, backend=backend)
+
+
+class Chunked(_CudaBackend):
+    name, description, backend = "chunked", 'marginops backend="chunked" (cuBLAS GEMMs over class chunks)', "chunked"
+
+
+class FusedTiles(_CudaBackend):
+    name, description, backend = "fused-tiles", 'marginops backend="fused" (one-kernel tile path)', "fused"
+
+
 class Reference(Impl):
     name, description = "reference", "eager marginops.reference"
+    logits, weights = 5.0, 3.0  # logits, scaled, index_put copy, log-softmax, their gradients; ŵ and its gradients
 
     def make(self, case, device):
         margin = MARGINS[case.margin]()
@@ -78,6 +118,7 @@ class Reference(Impl):
 
 class Compiled(Impl):
     name, description = "compiled", "torch.compile(reference)"
+    logits, weights = 4.0, 3.0
     _cache: Dict[str, Callable] = {}
 
     def make(self, case, device):
@@ -91,6 +132,7 @@ class Compiled(Impl):
 
 class PytorchMetricLearning(Impl):
     name, description, package = "pml", "pytorch-metric-learning ArcFaceLoss/CosFaceLoss", "pytorch_metric_learning"
+    logits, weights = 8.0, 3.0
 
     def unsupported(self, case, device):
         return None if case.margin in ("arcface", "cosface") else "margins only (ArcFace, CosFace)"
@@ -128,6 +170,7 @@ class _SoftmaxOnlyCuda(Impl):
 
 class CutCrossEntropy(_SoftmaxOnlyCuda):
     name, description, package = "cce", "Cut Cross-Entropy linear_cross_entropy", "cut_cross_entropy"
+    weights = 2.0  # dW accumulated in float32
 
     def make(self, case, device):
         from cut_cross_entropy import linear_cross_entropy
@@ -137,6 +180,7 @@ class CutCrossEntropy(_SoftmaxOnlyCuda):
 
 class Liger(_SoftmaxOnlyCuda):
     name, description, package = "liger", "Liger fused linear cross-entropy", "liger_kernel"
+    logits, weights = 2.0, 2.0  # float32 logits of a chunk of rows; dW computed in the forward
 
     def make(self, case, device):
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -145,4 +189,7 @@ class Liger(_SoftmaxOnlyCuda):
         return lambda x, W, y: loss(W, x, y)
 
 
-IMPLS: Dict[str, Impl] = {i.name: i for i in (Fused(), Reference(), Compiled(), PytorchMetricLearning(), CutCrossEntropy(), Liger())}
+IMPLS: Dict[str, Impl] = {
+    i.name: i
+    for i in (Fused(), Chunked(), FusedTiles(), Reference(), Compiled(), PytorchMetricLearning(), CutCrossEntropy(), Liger())
+}

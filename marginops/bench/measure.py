@@ -1,6 +1,11 @@
 """Measuring one implementation on one case: forward+backward time (median, warm-up excluded),
 peak memory above the inputs and their gradients, algorithmic TFLOP/s, the loss's error against
-float64, and the largest class count that fits (bisection)."""
+float64, and the largest class count that fits (bisection).
+
+On a GPU the inputs are drawn on the device (no host copy of W), a case an implementation cannot
+fit in the free device memory is skipped from its estimate (an out-of-memory error is still
+caught), the largest-C search stops where W and its gradient alone would fill the device, and a
+deadline bounds the whole sweep: what is left when it passes is reported as skipped."""
 
 from __future__ import annotations
 
@@ -54,11 +59,33 @@ def sync(device: torch.device) -> None:
 
 
 def make_inputs(case: Case, device: torch.device, seed: int = 0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(case.batch, case.dim, generator=g).to(device=device, dtype=case.torch_dtype).requires_grad_()
-    W = (0.05 * torch.randn(case.classes, case.dim, generator=g)).to(device=device, dtype=case.torch_dtype).requires_grad_()
-    y = torch.randint(0, case.classes, (case.batch,), generator=g).to(device)
+    """x [B, D], W [C, D] (scaled by 0.05) and labels [B], drawn with a generator seeded on the
+    device itself: on a GPU, directly in the case's dtype (W of several GB never exists on the
+    host, nor in float32); on the CPU, in float32 and then cast, as the committed CPU results were."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    draw_dtype = case.torch_dtype if device.type == "cuda" else torch.float32
+    x = torch.randn(case.batch, case.dim, generator=g, device=device, dtype=draw_dtype)
+    W = torch.randn(case.classes, case.dim, generator=g, device=device, dtype=draw_dtype).mul_(0.05)
+    y = torch.randint(0, case.classes, (case.batch,), generator=g, device=device)
+    x, W = (t.to(case.torch_dtype).requires_grad_() for t in (x, W))
     return x, W, y
+
+
+def free_device_bytes(device: torch.device) -> Optional[int]:
+    """Bytes a new allocation can get on a GPU (driver-free plus what torch caches unused); None
+    on the CPU."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def fits_estimate(need: int, device: torch.device, slack: float = 0.9) -> Optional[str]:
+    """None when `need` bytes look affordable on the device, else the reason to skip."""
+    free = free_device_bytes(device)
+    if free is None or need <= slack * free:
+        return None
+    return f"needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
 
 
 def _step(fn, x, W, y) -> float:
@@ -111,7 +138,10 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def truth_loss(case: Case, device: torch.device, x, W, y) -> Optional[float]:
-    """The loss in float64 (the fused op, which matches the eager float64 reference to 1e-10)."""
+    """The loss in float64 (the fused op, which matches the eager float64 reference to 1e-10);
+    None where a float64 copy of W does not fit."""
+    if fits_estimate(8 * (x.numel() + W.numel()) + 256 * 2**20, device, 0.8):
+        return None
     try:
         with torch.no_grad():
             return float(margin_cross_entropy(x.double(), W.double(), y, MARGINS[case.margin]()))
@@ -130,6 +160,11 @@ def measure(case: Case, impl_name: str, device: torch.device, repeat: int, truth
     if reason:
         return Result(case, impl_name, "unsupported: " + reason)
     x, W, y = inputs if inputs is not None else make_inputs(case, device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        reason = fits_estimate(impl.extra_bytes(case) + x.nbytes + W.nbytes, device)
+        if reason:
+            return Result(case, impl_name, "skipped: " + reason)
     try:
         fn = impl.make(case, device)
         loss = _step(fn, x, W, y)  # warm-up (and compilation)
@@ -150,6 +185,10 @@ def measure(case: Case, impl_name: str, device: torch.device, repeat: int, truth
 def gemm_floor(case: Case, device: torch.device, repeat: int) -> Result:
     """Three GEMMs of the head's shape (logits, dx, dW): the floor of any implementation that
     materializes logits, before its memory traffic."""
+    e = torch.empty((), dtype=case.torch_dtype).element_size()
+    reason = fits_estimate(e * (2 * case.classes * case.dim + 2 * case.batch * case.classes + 2 * case.batch * case.dim), device)
+    if reason:
+        return Result(case, "gemm3", "skipped: " + reason)
     try:
         x, W, _ = make_inputs(case, device)
         x, W = x.detach(), W.detach()
@@ -168,9 +207,12 @@ def gemm_floor(case: Case, device: torch.device, repeat: int) -> Result:
             sync(device)
             times.append(time.perf_counter() - t0)
         seconds = statistics.median(times)
-        del G
+        del G, x, W
     except Exception as e:  # noqa: BLE001
         return Result(case, "gemm3", "oom" if _is_oom(e) else f"error: {type(e).__name__}: {e}")
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return Result(case, "gemm3", "ok", 1e3 * seconds, None, case.flops / seconds / 1e12)
 
 
@@ -178,7 +220,10 @@ def fits(case: Case, impl_name: str, device: torch.device, budget_bytes: Optiona
     """Whether one step runs: on a GPU, without running out of memory; on the host, with inputs,
     gradients and peak extra memory inside budget_bytes."""
     gc.collect()
+    x = W = y = fn = None
     try:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         x, W, y = make_inputs(case, device)
         fn = IMPLS[impl_name].make(case, device)
         if device.type == "cuda":
@@ -192,23 +237,56 @@ def fits(case: Case, impl_name: str, device: torch.device, budget_bytes: Optiona
             return False
         raise
     finally:
+        x = W = y = fn = None  # before emptying the cache, so the next, larger C gets the memory
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
 
-def max_classes(case: Case, impl_name: str, device: torch.device, budget_bytes: Optional[int], limit: int, precision: float = 0.05) -> int:
+def device_class_limit(case: Case, device: torch.device) -> Optional[int]:
+    """On a GPU, the class count at which W and its gradient alone fill the free memory: no
+    implementation fits more. None on the CPU."""
+    free = free_device_bytes(device)
+    if free is None:
+        return None
+    e = torch.empty((), dtype=case.torch_dtype).element_size()
+    return max(1, free // (2 * case.dim * e))
+
+
+class SearchCut(Exception):
+    """The largest-C search ran out of time; `lower` classes are known to fit."""
+
+    def __init__(self, lower: int):
+        super().__init__(f"time budget: at least {lower:,}")
+        self.lower = lower
+
+
+def max_classes(
+    case: Case, impl_name: str, device: torch.device, budget_bytes: Optional[int], limit: int, precision: float = 0.05,
+    deadline: Optional[float] = None,
+) -> int:
     """The largest class count (to `precision`) at which one step fits: doubling from
-    case.classes, then bisection. 0 when even case.classes does not fit; `limit` caps it."""
+    case.classes, then bisection. 0 when even case.classes does not fit; `limit` caps it, and on
+    a GPU so does the free device memory (device_class_limit). Raises SearchCut when
+    time.monotonic() passes `deadline` before the search ends."""
+    device_limit = device_class_limit(case, device)
+    if device_limit is not None:
+        limit = min(limit, device_limit)
+
+    def try_fit(classes: int) -> bool:
+        if deadline is not None and time.monotonic() > deadline:
+            raise SearchCut(lo)
+        return fits(replace(case, classes=classes), impl_name, device, budget_bytes)
+
     lo, hi = 0, case.classes
-    while hi <= limit and fits(replace(case, classes=hi), impl_name, device, budget_bytes):
+    while hi <= limit and try_fit(hi):
         lo, hi = hi, hi * 2
     if hi > limit:
-        if lo < limit and fits(replace(case, classes=limit), impl_name, device, budget_bytes):
+        if lo < limit and try_fit(limit):
             return limit
         hi = limit
     while hi - lo > precision * max(lo, 1) and hi - lo > 1:
         mid = (lo + hi) // 2
-        if fits(replace(case, classes=mid), impl_name, device, budget_bytes):
+        if try_fit(mid):
             lo = mid
         else:
             hi = mid
@@ -248,19 +326,32 @@ def sweep(
     find_max: bool,
     max_limit: int,
     progress: Callable[[str], None],
+    deadline: Optional[float] = None,
+    results: Optional[List[Result]] = None,
 ) -> List[Result]:
     """Every implementation on every case, then (find_max) the largest class count per
-    implementation and (dtype, margin, batch, dim)."""
-    results: List[Result] = []
+    implementation and (dtype, margin, batch, dim). Past `deadline` (time.monotonic()), what is
+    left is reported as "skipped: time budget" and a largest-C search stops with a lower bound.
+    Results are appended to `results` (a list the caller can read if the run is interrupted)."""
+    results = [] if results is None else results
+    late = lambda: deadline is not None and time.monotonic() > deadline  # noqa: E731
     for case in cases:
+        if late():
+            results.extend(Result(case, name, "skipped: time budget") for name in impls + ["gemm3"])
+            continue
         x, W, y = make_inputs(case, device)
         truth = truth_loss(case, device, x, W, y)
         for name in impls:
+            if late():
+                results.append(Result(case, name, "skipped: time budget"))
+                continue
             progress(f"{name} {case.batch}x{case.dim}x{case.classes} {case.dtype} {case.margin}")
             results.append(measure(case, name, device, repeat, truth, (x, W, y)))
-        progress(f"gemm3 {case.batch}x{case.dim}x{case.classes}")
-        results.append(gemm_floor(case, device, repeat))
         del x, W, y
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        progress(f"gemm3 {case.batch}x{case.dim}x{case.classes}")
+        results.append(Result(case, "gemm3", "skipped: time budget") if late() else gemm_floor(case, device, repeat))
     if find_max:
         firsts: Dict[tuple, Case] = {}
         for r in results:
@@ -271,9 +362,15 @@ def sweep(
                 ok = [r for r in results if r.case == case and r.impl == name and r.status == "ok"]
                 if not ok:
                     continue
+                if late():
+                    ok[0].status = "ok (largest C: no time left)"
+                    continue
                 progress(f"largest C for {name} {case.dtype} {case.margin}")
                 try:
-                    ok[0].max_classes = max_classes(case, name, device, max_classes_budget, max_limit)
+                    ok[0].max_classes = max_classes(case, name, device, max_classes_budget, max_limit, deadline=deadline)
+                except SearchCut as cut:
+                    ok[0].max_classes = cut.lower
+                    ok[0].status = f"ok (largest C search cut by the time budget: at least {cut.lower:,})"
                 except Exception as e:  # noqa: BLE001
                     ok[0].status = f"ok (largest C failed: {type(e).__name__})"
     return results
