@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from marginops.bench import impls, measure
+from marginops.bench import impls, measure, report
 
 pytest.importorskip("matplotlib")
 
@@ -81,3 +81,76 @@ def test_demo_writes_pictures_and_table(tmp_path):
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert all(0.0 <= float(c) <= 1.0 for c in cells[2:5]) and cells[5].endswith("°")
+
+
+def test_cpu_inputs_unchanged_by_device_side_drawing():
+    """make_inputs seeds a generator on the device; on the CPU the values are those the committed
+    CPU results were measured on (float32 draws, W scaled by 0.05, then cast)."""
+    case = impls.Case(8, 4, 50, "float32", "arcface")
+    x, W, y = measure.make_inputs(case, torch.device("cpu"))
+    g = torch.Generator(device="cpu").manual_seed(0)
+    assert torch.equal(x, torch.randn(8, 4, generator=g))
+    assert torch.equal(W, 0.05 * torch.randn(50, 4, generator=g))
+    assert torch.equal(y, torch.randint(0, 50, (8,), generator=g))
+    assert x.requires_grad and W.requires_grad and not y.requires_grad
+    xb, Wb, _ = measure.make_inputs(impls.Case(8, 4, 50, "bfloat16", "arcface"), torch.device("cpu"))
+    assert xb.dtype == Wb.dtype == torch.bfloat16
+
+
+def test_cuda_backends_are_reported_unsupported_on_the_cpu():
+    case = impls.Case(8, 4, 50, "float32", "arcface")
+    results = measure.sweep([case], ["chunked", "fused-tiles", "fused"], torch.device("cpu"), 1, None, False, 100, lambda m: None)
+    status = {r.impl: r.status for r in results}
+    assert status["chunked"].startswith("unsupported: CUDA only") and status["fused-tiles"].startswith("unsupported: CUDA only")
+    assert status["fused"] == "ok" and status["gemm3"] == "ok"
+
+
+def test_time_budget_skips_what_is_left():
+    case = impls.Case(8, 4, 50, "float32", "arcface")
+    results = measure.sweep([case], ["fused"], torch.device("cpu"), 1, None, True, 100, lambda m: None, deadline=0.0)
+    assert [(r.impl, r.status) for r in results] == [("fused", "skipped: time budget"), ("gemm3", "skipped: time budget")]
+
+
+def test_memory_estimates_skip_what_cannot_fit(monkeypatch):
+    big = impls.Case(1024, 512, 3_000_000, "bfloat16", "arcface")
+    # the eager reference keeps several [B, C] tensors: GBs at C = 3M; chunked stays near its workspace
+    assert impls.IMPLS["reference"].extra_bytes(big) > 20 * 2**30 > impls.IMPLS["chunked"].extra_bytes(big)
+    assert impls.IMPLS["chunked"].extra_bytes(big) < 128 * 2**20
+    monkeypatch.setattr(measure, "free_device_bytes", lambda device: 8 * 2**30)
+    assert measure.fits_estimate(4 * 2**30, torch.device("cuda")) is None
+    assert measure.fits_estimate(40 * 2**30, torch.device("cuda")) == "needs ~40.0 GiB, 8.0 GiB free"
+
+
+def test_largest_c_search_is_bounded_by_device_memory_and_time(monkeypatch):
+    case = impls.Case(16, 8, 1000, "float32", "arcface")
+    monkeypatch.setattr(measure, "fits", lambda c, *a: True)
+    monkeypatch.setattr(measure, "device_class_limit", lambda c, d: 7000)
+    assert measure.max_classes(case, "fused", torch.device("cpu"), None, 10**9) == 7000
+    with pytest.raises(measure.SearchCut):
+        measure.max_classes(case, "fused", torch.device("cpu"), None, 10**9, deadline=0.0)
+
+
+def test_issue_10_checks(tmp_path):
+    shape = impls.Case(1024, 512, 1_000_000, "bfloat16", "arcface")
+    R = measure.Result
+    results = [R(shape, "chunked", "ok", 20.0, 60 * 2**20, 320.0), R(shape, "reference", "ok", 50.0, 9 * 2**30, 128.0)]
+    found = report.checks(results)
+    assert found["memory_64mib"]["passed"] and found["memory_64mib"]["hard"] and found["memory_64mib"]["value_mib"] == 60
+    assert found["tflops"]["passed"] and found["time_vs_eager"]["passed"] and found["time_vs_eager"]["value"] == 0.4
+    text = report.checks_text(found)
+    assert "PASS memory_64mib" in text and "PASS (soft) time_vs_eager" in text and "PASS (soft) tflops" in text
+    results[0] = R(shape, "chunked", "ok", 30.0, 65 * 2**20, 213.0)
+    found = report.checks(results)
+    assert not found["memory_64mib"]["passed"] and not found["tflops"]["passed"] and not found["time_vs_eager"]["passed"]
+    assert "FAIL memory_64mib" in report.checks_text(found) and "FAIL (soft) tflops" in report.checks_text(found)
+    assert report.checks([R(impls.Case(8, 4, 50, "float32", "arcface"), "chunked", "ok", 1.0, 0, 1.0)]) == {}
+    report.write(results, {"torch": torch.__version__}, {}, str(tmp_path), "gpu-", found, plots=False)
+    data = json.loads((tmp_path / "gpu-bench.json").read_text())
+    assert data["checks"]["memory_64mib"]["passed"] is False
+    assert "FAIL memory_64mib" in (tmp_path / "gpu-bench.md").read_text()
+
+
+def test_gpu_check_preset_needs_cuda():
+    proc = subprocess.run([sys.executable, "-m", "marginops", "bench", "--device", "cpu", "--preset", "gpu-check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr
