@@ -139,6 +139,17 @@ at::Tensor check_row_grad(const std::optional<at::Tensor>& grad, const HeadArgs&
   return grad->contiguous();
 }
 
+void check_backend(int64_t backend, int64_t workspace_bytes) {
+  TORCH_CHECK_VALUE(backend >= kAuto && backend <= kFused,
+                    "backend must be 0 (auto), 1 (chunked) or 2 (fused), got ", backend);
+  TORCH_CHECK_VALUE(workspace_bytes >= 0, "workspace_bytes must be >= 0 (0: the default, ", kDefaultWorkspaceBytes,
+                    " bytes), got ", workspace_bytes);
+}
+
+size_t workspace_budget(int64_t workspace_bytes) {
+  return static_cast<size_t>(workspace_bytes == 0 ? kDefaultWorkspaceBytes : workspace_bytes);
+}
+
 void check_grad_skip(double grad_skip) {
   TORCH_CHECK_VALUE(grad_skip >= 0.0 && grad_skip < 1.0, "grad_skip must lie in [0, 1), got ", grad_skip);
 }

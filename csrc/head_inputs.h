@@ -50,6 +50,14 @@ HeadArgs check_head_args(MO_HEAD_PARAMS);
 at::Tensor check_row_grad(const std::optional<at::Tensor>& grad, const HeadArgs& args,
                           const char* name);
 
+// The ops' `backend` argument: auto (the device's default: CUDA's chunked, the CPU's tiled path),
+// or one of CUDA's two; and `workspace_bytes`, the chunked backend's budget for all its extra
+// memory (0: kDefaultWorkspaceBytes).
+enum Backend : int64_t { kAuto = 0, kChunked = 1, kFused = 2 };
+constexpr int64_t kDefaultWorkspaceBytes = int64_t(64) << 20;
+void check_backend(int64_t backend, int64_t workspace_bytes);
+size_t workspace_budget(int64_t workspace_bytes);
+
 // The backward's grad_skip threshold: in [0, 1).
 void check_grad_skip(double grad_skip);
 

@@ -24,8 +24,10 @@ TORCH_LIBRARY(marginops, m) {
   //   lse = logsumexp_j z_ij, target_logit = z_iy (0 where y is not computed here),
   //   logit_sum = Σ_j z_ij, best_logit/best_class = max/argmax_j of the margin-free logits.
   // grad_skip only reaches the backward (see below); the forward takes it so autograd can.
+  // backend: 0 auto (CUDA: chunked; the CPU's tiled path), 1 chunked, 2 fused (CUDA only);
+  // workspace_bytes: the chunked backend's budget for all its extra memory, 0 = 64 MiB.
   m.def("margin_ce_forward(" MO_HEAD_ARGS
-        ", float grad_skip=0.) -> (Tensor lse, Tensor target_logit, Tensor logit_sum, Tensor best_logit, "
+        ", float grad_skip=0., int backend=0, int workspace_bytes=0) -> (Tensor lse, Tensor target_logit, Tensor logit_sum, Tensor best_logit, "
         "Tensor best_class)");
   // Gradients of Σ_i (grad_lse_i·lse_i + grad_target_logit_i·z_iy + grad_logit_sum_i·Σ_j z_ij)
   // given the forward's lse. output_mask picks (x, weight, bias, row_margins); an output that is
@@ -34,7 +36,7 @@ TORCH_LIBRARY(marginops, m) {
   // keeps only its label entries (its products become one row update per label).
   m.def("margin_ce_backward(Tensor? grad_lse, Tensor? grad_target_logit, Tensor? grad_logit_sum, "
         "Tensor lse, " MO_HEAD_ARGS
-        ", bool[4] output_mask, float grad_skip=0.) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "
+        ", bool[4] output_mask, float grad_skip=0., int backend=0, int workspace_bytes=0) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "
         "Tensor grad_row_margins)");
   // The k largest margin-free logits of each row among the computed classes and their global
   // class ids, without a [B, C] tensor (inference). Not differentiable.

@@ -26,12 +26,15 @@ from .nn import MarginHead, WeightedMarginHead
 __version__ = "0.1.0"
 
 
-def backends() -> list:
-    """The devices marginops has kernels for in this build, e.g. ['cpu'] or ['cpu', 'cuda']."""
+def backends() -> dict:
+    """What ``backend="auto"`` runs on each device this build has kernels for, e.g.
+    ``{"cpu": "tiled"}`` or ``{"cpu": "tiled", "cuda": "chunked"}``. CUDA also offers ``"fused"``
+    (``margin_cross_entropy(..., backend="fused")``)."""
     import torch
 
     has = torch._C._dispatch_has_kernel_for_dispatch_key
-    return [d for d in ("cpu", "cuda") if has("marginops::margin_ce_forward", d.upper())]
+    auto = {"cpu": "tiled", "cuda": "chunked"}
+    return {d: auto[d] for d in ("cpu", "cuda") if has("marginops::margin_ce_forward", d.upper())}
 
 
 def cuda_available() -> bool:

@@ -63,6 +63,23 @@ def check_head_inputs(
     return labels.long()
 
 
+BACKENDS = {"auto": 0, "chunked": 1, "fused": 2}  # the ops' `backend` codes
+CUDA_BACKENDS = ("chunked", "fused")
+
+
+def check_backend(backend: str, device: torch.device, workspace_bytes: Optional[int]) -> tuple:
+    """backend and workspace_bytes as the ops take them: (code, bytes; 0 = the default 64 MiB)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {backend!r}")
+    if backend in CUDA_BACKENDS and device.type not in ("cuda", "meta"):
+        raise ValueError(f"backend={backend!r} runs on CUDA only, but x is on {device} (use backend='auto')")
+    if workspace_bytes is None:
+        return BACKENDS[backend], 0
+    if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int) or workspace_bytes <= 0:
+        raise ValueError(f"workspace_bytes must be a positive int (bytes) or None (64 MiB), got {workspace_bytes!r}")
+    return BACKENDS[backend], int(workspace_bytes)
+
+
 def check_grad_skip(threshold: float) -> float:
     """grad_skip_threshold: a probability in [0, 1); 0 (the default) computes every gradient."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold < 1.0:

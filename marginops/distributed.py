@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import ops
-from ._checks import FLOAT_DTYPES, REDUCTIONS, check_grad_skip
+from ._checks import FLOAT_DTYPES, REDUCTIONS, check_backend, check_grad_skip
 from .functional import accuracy_from_stats, autocast_features, loss_from_stats
 from .margins import Margin, RowContext, target_cosines
 from .nn import MarginState, _check_margin, _ClassWeights
@@ -143,6 +143,8 @@ class ShardedMarginHead(_ClassWeights):
         scale_grad_by_world_size: bool = False,
         seed: int = 0,
         grad_skip_threshold: float = 0.0,
+        backend: str = "auto",
+        workspace_bytes: Optional[int] = None,
         device=None,
         dtype=None,
     ):
@@ -168,6 +170,8 @@ class ShardedMarginHead(_ClassWeights):
         self.grad_scale = float(self.world_size) if scale_grad_by_world_size else 1.0
         self.seed = int(seed)
         self.grad_skip_threshold = check_grad_skip(grad_skip_threshold)
+        check_backend(backend, torch.device("meta"), workspace_bytes)  # the device is checked per call
+        self.backend, self.workspace_bytes = backend, workspace_bytes
         K = self.margin.config().subcenters
         self._init_weights(embedding_size, self.class_end - self.class_start, K, bias, {"device": device, "dtype": dtype})
         self.num_classes = num_classes  # the head's classes, all ranks together
@@ -189,6 +193,7 @@ class ShardedMarginHead(_ClassWeights):
             "label_smoothing": self.label_smoothing,
             "reduction": self.reduction,
             "grad_skip_threshold": self.grad_skip_threshold,
+            "backend": self.backend,
         }
 
     def _check_consistent(self) -> None:
@@ -273,9 +278,10 @@ class ShardedMarginHead(_ClassWeights):
         sample = self._sample(yg)
         self.last_sample = sample
         cfg = self.margin.config()
+        backend, workspace = check_backend(self.backend, xg.device, self.workspace_bytes)
         stats = ops.head_stats(
             xg, self.weight, yg, self.bias, terms.row_margins, terms.curricular, sample,
-            self.num_classes, self.class_start, self.ignore_index, cfg, self.grad_skip_threshold,
+            self.num_classes, self.class_start, self.ignore_index, cfg, self.grad_skip_threshold, backend, workspace,
         )
         computed = float(self.local_classes if sample is None else sample.numel())
         packed = torch.stack(

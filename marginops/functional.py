@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from ._checks import check_grad_skip, check_head_inputs
+from ._checks import check_backend, check_grad_skip, check_head_inputs
 from .margins import NORM_EPS, Margin, NormFace, RowContext, Softmax, target_cosines
 
 
@@ -78,6 +78,8 @@ def margin_cross_entropy(
     margin_state: Optional[Dict[str, torch.Tensor]] = None,
     update_state: bool = True,
     grad_skip_threshold: float = 0.0,
+    backend: str = "auto",
+    workspace_bytes: Optional[int] = None,
 ):
     """Margin-softmax cross-entropy of features ``x [B, D]`` against class weights
     ``weight [C·K, D]`` (K = 1 but for sub-center margins), with ``labels [B]`` (class ids, or
@@ -104,11 +106,20 @@ def margin_cross_entropy(
     gradients (each below ``threshold`` times the row's loss weight) are dropped, and the tile's
     two products become one row update per label. Label smoothing puts ``ε/C`` on every entry,
     so smoothed rows are never dropped. The eager reference accepts it and computes every
-    gradient. See the README for what it saves and costs.
+    gradient. See the README for what it saves and costs. The chunked backend computes every
+    gradient whatever the threshold (its products are cuBLAS GEMMs over whole chunks: a skipped
+    tile would save nothing).
+
+    ``backend`` picks the CUDA implementation: ``"chunked"`` (cuBLAS GEMMs over chunks of classes
+    with our kernels for the margin softmax; all its extra memory within ``workspace_bytes``,
+    default 64 MiB, whatever C is), ``"fused"`` (one tile kernel streaming classes, no logits in
+    memory) or ``"auto"`` (the default: ``"chunked"`` on CUDA, the tiled CPU implementation on the
+    CPU, where the other two are an error). :func:`marginops.backends` lists what each device runs.
     """
     margin = Softmax() if margin is None else margin
     labels = check_head_inputs(x, weight, labels, margin, bias, reduction, label_smoothing)
     grad_skip_threshold = check_grad_skip(grad_skip_threshold)
+    backend_code, workspace = check_backend(backend, x.device, workspace_bytes)
     _check_backend(x)
     x = autocast_features(x)
     cfg = margin.config()
@@ -120,7 +131,7 @@ def margin_cross_entropy(
     terms = margin.prepare(ctx, margin_state)
     stats = ops.head_stats(
         x, weight, labels, bias, terms.row_margins, terms.curricular, None, num_classes, 0, ignore_index, cfg,
-        grad_skip_threshold,
+        grad_skip_threshold, backend_code, workspace,
     )
     loss = loss_from_stats(stats, labels, num_classes, ignore_index, label_smoothing, reduction, terms.extra_loss)
     if return_accuracy:

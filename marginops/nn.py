@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import functional
-from ._checks import REDUCTIONS, check_grad_skip
+from ._checks import REDUCTIONS, check_backend, check_grad_skip
 from .margins import LambdaSchedule, LSoftmax, Margin, Softmax
 
 
@@ -94,7 +94,9 @@ class MarginHead(_ClassWeights):
     backbone. Stateful margins keep their state in ``margin_state`` buffers, updated in training
     mode only. ``lambda_schedule`` anneals an L-Softmax/SphereFace margin's λ per training step
     (it changes a Python float each step, so ``torch.compile`` recompiles while it anneals).
-    ``grad_skip_threshold`` is :func:`marginops.margin_cross_entropy`'s (default 0: exact).
+    ``grad_skip_threshold``, ``backend`` and ``workspace_bytes`` are
+    :func:`marginops.margin_cross_entropy`'s (defaults: exact gradients, the device's default
+    backend, 64 MiB).
     """
 
     _loss_fn = staticmethod(functional.margin_cross_entropy)
@@ -111,6 +113,8 @@ class MarginHead(_ClassWeights):
         return_accuracy: bool = False,
         lambda_schedule: Optional[LambdaSchedule] = None,
         grad_skip_threshold: float = 0.0,
+        backend: str = "auto",
+        workspace_bytes: Optional[int] = None,
         device=None,
         dtype=None,
     ):
@@ -129,6 +133,8 @@ class MarginHead(_ClassWeights):
         self.return_accuracy = return_accuracy
         self.lambda_schedule = lambda_schedule
         self.grad_skip_threshold = check_grad_skip(grad_skip_threshold)
+        check_backend(backend, torch.device("meta"), workspace_bytes)  # the device is checked per call
+        self.backend, self.workspace_bytes = backend, workspace_bytes
         self._init_weights(embedding_size, num_classes, self.margin.config().subcenters, bias, {"device": device, "dtype": dtype})
         self.margin_state = MarginState(self.margin.state_init())
         if lambda_schedule is not None:
@@ -158,6 +164,8 @@ class MarginHead(_ClassWeights):
             margin_state=self.margin_state.as_dict(),
             update_state=self.training,
             grad_skip_threshold=self.grad_skip_threshold,
+            backend=self.backend,
+            workspace_bytes=self.workspace_bytes,
         )
 
     def extra_repr(self) -> str:
@@ -184,6 +192,8 @@ class WeightedMarginHead(_ClassWeights):
         ignore_index: int = -100,
         label_smoothing: float = 0.0,
         grad_skip_threshold: float = 0.0,
+        backend: str = "auto",
+        workspace_bytes: Optional[int] = None,
         device=None,
         dtype=None,
     ):
@@ -205,6 +215,8 @@ class WeightedMarginHead(_ClassWeights):
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
         self.grad_skip_threshold = check_grad_skip(grad_skip_threshold)
+        check_backend(backend, torch.device("meta"), workspace_bytes)  # the device is checked per call
+        self.backend, self.workspace_bytes = backend, workspace_bytes
         self._init_weights(embedding_size, num_classes, 1, bias, {"device": device, "dtype": dtype})
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -214,7 +226,8 @@ class WeightedMarginHead(_ClassWeights):
             loss = self._loss_fn(
                 x, self.weight, labels, margin=margin, bias=self.bias,
                 ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
-                grad_skip_threshold=self.grad_skip_threshold,
+                grad_skip_threshold=self.grad_skip_threshold, backend=self.backend,
+                workspace_bytes=self.workspace_bytes,
             )
             total = w * loss if total is None else total + w * loss
         return total

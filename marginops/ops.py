@@ -42,14 +42,18 @@ def head_stats(
     ignore_index: int,
     cfg: OpConfig,
     grad_skip: float = 0.0,
+    backend: int = 0,
+    workspace_bytes: int = 0,
 ) -> HeadStats:
     """Per-row statistics of the head over the classes [class_offset, class_offset + C) (a
     shard; with class_index, only those of its classes). Differentiable in x, weight, bias and
     row_margins; ``grad_skip`` > 0 lets the backward skip negligible tiles (see
-    margin_ce_backward's schema)."""
+    margin_ce_backward's schema). ``backend`` and ``workspace_bytes`` are the ops' codes (see
+    ``_checks.check_backend``)."""
     return HeadStats(
         *_ops.margin_ce_forward(
-            x, weight, labels, bias, row_margins, curricular, class_index, num_classes, class_offset, ignore_index, *cfg, grad_skip
+            x, weight, labels, bias, row_margins, curricular, class_index, num_classes, class_offset, ignore_index, *cfg,
+            grad_skip, backend, workspace_bytes,
         )
     )
 
@@ -82,7 +86,7 @@ def _forward_fake(x, weight, labels, bias, row_margins, curricular, class_index,
 def _backward_fake(
     grad_lse, grad_target, grad_sum, lse, x, weight, labels, bias, row_margins, curricular, class_index,
     num_classes, class_offset, ignore_index, margin_kind, theta_policy, normalize_x, normalize_w, s, m1, m2, m3,
-    lambda_, subcenters, output_mask, grad_skip=0.0,
+    lambda_, subcenters, output_mask, grad_skip=0.0, backend=0, workspace_bytes=0,
 ):  # fmt: skip
     _check_fake_shapes(x, weight, labels, bias, row_margins, curricular, class_index)
     need_x, need_w, need_b, need_m = output_mask
@@ -106,10 +110,10 @@ def _psi_fake(cos, m1, m2, m3, kind, policy, lambda_):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, labels, bias, row_margins, curricular, class_index, *scalars, grad_skip = inputs  # defaults filled in
+    x, weight, labels, bias, row_margins, curricular, class_index, *scalars, grad_skip, backend, workspace = inputs  # defaults filled in
     ctx.save_for_backward(x, weight, labels, bias, row_margins, curricular, class_index, output[0])
     ctx.scalars = scalars
-    ctx.grad_skip = grad_skip
+    ctx.tail = (grad_skip, backend, workspace)
 
 
 def _backward(ctx, grad_lse, grad_target, grad_sum, _grad_best, _grad_class):
@@ -118,10 +122,10 @@ def _backward(ctx, grad_lse, grad_target, grad_sum, _grad_best, _grad_class):
     mask = [need[0], need[1], need[3] and bias is not None, need[4] and row_margins is not None]
     dx, dw, db, dm = _ops.margin_ce_backward(
         grad_lse, grad_target, grad_sum, lse, x, weight, labels, bias, row_margins, curricular, class_index, *ctx.scalars, mask,
-        ctx.grad_skip,
+        *ctx.tail,
     )
     grads = [dx if mask[0] else None, dw if mask[1] else None, None, db if mask[2] else None, dm if mask[3] else None]
-    return tuple(grads) + (None,) * (2 + len(ctx.scalars) + 1)
+    return tuple(grads) + (None,) * (2 + len(ctx.scalars) + len(ctx.tail))
 
 
 torch.library.register_autograd("marginops::margin_ce_forward", _backward, setup_context=_setup_context)

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -50,3 +52,38 @@ def rel_err(a, b):
     scale = b.abs().max() if b.numel() else torch.tensor(0.0)
     diff = (a - b).abs().max() if b.numel() else torch.tensor(0.0)
     return float(diff / scale) if scale > 0 else float(diff)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _Emulated:
+    """csrc/cuda built for the CPU emulation (tests/cuda_emu): the fused backend's ops with the
+    schemas' trailing default (grad_skip = 0), the CUDA entry points that pick a backend
+    (forward_any, backward_any), and the chunked backend's plan."""
+
+    def __init__(self, ext):
+        self.ext = ext
+
+    def forward(self, *args, grad_skip=0.0):
+        return self.ext.forward(*args, grad_skip)
+
+    def backward(self, *args, grad_skip=0.0):
+        return self.ext.backward(*args, grad_skip)
+
+    def __getattr__(self, name):
+        return getattr(self.ext, name)
+
+
+@pytest.fixture(scope="session")
+def emu():
+    from torch.utils.cpp_extension import load
+
+    if os.environ.get("MARGINOPS_SKIP_EMULATION") == "1":
+        pytest.skip("MARGINOPS_SKIP_EMULATION=1")
+    return _Emulated(load(
+        name="marginops_cuda_emu",
+        sources=[os.path.join(ROOT, "tests", "cuda_emu", "emu_ext.cpp"), os.path.join(ROOT, "csrc", "head_inputs.cpp")],
+        extra_include_paths=[os.path.join(ROOT, "tests", "cuda_emu", "include")],
+        extra_cflags=["-O2", "-std=c++20"],  # std::barrier; torch before 2.13 defaults to C++17
+    ))

@@ -4,8 +4,6 @@ tiling, class splits, reductions, epilogues and backward formulas on machines wi
 what it cannot check (timing, shared-memory limits, real tensor-core rounding) needs the device:
 tests/test_cuda.py and scripts/gpu-check."""
 
-import os
-
 import pytest
 import torch
 
@@ -14,39 +12,8 @@ from marginops import ops, reference
 
 from conftest import make_inputs, rel_err
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 f64 = torch.float64
 _cpu = torch.ops.marginops
-
-
-@pytest.fixture(scope="module")
-def emu():
-    from torch.utils.cpp_extension import load
-
-    if os.environ.get("MARGINOPS_SKIP_EMULATION") == "1":
-        pytest.skip("MARGINOPS_SKIP_EMULATION=1")
-    return _Emulated(load(
-        name="marginops_cuda_emu",
-        sources=[os.path.join(ROOT, "tests", "cuda_emu", "emu_ext.cpp"), os.path.join(ROOT, "csrc", "head_inputs.cpp")],
-        extra_include_paths=[os.path.join(ROOT, "tests", "cuda_emu", "include")],
-        extra_cflags=["-O2", "-std=c++20"],  # std::barrier; torch before 2.13 defaults to C++17
-    ))
-
-
-class _Emulated:
-    """The emulated ops with the schemas' trailing default (grad_skip = 0)."""
-
-    def __init__(self, ext):
-        self.ext = ext
-
-    def forward(self, *args, grad_skip=0.0):
-        return self.ext.forward(*args, grad_skip)
-
-    def backward(self, *args, grad_skip=0.0):
-        return self.ext.backward(*args, grad_skip)
-
-    def __getattr__(self, name):
-        return getattr(self.ext, name)
 
 
 def op_args(x, W, y, b, margin, rm=None, cur=None, ci=None, num_classes=None, offset=0):

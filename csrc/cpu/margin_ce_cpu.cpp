@@ -582,9 +582,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_typed(
   return {dx.defined() ? dx : at::empty({0}, a.x.options()), dw, db, dm};
 }
 
+void check_cpu_backend(int64_t backend, int64_t workspace_bytes, const at::Tensor& x) {
+  check_backend(backend, workspace_bytes);
+  TORCH_CHECK_VALUE(backend == kAuto, "the ", backend == kChunked ? "chunked" : "fused",
+                    " backend runs on CUDA only, but x is on ", x.device(), " (use backend 'auto')");
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_forward(MO_HEAD_PARAMS,
-                                                                                         double /*grad_skip*/) {
+                                                                                         double /*grad_skip*/,
+                                                                                         int64_t backend,
+                                                                                         int64_t workspace_bytes) {
   at::NoGradGuard no_grad;
+  check_cpu_backend(backend, workspace_bytes, x);
   const HeadArgs a = check_head_args(MO_HEAD_PARAM_NAMES);
   if (a.acc_dtype() == at::kDouble) return forward_typed<double>(a);
   return forward_typed<float>(a);
@@ -593,8 +602,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_backward(
     const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_target,
     const std::optional<at::Tensor>& grad_sum, const at::Tensor& lse, MO_HEAD_PARAMS,
-    std::array<bool, 4> output_mask, double grad_skip) {
+    std::array<bool, 4> output_mask, double grad_skip, int64_t backend, int64_t workspace_bytes) {
   at::NoGradGuard no_grad;
+  check_cpu_backend(backend, workspace_bytes, x);
   const HeadArgs a = check_head_args(MO_HEAD_PARAM_NAMES);
   check_grad_skip(grad_skip);
   TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == a.rows, "lse must have shape [", a.rows,

@@ -494,22 +494,6 @@ cudaError_t backward_typed(const HeadParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-// The kernels for one (x, weight) dtype pair: 16-bit features run their products on tensor
-// cores with the weight converted tile by tile; float on tensor cores as TF32 when allowed, else
-// on CUDA cores, as double always is.
-template <typename F>
-cudaError_t dispatch(const HeadParams& p, F&& f) {
-  if (p.x_dtype == kDouble && p.w_dtype == kDouble) return f(double(), double(), double(), double());
-  if (p.x_dtype == kFloat && p.w_dtype == kFloat) {
-    return p.allow_tf32 ? f(float(), float(), tf32_t(), float()) : f(float(), float(), float(), float());
-  }
-  if (p.x_dtype == kHalf && p.w_dtype == kHalf) return f(__half(), __half(), __half(), float());
-  if (p.x_dtype == kBFloat16 && p.w_dtype == kBFloat16) return f(__nv_bfloat16(), __nv_bfloat16(), __nv_bfloat16(), float());
-  if (p.x_dtype == kHalf && p.w_dtype == kFloat) return f(__half(), float(), __half(), float());
-  if (p.x_dtype == kBFloat16 && p.w_dtype == kFloat) return f(__nv_bfloat16(), float(), __nv_bfloat16(), float());
-  return cudaErrorInvalidValue;
-}
-
 template <typename T>
 __global__ void psi_kernel(const T* c, const T* m1, const T* m2, const T* m3, int64_t n, int32_t kind, int32_t policy,
                            double lambda, T* v, T* dc, T* d1, T* d2, T* d3) {

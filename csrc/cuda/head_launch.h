@@ -33,8 +33,9 @@ struct Launch {
   std::vector<at::Tensor> keep;
 };
 
+// The params of checked arguments, without the workspace (each backend carves its own).
 template <typename Runtime>
-Launch prepare(const HeadArgs& a, bool backward) {
+Launch prepare_params(const HeadArgs& a) {
   const HeadConfig& cfg = a.cfg;
   TORCH_CHECK_VALUE(supported_dtypes(dtype_of(a.x.scalar_type()), dtype_of(a.weight.scalar_type())),
                     "on CUDA, x and weight must share a dtype, or weight be float32 with float16/bfloat16 x; got ",
@@ -71,7 +72,13 @@ Launch prepare(const HeadArgs& a, bool backward) {
   }
   if (a.row_margins.defined()) p.row_margins = keep(a.row_margins.to(acc).contiguous());
   if (a.curricular.defined()) p.curricular = keep(a.curricular.to(acc).contiguous());
+  return l;
+}
 
+template <typename Runtime>
+Launch prepare(const HeadArgs& a, bool backward) {
+  Launch l = prepare_params<Runtime>(a);
+  HeadParams& p = l.p;
   const Workspace w = workspace_bytes(p, Runtime::sm_count(), backward);
   p.splits = w.splits;
   const std::array<size_t, 6> sizes{w.rows, w.w_norm, w.partial, w.partial_best, w.dx_part, w.rsum_part};
@@ -118,38 +125,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_o
   return {lse, zt, zsum, best, best_class};
 }
 
-template <typename Runtime>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
+// What both backends' backwards do around their kernels: the lse and row-gradient checks, the
+// gradients' buffers per output_mask (p.dx, p.dw, p.dbias, p.dm set; null when not asked for),
+// then run(l) launches the kernels, then the bias gradient is scattered to its classes.
+template <typename Runtime, typename Run>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_with(
     const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_target,
-    const std::optional<at::Tensor>& grad_sum, const at::Tensor& lse, MO_HEAD_PARAMS,
-    std::array<bool, 4> output_mask, double grad_skip) {
-  const HeadArgs a = check_head_args(MO_HEAD_PARAM_NAMES);
-  check_grad_skip(grad_skip);
+    const std::optional<at::Tensor>& grad_sum, const at::Tensor& lse, const HeadArgs& a,
+    std::array<bool, 4> output_mask, Launch& l, Run run) {
   TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == a.rows, "lse must have shape [", a.rows,
                     "], got ", lse.sizes());
-  const auto guard = Runtime::guard(x.device());
   const auto acc = a.acc_dtype();
-  Launch l = prepare<Runtime>(a, true);
+  const auto opts = a.x.options();
   l.p.g_lse = row_grad(check_row_grad(grad_lse, a, "grad_lse"), acc, l);
   l.p.g_target = row_grad(check_row_grad(grad_target, a, "grad_target_logit"), acc, l);
   l.p.g_sum = row_grad(check_row_grad(grad_sum, a, "grad_logit_sum"), acc, l);
   l.p.lse_in = row_grad(lse, acc, l);
-  l.p.grad_skip = grad_skip;
   const bool need_dx = output_mask[0], need_dw = output_mask[1];
   const bool need_db = output_mask[2] && a.bias.defined(), need_dm = output_mask[3] && a.row_margins.defined();
-  at::Tensor dx = need_dx ? at::empty_like(a.x) : at::empty({0}, x.options());
+  at::Tensor dx = need_dx ? at::empty_like(a.x) : at::empty({0}, opts);
   at::Tensor dw = need_dw ? (a.class_index.defined() ? at::zeros_like(a.weight) : at::empty_like(a.weight))
-                          : at::empty({0}, weight.options());
-  at::Tensor dbias_cols = need_db ? at::zeros({a.columns}, x.options().dtype(acc)) : at::Tensor();
-  at::Tensor dm = need_dm ? at::zeros({a.rows, 3}, x.options().dtype(acc)) : at::Tensor();
+                          : at::empty({0}, a.weight.options());
+  at::Tensor dbias_cols = need_db ? at::zeros({a.columns}, opts.dtype(acc)) : at::Tensor();
+  at::Tensor dm = need_dm ? at::zeros({a.rows, 3}, opts.dtype(acc)) : at::Tensor();
   l.p.dx = need_dx ? dx.data_ptr() : nullptr;
   l.p.dw = need_dw ? dw.data_ptr() : nullptr;
   l.p.dbias = need_db ? dbias_cols.data_ptr() : nullptr;
   l.p.dm = need_dm ? dm.data_ptr() : nullptr;
-  if (need_dx || need_dw || need_db || need_dm) {
-    Runtime::check(head_backward(l.p, Runtime::stream()));
-  }
-  at::Tensor db = at::empty({0}, x.options());
+  if (need_dx || need_dw || need_db || need_dm) run(l);
+  at::Tensor db = at::empty({0}, opts);
   if (need_db) {
     db = at::zeros_like(a.bias);
     if (a.class_index.defined()) {
@@ -158,7 +162,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
       db.copy_(dbias_cols);
     }
   }
-  return {dx, dw, db, need_dm ? dm.to(a.row_margins.scalar_type()) : at::empty({0}, x.options())};
+  return {dx, dw, db, need_dm ? dm.to(a.row_margins.scalar_type()) : at::empty({0}, opts)};
+}
+
+template <typename Runtime>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
+    const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_target,
+    const std::optional<at::Tensor>& grad_sum, const at::Tensor& lse, MO_HEAD_PARAMS,
+    std::array<bool, 4> output_mask, double grad_skip) {
+  const HeadArgs a = check_head_args(MO_HEAD_PARAM_NAMES);
+  check_grad_skip(grad_skip);
+  const auto guard = Runtime::guard(x.device());
+  Launch l = prepare<Runtime>(a, true);
+  l.p.grad_skip = grad_skip;
+  return backward_with<Runtime>(grad_lse, grad_target, grad_sum, lse, a, output_mask, l,
+                                [](Launch& launch) { Runtime::check(head_backward(launch.p, Runtime::stream())); });
 }
 
 template <typename Runtime>

@@ -32,6 +32,7 @@ struct RowInfo {
   // Set by target_grad_kernel for the backward passes.
   ACC gl, gs, gt, lse;
   ACC g_target;        // ∂L/∂z_iy
+  ACC gscale;          // the chunked backward's row scale max(|gl|, |gs|)
   TargetGrad<ACC> tg;  // the target's share, for every margin kind (ψ = c for kIdentity)
 };
 
@@ -170,9 +171,10 @@ __global__ void merge_kernel(HeadParams p) {
     const ACC* o = part + (s * p.B + i) * 4;
     if (o[1] > 0) l += o[1] * exp(o[0] - m);
     zs += o[2];
-    if (o[3] > bv) {
+    const int64_t oj = p.partial_best[s * p.B + i];
+    if (o[3] > bv || (o[3] == bv && oj >= 0 && (bj < 0 || oj < bj))) {  // first column on ties
       bv = o[3];
-      bj = p.partial_best[s * p.B + i];
+      bj = oj;
     }
   }
   const RowInfo<ACC>& row = static_cast<const RowInfo<ACC>*>(p.rows)[i];
@@ -212,6 +214,35 @@ __device__ __forceinline__ ACC entry_grad(const RowInfo<ACC>& row, const Entry<A
   if (e.target) return row.g_target;
   ACC g = row.gl * exp(e.z - row.lse) + row.gs;
   return is_label ? g + row.gt : g;
+}
+
+// The largest v of the warp and its column j, the first column on ties (j < 0: none).
+template <typename ACC>
+__device__ __forceinline__ void warp_argmax(ACC& v, int64_t& j) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const ACC ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const int64_t oj = __shfl_xor_sync(0xffffffffu, j, o);
+    if (ov > v || (ov == v && oj >= 0 && (j < 0 || oj < j))) {
+      v = ov;
+      j = oj;
+    }
+  }
+}
+
+// The kernels for one (x, weight) dtype pair: 16-bit features run their products on tensor
+// cores with the weight converted tile by tile; float on tensor cores as TF32 when allowed, else
+// on CUDA cores, as double always is.
+template <typename F>
+cudaError_t dispatch(const HeadParams& p, F&& f) {
+  if (p.x_dtype == kDouble && p.w_dtype == kDouble) return f(double(), double(), double(), double());
+  if (p.x_dtype == kFloat && p.w_dtype == kFloat) {
+    return p.allow_tf32 ? f(float(), float(), tf32_t(), float()) : f(float(), float(), float(), float());
+  }
+  if (p.x_dtype == kHalf && p.w_dtype == kHalf) return f(__half(), __half(), __half(), float());
+  if (p.x_dtype == kBFloat16 && p.w_dtype == kBFloat16) return f(__nv_bfloat16(), __nv_bfloat16(), __nv_bfloat16(), float());
+  if (p.x_dtype == kHalf && p.w_dtype == kFloat) return f(__half(), float(), __half(), float());
+  if (p.x_dtype == kBFloat16 && p.w_dtype == kFloat) return f(__nv_bfloat16(), float(), __nv_bfloat16(), float());
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace

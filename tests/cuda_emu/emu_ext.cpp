@@ -1,15 +1,31 @@
-// csrc/cuda's kernels and launcher, built for the CPU emulation in fake_cuda.h: the test suite
-// runs the CUDA source itself against the CPU op. Torch headers come first: fake_cuda.h defines
+// csrc/cuda's kernels and launchers (both backends), built for the CPU emulation in fake_cuda.h:
+// the test suite runs the CUDA source itself. Torch headers come first: fake_cuda.h defines
 // CUDA's keywords as macros.
 #include <torch/extension.h>
 
 #include "cuda_runtime.h"  // tests/cuda_emu/include/fake_cuda.h
 #include "../../csrc/cuda/head_kernels.cu"
-#include "../../csrc/cuda/head_launch.h"
+#include "../../csrc/cuda/chunk_kernels.cu"
+#include "../../csrc/cuda/chunked_launch.h"
 
 namespace {
 
 int g_sm_count = 4;
+int64_t g_gemms = 0;
+
+at::ScalarType scalar_type(marginops::cuda::DType t) {
+  switch (t) {
+    case marginops::cuda::kHalf: return at::kHalf;
+    case marginops::cuda::kBFloat16: return at::kBFloat16;
+    case marginops::cuda::kFloat: return at::kFloat;
+    default: return at::kDouble;
+  }
+}
+
+// cvt.rna.tf32.f32 on a float tensor: round to nearest (ties away) to a 10-bit mantissa.
+at::Tensor round_tf32(const at::Tensor& t) {
+  return t.contiguous().view(at::kInt).add(0x1000).bitwise_and(static_cast<int32_t>(0xffffe000u)).view(at::kFloat);
+}
 
 struct EmuRuntime {
   static bool capturing() { return false; }
@@ -17,14 +33,76 @@ struct EmuRuntime {
   static int sm_count() { return g_sm_count; }
   static void check(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "emulated kernel launch failed: ", err); }
   static int guard(c10::Device) { return 0; }
+  // cuBLAS's contract (CudaRuntime::gemm in head_cuda.cpp) on ATen's CPU mm: exact products of
+  // the operands, accumulated in float32 (float64 for float64), TF32 operands when torch allows.
+  static void gemm(marginops::cuda::DType op, bool ta, bool tb, int64_t M, int64_t N, int64_t K, const void* A,
+                   int64_t lda, const void* B, int64_t ldb, double beta, void* C, int64_t ldc) {
+    ++g_gemms;
+    if (M == 0 || N == 0) return;
+    const at::ScalarType st = scalar_type(op), acc = st == at::kDouble ? at::kDouble : at::kFloat;
+    const bool tf32 = st == at::kFloat && at::globalContext().allowTF32CuBLAS();
+    const auto operand = [&](const void* p, int64_t rows, int64_t cols, int64_t ld, bool t) {
+      at::Tensor s = at::from_blob(const_cast<void*>(p), {t ? cols : rows, t ? rows : cols}, {ld, 1},
+                                   at::TensorOptions().dtype(st)).to(acc);
+      if (tf32) s = round_tf32(s);
+      return t ? s.t() : s;
+    };
+    at::Tensor out = at::from_blob(C, {M, N}, {ldc, 1}, at::TensorOptions().dtype(acc));
+    at::Tensor prod = at::mm(operand(A, M, K, lda, ta), operand(B, K, N, ldb, tb));
+    if (beta == 0.0) {
+      out.copy_(prod);
+    } else {
+      out.mul_(beta).add_(prod);
+    }
+  }
 };
+
+pybind11::dict plan_dict(const marginops::cuda::ChunkPlan& p) {
+  pybind11::dict d;
+  d["classes"] = p.classes;
+  d["chunks"] = p.chunks;
+  d["segments"] = p.segments;
+  d["ldx"] = p.ldx;
+  d["copy_w"] = p.copy_w;
+  d["prescale_w"] = p.prescale_w;
+  d["total"] = p.total;
+  return d;
+}
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &marginops::cuda::forward_op<EmuRuntime>);
-  m.def("backward", &marginops::cuda::backward_op<EmuRuntime>);
-  m.def("psi", &marginops::cuda::psi_op<EmuRuntime>);
-  m.def("topk", &marginops::cuda::topk_op<EmuRuntime>);
+  using namespace marginops::cuda;
+  m.def("forward", &forward_op<EmuRuntime>);
+  m.def("backward", &backward_op<EmuRuntime>);
+  m.def("forward_any", &forward_any<EmuRuntime>, "margin_ce_forward's CUDA entry point (backend, workspace_bytes)");
+  m.def("backward_any", &backward_any<EmuRuntime>, "margin_ce_backward's CUDA entry point");
+  m.def("psi", &psi_op<EmuRuntime>);
+  m.def("topk", &topk_op<EmuRuntime>);
   m.def("set_sm_count", [](int n) { g_sm_count = n; }, "SMs the workspace sizing assumes (it sets the class splits)");
+  m.def("last_plan", [] { return plan_dict(last_chunk_plan()); }, "the chunk plan of the last chunked op");
+  m.def("launches", [] { return fake_cuda::launches + g_gemms; }, "kernel launches and GEMMs so far");
+  m.def(
+      "plan",
+      [](int64_t B, int64_t D, int64_t C, int64_t K, at::ScalarType x, at::ScalarType w, bool normalize_w,
+         bool class_index, bool backward, bool need_db, int64_t budget, bool need_dx, bool need_dw) {
+        HeadParams p;
+        p.B = B;
+        p.D = D;
+        p.C = C;
+        p.K = K;
+        p.x_dtype = dtype_of(x);
+        p.w_dtype = dtype_of(w);
+        p.acc_double = x == at::kDouble && w == at::kDouble;
+        p.cfg.normalize_w = normalize_w;
+        static const int64_t dummy = 0;
+        p.class_index = class_index ? &dummy : nullptr;
+        p.dx = need_dx ? reinterpret_cast<void*>(1) : nullptr;  // only tested for null
+        p.dw = need_dw ? reinterpret_cast<void*>(1) : nullptr;
+        const ChunkPlan plan = plan_chunks(p, backward, need_db, marginops::workspace_budget(budget));
+        pybind11::dict d = plan_dict(plan);
+        d["launches"] = chunk_launches(plan, p, backward);
+        return d;
+      },
+      "the chunk plan (and its launch count) for shapes and dtypes, without running");
 }

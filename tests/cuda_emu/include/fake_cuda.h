@@ -73,9 +73,12 @@ inline thread_local uint3 thread_idx{0, 0, 0}, block_idx{0, 0, 0};
 inline thread_local dim3 block_dim, grid_dim;
 inline thread_local Block* block = nullptr;
 
+inline int64_t launches = 0;  // kernel launches so far (tests count them)
+
 // Runs body on every thread of every block of the grid, one block at a time.
 template <class F>
 void launch(dim3 grid, dim3 threads, size_t smem, F&& body) {
+  ++launches;
   const unsigned n = threads.x;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)

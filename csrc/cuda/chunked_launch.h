@@ -1,0 +1,177 @@
+// The chunked backend's op bodies (DESIGN.md §2b): the chunk loop, written once against ATen and
+// a Runtime that adds gemm() to head_launch.h's (cuBLAS through torch's handle and current
+// stream on CUDA; ATen's CPU mm under tests/cuda_emu). Also the ops' CUDA entry points, which
+// pick a backend.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "chunk_kernels.h"
+#include "head_launch.h"
+
+namespace marginops::cuda {
+
+// The plan of this thread's last chunked op (tests read it through tests/cuda_emu).
+inline ChunkPlan& last_chunk_plan() {
+  static thread_local ChunkPlan plan;
+  return plan;
+}
+
+// The plan's buffers carved from one allocation that `l` keeps alive.
+inline ChunkParams carve(const ChunkPlan& plan, HeadParams& p, const at::TensorOptions& opts, Launch& l) {
+  at::Tensor ws = at::empty({static_cast<int64_t>(plan.total)}, opts.dtype(at::kByte));
+  l.keep.push_back(ws);
+  uint8_t* base = ws.data_ptr<uint8_t>();
+  size_t off = 0;
+  const auto take = [&](size_t bytes) -> void* {
+    void* ptr = bytes ? base + off : nullptr;
+    off += (bytes + 255) / 256 * 256;
+    return ptr;
+  };
+  ChunkParams c;
+  p.rows = take(plan.rows);
+  p.partial = take(plan.slots);
+  p.partial_best = static_cast<int64_t*>(take(plan.slot_best));
+  p.splits = plan.segments;
+  c.logits = take(plan.logits);
+  c.grad = take(plan.grad);
+  c.w_copy = take(plan.w_copy);
+  c.col_norm = take(plan.col_norm);
+  c.dx_acc = take(plan.dx_acc);
+  c.xs = take(plan.xs);
+  c.row_keys = static_cast<int64_t*>(take(plan.row_keys));
+  c.row_scale_max = take(plan.scalar);
+  c.segments = plan.segments;
+  c.prescale_w = plan.prescale_w;
+  c.ldx = plan.ldx;
+  return c;
+}
+
+// Chunk t's classes and weight rows: the copy, or a view of weight.
+inline void select_chunk(const ChunkPlan& plan, const HeadParams& p, int64_t t, ChunkParams& c) {
+  c.c0 = t * plan.classes;
+  c.n = std::min(plan.classes, p.C - c.c0);
+  c.first = t == 0;
+  const size_t elt = p.w_dtype == kDouble ? 8 : (p.w_dtype == kFloat ? 4 : 2);
+  c.wc = c.w_copy ? c.w_copy : static_cast<const uint8_t*>(p.w) + static_cast<size_t>(c.c0 * p.K * p.D) * elt;
+}
+
+template <typename Runtime>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_forward_op(const HeadArgs& a,
+                                                                                          size_t budget) {
+  const auto guard = Runtime::guard(a.x.device());
+  Launch l = prepare_params<Runtime>(a);
+  HeadParams& p = l.p;
+  const ChunkPlan plan = plan_chunks(p, false, false, budget);
+  last_chunk_plan() = plan;
+  ChunkParams c = carve(plan, p, a.x.options(), l);
+  const auto opts = a.x.options().dtype(a.acc_dtype());
+  at::Tensor lse = at::empty({a.rows}, opts), zt = at::empty({a.rows}, opts), zsum = at::empty({a.rows}, opts);
+  at::Tensor best = at::empty({a.rows}, opts), best_class = at::empty({a.rows}, opts.dtype(at::kLong));
+  p.lse = lse.data_ptr();
+  p.target_logit = zt.data_ptr();
+  p.logit_sum = zsum.data_ptr();
+  p.best_logit = best.data_ptr();
+  p.best_class = best_class.data_ptr<int64_t>();
+  const auto stream = Runtime::stream();
+  const DType op = chunk_operand_dtype(p.x_dtype, p.w_dtype);
+  Runtime::check(chunk_row_prep(p, c, false, stream));
+  for (int64_t t = 0; t < plan.chunks; ++t) {
+    select_chunk(plan, p, t, c);
+    Runtime::check(chunk_weights(p, c, stream));
+    // u [B, n·K] = x · Wcᵀ
+    Runtime::gemm(op, false, true, p.B, c.n * p.K, p.D, p.x, p.D, c.wc, p.D, 0.0, c.logits, c.n * p.K);
+    Runtime::check(chunk_softmax(p, c, stream));
+  }
+  if (plan.chunks == 0) {  // no classes here: empty slots
+    c.n = 0;
+    c.first = true;
+    Runtime::check(chunk_softmax(p, c, stream));
+  }
+  Runtime::check(chunk_merge(p, stream));
+  return {lse, zt, zsum, best, best_class};
+}
+
+template <typename Runtime>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_backward_op(
+    const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_target,
+    const std::optional<at::Tensor>& grad_sum, const at::Tensor& lse, const HeadArgs& a,
+    std::array<bool, 4> output_mask, size_t budget) {
+  const auto guard = Runtime::guard(a.x.device());
+  Launch l = prepare_params<Runtime>(a);
+  return backward_with<Runtime>(grad_lse, grad_target, grad_sum, lse, a, output_mask, l, [&](Launch& launch) {
+    HeadParams& p = launch.p;
+    const bool need_dw = p.dw != nullptr || p.dbias != nullptr;
+    const ChunkPlan plan = plan_chunks(p, true, p.dbias != nullptr, budget);
+    last_chunk_plan() = plan;
+    ChunkParams c = carve(plan, p, a.x.options(), launch);
+    if (p.B == 0) {  // no rows: dW and dbias stay zero
+      if (p.dw) at::from_blob(p.dw, a.weight.sizes(), a.weight.options()).zero_();
+      return;
+    }
+    const auto stream = Runtime::stream();
+    const DType op = chunk_operand_dtype(p.x_dtype, p.w_dtype);
+    Runtime::check(chunk_row_prep(p, c, true, stream));
+    const auto [sorted_keys, sorted_rows] =
+        at::from_blob(c.row_keys, {p.B}, a.x.options().dtype(at::kLong)).sort();
+    launch.keep.push_back(sorted_keys);
+    launch.keep.push_back(sorted_rows);
+    c.sorted_keys = sorted_keys.data_ptr<int64_t>();
+    c.sorted_rows = sorted_rows.data_ptr<int64_t>();
+    if (need_dw) Runtime::check(chunk_scaled_x(p, c, stream));
+    for (int64_t t = 0; t < plan.chunks; ++t) {
+      select_chunk(plan, p, t, c);
+      const int64_t nk = c.n * p.K;
+      Runtime::check(chunk_weights(p, c, stream));
+      Runtime::gemm(op, false, true, p.B, nk, p.D, p.x, p.D, c.wc, p.D, 0.0, c.logits, nk);  // u = x · Wcᵀ
+      Runtime::check(chunk_grad(p, c, stream));
+      // dx_acc [B, D] += Ĝ · Wc
+      if (p.dx) Runtime::gemm(op, false, false, p.B, p.D, nk, c.grad, nk, c.wc, p.D, t == 0 ? 0.0 : 1.0, c.dx_acc, p.D);
+      if (need_dw) {
+        // dw_acc [n·K, ldx] = Ĝᵀ · xs, over u's buffer (u is spent)
+        Runtime::gemm(op, true, false, nk, c.ldx, p.B, c.grad, nk, c.xs, c.ldx, 0.0, c.logits, c.ldx);
+        Runtime::check(chunk_dw(p, c, stream));
+      }
+    }
+    if (p.dx) {
+      if (plan.chunks == 0) at::from_blob(c.dx_acc, {p.B, p.D}, a.x.options().dtype(a.acc_dtype())).zero_();
+      Runtime::check(chunk_dx_finalize(p, c, stream));
+    }
+  });
+}
+
+// ---- the ops' CUDA entry points ------------------------------------------------------------------
+
+template <typename Runtime>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_any(MO_HEAD_PARAMS, double grad_skip,
+                                                                                   int64_t backend,
+                                                                                   int64_t workspace_bytes) {
+  check_backend(backend, workspace_bytes);
+  const size_t budget = workspace_budget(workspace_bytes);
+  if (backend == kFused) return forward_op<Runtime>(MO_HEAD_PARAM_NAMES, grad_skip);
+  return chunked_forward_op<Runtime>(check_head_args(MO_HEAD_PARAM_NAMES), budget);
+}
+
+// grad_skip reaches the fused backend only: the chunked one's products are cuBLAS GEMMs over
+// whole chunks, where a skipped tile saves nothing, so it computes every gradient (exact).
+template <typename Runtime>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_any(
+    const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_target,
+    const std::optional<at::Tensor>& grad_sum, const at::Tensor& lse, MO_HEAD_PARAMS,
+    std::array<bool, 4> output_mask, double grad_skip, int64_t backend, int64_t workspace_bytes) {
+  check_backend(backend, workspace_bytes);
+  const size_t budget = workspace_budget(workspace_bytes);
+  if (backend == kFused) {
+    return backward_op<Runtime>(grad_lse, grad_target, grad_sum, lse, MO_HEAD_PARAM_NAMES, output_mask, grad_skip);
+  }
+  check_grad_skip(grad_skip);
+  return chunked_backward_op<Runtime>(grad_lse, grad_target, grad_sum, lse, check_head_args(MO_HEAD_PARAM_NAMES),
+                                      output_mask, budget);
+}
+
+}  // namespace marginops::cuda
