@@ -38,12 +38,33 @@ constexpr int kChunk = 64;     // columns of D per step of the dx / dW products
 template <typename ACC>
 constexpr int kSlab = std::is_same_v<ACC, double> ? 256 : 512;  // columns of D one block accumulates
 
-// The weight row of tile position pos (classes j0 + pos / K), or -1 past the computed classes.
-__device__ __forceinline__ int64_t weight_row(const HeadParams& p, int64_t j0, int pos) {
-  const int64_t c = j0 + pos / p.K;
-  if (pos >= (p.K > 0 ? (kTileW / p.K) * p.K : 0) || c >= p.C) return -1;
-  const int64_t local = p.class_index ? p.class_index[c] : c;
-  return local * p.K + pos % p.K;
+// wr[pos] = the weight row of position pos < NW of the class tile from j0 (class j0 + pos / K,
+// sub-center pos % K), or -1 past the computed classes and in the last NW % K positions. Filled
+// once per class tile, so the tile loads look rows up instead of dividing by K per element; K = 1
+// (no sub-centers) divides nothing.
+template <int NW>
+__device__ __forceinline__ void fill_weight_rows(const HeadParams& p, int64_t j0, int64_t* wr) {
+  const int K = static_cast<int>(p.K);  // 1..32
+  for (int pos = threadIdx.x; pos < NW; pos += blockDim.x) {
+    const int cc = K == 1 ? pos : pos / K, k = K == 1 ? 0 : pos - cc * K;
+    const int64_t c = j0 + cc;
+    int64_t row = -1;
+    if (cc < NW / K && c < p.C) row = (p.class_index ? p.class_index[c] : c) * K + k;
+    wr[pos] = row;
+  }
+}
+
+// The class tiles [t0, t1) of split s: contiguous and in order (the merge keeps the first split's
+// best logit on ties, as the CPU op keeps the first column). In 32-bit unsigned arithmetic, which
+// divides inline: a 64-bit division is a subroutine call, and registers live across the call
+// spill. head_forward / head_backward check C < 2^31; workspace_bytes keeps splits < 2^16, so
+// s · rem < 2^32.
+__device__ __forceinline__ void split_tiles(const HeadParams& p, int cpt, unsigned s, int64_t& t0, int64_t& t1) {
+  const unsigned splits = static_cast<unsigned>(p.splits);
+  const unsigned ntiles = (static_cast<unsigned>(p.C) + cpt - 1) / static_cast<unsigned>(cpt);
+  const unsigned q = ntiles / splits, rem = ntiles % splits;
+  t0 = static_cast<int64_t>(s) * q + s * rem / splits;
+  t1 = static_cast<int64_t>(s + 1) * q + (s + 1) * rem / splits;
 }
 
 // Shared memory of a tile kernel: the logit tile's operands As [BM][kBK] and Bs [NW][kBK], the
@@ -57,9 +78,10 @@ struct TileSmem {
   ACC* Ss;
   OP *Gs, *Cs;
   ACC *acc, *extra;
+  int64_t* wr;  // [NW] the class tile's weight rows (fill_weight_rows)
   size_t bytes;
   __host__ __device__ explicit TileSmem(unsigned char* base) {
-    SmemCarver sm{reinterpret_cast<std::uintptr_t>(base)};
+    SmemCarver sm{base};
     As = sm.take<OP>(BM * lda);
     Bs = sm.take<OP>(NW * lda);
     Ss = sm.take<ACC>(BM * lds);
@@ -67,6 +89,7 @@ struct TileSmem {
     Cs = sm.take<OP>(CROWS * ldc);
     acc = sm.take<ACC>(AROWS * lacc);
     extra = sm.take<ACC>(EXTRA);
+    wr = sm.take<int64_t>(NW);
     bytes = sm.offset;
   }
 };
@@ -98,17 +121,21 @@ __global__ void __launch_bounds__(kThreads) w_norm_kernel(HeadParams p) {
 
 // ---- the logit tile ---------------------------------------------------------------------------
 
-// Ss[r][pos] = x_{i0 + r} · W_{weight_row(pos)} for ROWS rows and NW weight rows (zero outside).
-template <int ROWS, int NW, typename TX, typename TW, typename OP, typename ACC, typename RowOf>
-__device__ __forceinline__ void logit_tile(const HeadParams& p, int64_t i0, RowOf wrow, OP* As, OP* Bs, ACC* Ss) {
+// Ss[r][pos] = x_{i0 + r} · W_{wr[pos]} for ROWS rows and NW weight rows (zero outside).
+// prologue() runs after the first barrier, when every warp is done with the previous tile: the
+// forward and dx kernels fill wr for the new class tile there.
+template <int ROWS, int NW, typename TX, typename TW, typename OP, typename ACC, typename Prologue>
+__device__ __forceinline__ void logit_tile(const HeadParams& p, int64_t i0, const int64_t* wr, Prologue prologue, OP* As,
+                                           OP* Bs, ACC* Ss) {
   constexpr int lda = kBK + kPad<OP>, lds = NW + kPad<ACC>;
-  __syncthreads();  // every warp is done with the previous tile's Ss
+  __syncthreads();  // every warp is done with the previous tile's Ss and wr
+  prologue();
   for (int e = threadIdx.x; e < ROWS * lds; e += blockDim.x) Ss[e] = ACC(0);
   for (int64_t d0 = 0; d0 < p.D; d0 += kBK) {
     __syncthreads();
     load_tile(As, lda, ROWS, kBK, static_cast<const TX*>(p.x), p.D, d0, p.D,
               [&](int r) { return i0 + r < p.B ? i0 + r : int64_t(-1); });
-    load_tile(Bs, lda, NW, kBK, static_cast<const TW*>(p.w), p.D, d0, p.D, wrow);
+    load_tile(Bs, lda, NW, kBK, static_cast<const TW*>(p.w), p.D, d0, p.D, [&](int pos) { return wr[pos]; });
     __syncthreads();
     tile_mma<ROWS, NW, kBK, OP, ACC, false, true>(As, lda, Bs, lda, Ss, lds);
   }
@@ -116,7 +143,7 @@ __device__ __forceinline__ void logit_tile(const HeadParams& p, int64_t i0, RowO
 }
 
 template <typename TX, typename TW, typename OP, typename ACC>
-__global__ void __launch_bounds__(kThreads) forward_kernel(HeadParams p) {
+__global__ void __launch_bounds__(kThreads, 2) forward_kernel(HeadParams p) {
   constexpr int BM = kFwdRows, NW = kTileW;
   using Smem = ForwardSmem<OP, ACC>;
   constexpr int lds = Smem::lds, kRowsPerWarp = BM / kWarps;
@@ -124,12 +151,14 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(HeadParams p) {
   const Smem sm(smem_raw);
   OP *As = sm.As, *Bs = sm.Bs;
   ACC* Ss = sm.Ss;
+  int64_t* wr = sm.wr;
   const RowInfo<ACC>* rows = static_cast<const RowInfo<ACC>*>(p.rows);
   const ACC* wnorm = static_cast<const ACC*>(p.w_norm);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t cpt = kTileW / p.K, ntiles = (p.C + cpt - 1) / cpt;
+  const int cpt = kTileW / static_cast<int>(p.K);
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * BM, s = blockIdx.y;
-  const int64_t t0 = s * ntiles / p.splits, t1 = (s + 1) * ntiles / p.splits;
+  int64_t t0, t1;
+  split_tiles(p, cpt, blockIdx.y, t0, t1);
 
   ACC m[kRowsPerWarp], l[kRowsPerWarp], zs[kRowsPerWarp], bv[kRowsPerWarp];
   int64_t bj[kRowsPerWarp];
@@ -141,7 +170,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(HeadParams p) {
   }
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t j0 = t * cpt;
-    logit_tile<BM, NW, TX, TW, OP, ACC>(p, i0, [&](int pos) { return weight_row(p, j0, pos); }, As, Bs, Ss);
+    logit_tile<BM, NW, TX, TW, OP, ACC>(p, i0, wr, [&] { fill_weight_rows<NW>(p, j0, wr); }, As, Bs, Ss);
     for (int q = 0; q < kRowsPerWarp; ++q) {
       const int r = warp * kRowsPerWarp + q;
       const int64_t i = i0 + r;
@@ -213,10 +242,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(HeadParams p) {
 // keeps only its label entries, and its products shrink to one row update per label.
 template <typename ACC>
 __device__ bool tile_negligible(const HeadParams& p, const RowInfo<ACC>* rows, const ACC* Ss, int lds, int64_t i0,
-                                int bm, int64_t j0, int64_t cpt, const ACC* wnorm) {
+                                int bm, int64_t j0, int cpt, const ACC* wnorm) {
   int visible = 0;
-  for (int64_t e = threadIdx.x; e < bm * cpt && !visible; e += blockDim.x) {
-    const int r = static_cast<int>(e / cpt), cc = static_cast<int>(e % cpt);
+  for (int e = threadIdx.x; e < bm * cpt && !visible; e += blockDim.x) {
+    const int r = e / cpt, cc = e % cpt;
     const int64_t i = i0 + r, j = j0 + cc;
     if (i >= p.B || j >= p.C || j == rows[i].tcol) continue;
     const RowInfo<ACC>& row = rows[i];
@@ -231,12 +260,12 @@ __device__ bool tile_negligible(const HeadParams& p, const RowInfo<ACC>* rows, c
 
 // The label's column of row i within the tile's classes [j0, j0 + cpt), or -1.
 template <typename ACC>
-__device__ __forceinline__ int label_column(const RowInfo<ACC>& row, int64_t j0, int64_t cpt) {
+__device__ __forceinline__ int label_column(const RowInfo<ACC>& row, int64_t j0, int cpt) {
   return row.tcol >= j0 && row.tcol < j0 + cpt ? static_cast<int>(row.tcol - j0) : -1;
 }
 
 template <typename TX, typename TW, typename OP, typename ACC>
-__global__ void __launch_bounds__(kThreads) dx_kernel(HeadParams p) {
+__global__ void __launch_bounds__(kThreads, 1) dx_kernel(HeadParams p) {
   constexpr int BM = kDxRows, NW = kTileW, SLAB = kSlab<ACC>;
   using Smem = DxSmem<OP, ACC>;
   constexpr int lds = Smem::lds, ldg = Smem::ldg, ldw = Smem::ldc, lacc = Smem::lacc, kRowsPerWarp = BM / kWarps;
@@ -244,20 +273,22 @@ __global__ void __launch_bounds__(kThreads) dx_kernel(HeadParams p) {
   const Smem sm(smem_raw);
   OP *As = sm.As, *Bs = sm.Bs, *Gs = sm.Gs, *Wc = sm.Cs;
   ACC *Ss = sm.Ss, *acc = sm.acc, *rs = sm.extra;
+  int64_t* wr = sm.wr;
   RowInfo<ACC>* rows = static_cast<RowInfo<ACC>*>(p.rows);
   const ACC* wnorm = static_cast<const ACC*>(p.w_norm);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t cpt = kTileW / p.K, ntiles = (p.C + cpt - 1) / cpt;
+  const int cpt = kTileW / static_cast<int>(p.K);
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * BM, s = blockIdx.y, d_begin = static_cast<int64_t>(blockIdx.z) * SLAB;
   const int64_t d_end = d_begin + SLAB < p.D ? d_begin + SLAB : p.D;
-  const int64_t t0 = s * ntiles / p.splits, t1 = (s + 1) * ntiles / p.splits;
+  int64_t t0, t1;
+  split_tiles(p, cpt, blockIdx.y, t0, t1);
   for (int e = threadIdx.x; e < BM * lacc; e += blockDim.x) acc[e] = ACC(0);
   for (int e = threadIdx.x; e < BM; e += blockDim.x) rs[e] = ACC(0);
 
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t j0 = t * cpt;
-    const auto wrow = [&](int pos) { return weight_row(p, j0, pos); };
-    logit_tile<BM, NW, TX, TW, OP, ACC>(p, i0, wrow, As, Bs, Ss);
+    const auto wrow = [&](int pos) { return wr[pos]; };
+    logit_tile<BM, NW, TX, TW, OP, ACC>(p, i0, wr, [&] { fill_weight_rows<NW>(p, j0, wr); }, As, Bs, Ss);
     const bool sparse = p.grad_skip > 0 && tile_negligible(p, rows, Ss, lds, i0, BM, j0, cpt, wnorm);
     for (int e = threadIdx.x; e < BM * ldg; e += blockDim.x) Gs[e] = convert<OP>(0.0f);
     __syncthreads();
@@ -338,7 +369,7 @@ __global__ void dx_finalize_kernel(HeadParams p) {
 }
 
 template <typename TX, typename TW, typename OP, typename ACC>
-__global__ void __launch_bounds__(kThreads) dw_kernel(HeadParams p) {
+__global__ void __launch_bounds__(kThreads, 1) dw_kernel(HeadParams p) {
   constexpr int BM = kDwRows, NW = kDwW, SLAB = kSlab<ACC>;
   using Smem = DwSmem<OP, ACC>;
   constexpr int lds = Smem::lds, ldg = Smem::ldg, ldx = Smem::ldc, lacc = Smem::lacc, kRowsPerWarp = BM / kWarps;
@@ -346,32 +377,34 @@ __global__ void __launch_bounds__(kThreads) dw_kernel(HeadParams p) {
   const Smem sm(smem_raw);
   OP *As = sm.As, *Bs = sm.Bs, *Gs = sm.Gs, *Xc = sm.Cs;
   ACC *Ss = sm.Ss, *acc = sm.acc;
+  int64_t* wr = sm.wr;
   ACC* qsum = sm.extra;         // per weight row: Σ_i G z⁰ off the target
   ACC* qt = sm.extra + NW;      // per weight row: the targets' w_coef
   ACC* db = sm.extra + 2 * NW;  // per class: Σ_i ∂L/∂z
   const RowInfo<ACC>* rows = static_cast<const RowInfo<ACC>*>(p.rows);
   const ACC* wnorm = static_cast<const ACC*>(p.w_norm);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t cpt = kDwW / p.K;
+  const int cpt = kDwW / static_cast<int>(p.K);
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * cpt, d_begin = static_cast<int64_t>(blockIdx.y) * SLAB;
   const int64_t d_end = d_begin + SLAB < p.D ? d_begin + SLAB : p.D;
-  const auto wrow = [&](int pos) -> int64_t {
-    const int64_t c = j0 + pos / p.K;
-    if (pos >= cpt * p.K || c >= p.C) return -1;
-    return (p.class_index ? p.class_index[c] : c) * p.K + pos % p.K;
-  };
   for (int e = threadIdx.x; e < NW * lacc; e += blockDim.x) acc[e] = ACC(0);
   for (int e = threadIdx.x; e < NW; e += blockDim.x) qsum[e] = qt[e] = db[e] = ACC(0);
+  fill_weight_rows<NW>(p, j0, wr);  // the block's weight rows, for every row tile (logit_tile's barrier orders it)
 
+  // Each lane owns one class (cpt <= 32) and sums its share of qsum, qt and db in registers over
+  // its rows of every row tile: qsum / qt for the sub-center pos_acc (flushed when the winning
+  // sub-center changes; never for K = 1), db for its class. One shared atomic per lane and sum at
+  // the end, instead of one per (row, class); warps still meet on a class, hence atomics.
+  const int cc = lane;
+  const int64_t j = j0 + cc;
+  const bool live_class = cc < cpt && j < p.C;
+  ACC my_db = 0, my_qsum = 0, my_qt = 0;
+  int pos_acc = -1;
   for (int64_t i0 = 0; i0 < p.B; i0 += BM) {
-    logit_tile<BM, NW, TX, TW, OP, ACC>(p, i0, wrow, As, Bs, Ss);
+    logit_tile<BM, NW, TX, TW, OP, ACC>(p, i0, wr, [] {}, As, Bs, Ss);
     const bool sparse = p.grad_skip > 0 && tile_negligible(p, rows, Ss, lds, i0, BM, j0, cpt, wnorm);
     for (int e = threadIdx.x; e < BM * ldg; e += blockDim.x) Gs[e] = convert<OP>(0.0f);
     __syncthreads();
-    const int cc = lane;  // one class per lane (cpt <= 32)
-    const int64_t j = j0 + cc;
-    const bool live_class = cc < cpt && j < p.C;
-    ACC my_db = 0;
     for (int q = 0; q < kRowsPerWarp; ++q) {
       const int r = warp * kRowsPerWarp + q;
       const int64_t i = i0 + r;
@@ -383,14 +416,21 @@ __global__ void __launch_bounds__(kThreads) dw_kernel(HeadParams p) {
       my_db += g0;
       const ACC g = e.target ? row.tg.tile_grad : g0 * e.factor;
       const int pos = cc * static_cast<int>(p.K) + e.k;
+      if (pos != pos_acc) {
+        if (pos_acc >= 0) {
+          atomicAdd(qsum + pos_acc, my_qsum);
+          atomicAdd(qt + pos_acc, my_qt);
+        }
+        pos_acc = pos;
+        my_qsum = my_qt = ACC(0);
+      }
       if (e.target) {
-        atomicAdd(qt + pos, row.tg.w_coef);
+        my_qt += row.tg.w_coef;
       } else {
-        atomicAdd(qsum + pos, g * e.z0);
+        my_qsum += g * e.z0;
       }
       Gs[r * ldg + pos] = convert<OP>(g * row.side.scale);
     }
-    if (live_class) atomicAdd(db + cc, my_db);
     if (sparse) {  // acc[pos] += G[r][pos] x[r] at each row's label; rows may share a class: atomics
       __syncwarp();
       for (int q = 0; q < kRowsPerWarp; ++q) {
@@ -418,15 +458,20 @@ __global__ void __launch_bounds__(kThreads) dw_kernel(HeadParams p) {
     }
     __syncthreads();
   }
-  __syncthreads();  // a last sparse tile's row updates
+  if (pos_acc >= 0) {
+    atomicAdd(qsum + pos_acc, my_qsum);
+    atomicAdd(qt + pos_acc, my_qt);
+  }
+  if (live_class) atomicAdd(db + cc, my_db);
+  __syncthreads();  // a last sparse tile's row updates, the sums above
   // dW_r = β_r acc_r + W_r inv_r (−inv_r qsum_r [normalized] + qt_r)
   const TW* w = static_cast<const TW*>(p.w);
   TW* dw = static_cast<TW*>(p.dw);
   for (int e = threadIdx.x; e < NW * SLAB; e += blockDim.x) {
     const int pos = e / SLAB;
-    const int64_t d = d_begin + e % SLAB, r = wrow(pos);
+    const int64_t d = d_begin + e % SLAB, r = wr[pos];
     if (r < 0 || d >= d_end) continue;
-    const Side<ACC> col = make_side<ACC>(wnorm[(j0 + pos / p.K) * p.K + pos % p.K], p.cfg.normalize_w, ACC(1));
+    const Side<ACC> col = make_side<ACC>(wnorm[j0 * p.K + pos], p.cfg.normalize_w, ACC(1));
     const bool live = col.normalized && col.norm > ACC(kNormEps);
     const ACC coef = (live ? -col.inv * qsum[pos] : ACC(0)) + qt[pos];
     const ACC wv = convert<ACC>(w[r * p.D + d]);
@@ -517,7 +562,10 @@ Workspace workspace_bytes(const HeadParams& p, int sm_count, bool backward) {
   const size_t acc = p.acc_double ? sizeof(double) : sizeof(float);
   const size_t row = p.acc_double ? sizeof(RowInfo<double>) : sizeof(RowInfo<float>);
   const int64_t cpt = kTileW / (p.K > 0 ? p.K : 1), ntiles = (p.C + cpt - 1) / cpt;
-  const int64_t row_tiles = (p.B + kDxRows - 1) / kDxRows;
+  // About two waves of the pass's own blocks: the forward's row tiles are kFwdRows tall, dx's
+  // kDxRows. p.splits is per call: the forward and the backward each size their own workspace.
+  const int64_t tile_rows = backward ? kDxRows : kFwdRows;
+  const int64_t row_tiles = (p.B + tile_rows - 1) / tile_rows;
   int64_t splits = row_tiles > 0 ? (2 * sm_count + row_tiles - 1) / row_tiles : 1;
   splits = splits < ntiles ? splits : ntiles;
   // dx partials stay within 32 MiB: O(B·D·splits) of the memory contract.
@@ -525,6 +573,7 @@ Workspace workspace_bytes(const HeadParams& p, int sm_count, bool backward) {
   const int64_t cap = per_split > 0 ? (int64_t(32) << 20) / per_split : splits;
   splits = splits < cap ? splits : cap;
   splits = splits < 1 ? 1 : splits;
+  splits = splits < 65535 ? splits : 65535;  // split_tiles' 32-bit arithmetic (and gridDim.y)
   Workspace w{};
   w.splits = static_cast<int>(splits);
   w.rows = static_cast<size_t>(p.B) * row;
@@ -536,13 +585,18 @@ Workspace workspace_bytes(const HeadParams& p, int sm_count, bool backward) {
   return w;
 }
 
+// The tile kernels index class tiles in 32 bits (split_tiles): fewer than 2^31 classes per call.
+bool class_count_ok(const HeadParams& p) { return p.C < (int64_t(1) << 31) - kTileW; }
+
 cudaError_t head_forward(const HeadParams& p, cudaStream_t stream) {
+  if (!class_count_ok(p)) return cudaErrorInvalidValue;
   return dispatch(p, [&](auto tx, auto tw, auto op, auto acc) {
     return forward_typed<decltype(tx), decltype(tw), decltype(op), decltype(acc)>(p, stream);
   });
 }
 
 cudaError_t head_backward(const HeadParams& p, cudaStream_t stream) {
+  if (!class_count_ok(p)) return cudaErrorInvalidValue;
   return dispatch(p, [&](auto tx, auto tw, auto op, auto acc) {
     return backward_typed<decltype(tx), decltype(tw), decltype(op), decltype(acc)>(p, stream);
   });

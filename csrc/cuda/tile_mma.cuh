@@ -11,6 +11,7 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 // Kernel launches and dynamic shared memory go through these macros so that the kernels also
@@ -91,6 +92,77 @@ constexpr bool kTensorCore = std::is_same_v<OP, __half> || std::is_same_v<OP, __
 template <typename T>
 constexpr int kPad = sizeof(T) == 2 ? 8 : (sizeof(T) == 4 ? 4 : 2);
 
+// WMMA fragment loads and stores on shared tiles. nvcuda::wmma keeps the shared state space for
+// float16 operands and m16n16k16 accumulators, but moves bfloat16 and TF32 fragments (and the
+// m16n16k8 accumulators of TF32) through generic addresses: LD.E / ST.E in SASS. On the device
+// these issue the same wmma instructions (same fragment layout) with .shared and a 32-bit shared
+// address; elsewhere (tests/cuda_emu) they are nvcuda::wmma's.
+#if defined(__CUDA_ARCH__)
+#define MO_WMMA_LD4(KIND, LAYOUT, SHAPE, TYPE, frag, addr, ld)                                                  \
+  do {                                                                                                     \
+    unsigned* r_ = reinterpret_cast<unsigned*>((frag).x);                                                  \
+    asm volatile("wmma.load." KIND ".sync.aligned." LAYOUT "." SHAPE ".shared." TYPE " {%0, %1, %2, %3}, [%4], %5;" \
+                 : "=r"(r_[0]), "=r"(r_[1]), "=r"(r_[2]), "=r"(r_[3])                                        \
+                 : "r"(addr), "r"(ld)                                                                      \
+                 : "memory");                                                                              \
+  } while (0)
+#endif
+
+// Operand fragment (kA: matrix_a, else matrix_b; COL: col_major) from a shared tile.
+template <bool kA, bool COL, typename Frag, typename Mem>
+__device__ __forceinline__ void load_operand(Frag& f, const Mem* p, unsigned ld) {
+#if defined(__CUDA_ARCH__)
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  if constexpr (std::is_same_v<Mem, __nv_bfloat16>) {
+    if constexpr (kA) {
+      if constexpr (COL) MO_WMMA_LD4("a", "col", "m16n16k16", "bf16", f, a, ld); else MO_WMMA_LD4("a", "row", "m16n16k16", "bf16", f, a, ld);
+    } else {
+      if constexpr (COL) MO_WMMA_LD4("b", "col", "m16n16k16", "bf16", f, a, ld); else MO_WMMA_LD4("b", "row", "m16n16k16", "bf16", f, a, ld);
+    }
+    return;
+  } else if constexpr (std::is_same_v<Mem, float>) {  // TF32
+    if constexpr (kA) {
+      if constexpr (COL) MO_WMMA_LD4("a", "col", "m16n16k8", "tf32", f, a, ld); else MO_WMMA_LD4("a", "row", "m16n16k8", "tf32", f, a, ld);
+    } else {
+      if constexpr (COL) MO_WMMA_LD4("b", "col", "m16n16k8", "tf32", f, a, ld); else MO_WMMA_LD4("b", "row", "m16n16k8", "tf32", f, a, ld);
+    }
+    return;
+  }
+#endif
+  nvcuda::wmma::load_matrix_sync(f, p, ld);
+}
+
+// Accumulator fragment from / to a row-major shared float tile.
+template <int MK, typename Frag>
+__device__ __forceinline__ void load_accumulator(Frag& f, const float* p, unsigned ld) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (MK == 8) {
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    asm volatile("wmma.load.c.sync.aligned.row.m16n16k8.shared.f32 {%0, %1, %2, %3, %4, %5, %6, %7}, [%8], %9;"
+                 : "=f"(f.x[0]), "=f"(f.x[1]), "=f"(f.x[2]), "=f"(f.x[3]), "=f"(f.x[4]), "=f"(f.x[5]), "=f"(f.x[6]), "=f"(f.x[7])
+                 : "r"(a), "r"(ld)
+                 : "memory");
+    return;
+  }
+#endif
+  nvcuda::wmma::load_matrix_sync(f, p, ld, nvcuda::wmma::mem_row_major);
+}
+template <int MK, typename Frag>
+__device__ __forceinline__ void store_accumulator(float* p, const Frag& f, unsigned ld) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (MK == 8) {
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    asm volatile("wmma.store.d.sync.aligned.row.m16n16k8.shared.f32 [%0], {%1, %2, %3, %4, %5, %6, %7, %8}, %9;"
+                 :
+                 : "r"(a), "f"(f.x[0]), "f"(f.x[1]), "f"(f.x[2]), "f"(f.x[3]), "f"(f.x[4]), "f"(f.x[5]), "f"(f.x[6]), "f"(f.x[7]),
+                   "r"(ld)
+                 : "memory");
+    return;
+  }
+#endif
+  nvcuda::wmma::store_matrix_sync(p, f, ld, nvcuda::wmma::mem_row_major);
+}
+
 // C[M][N] (ACC, row-major, ldc) += Σ_k A(m, k) B(k, n), k < KK, with
 //   A(m, k) = A_COL ? A[k·lda + m] : A[m·lda + k],  B(k, n) = B_COL ? B[n·ldb + k] : B[k·ldb + n].
 // Every thread of the block calls it; it does not synchronize (callers fence before and after).
@@ -114,19 +186,19 @@ __device__ __forceinline__ void tile_mma(const OP* A, int lda, const OP* B, int 
       const int mi = f / (N / 16), ni = f % (N / 16);
       wmma::fragment<wmma::accumulator, 16, 16, MK, float> c;
       float* cp = C + (mi * 16) * ldc + ni * 16;
-      wmma::load_matrix_sync(c, cp, ldc, wmma::mem_row_major);
+      load_accumulator<MK>(c, cp, ldc);
       for (int kk = 0; kk < KK / MK; ++kk) {
         wmma::fragment<wmma::matrix_a, 16, 16, MK, Frag, LA> a;
         wmma::fragment<wmma::matrix_b, 16, 16, MK, Frag, LB> b;
-        wmma::load_matrix_sync(a, A_COL ? a_mem + (kk * MK) * lda + mi * 16 : a_mem + (mi * 16) * lda + kk * MK, lda);
-        wmma::load_matrix_sync(b, B_COL ? b_mem + (ni * 16) * ldb + kk * MK : b_mem + (kk * MK) * ldb + ni * 16, ldb);
+        load_operand<true, A_COL>(a, A_COL ? a_mem + (kk * MK) * lda + mi * 16 : a_mem + (mi * 16) * lda + kk * MK, lda);
+        load_operand<false, B_COL>(b, B_COL ? b_mem + (ni * 16) * ldb + kk * MK : b_mem + (kk * MK) * ldb + ni * 16, ldb);
         if constexpr (kTf32) {
           for (int t = 0; t < a.num_elements; ++t) a.x[t] = wmma::__float_to_tf32(a.x[t]);
           for (int t = 0; t < b.num_elements; ++t) b.x[t] = wmma::__float_to_tf32(b.x[t]);
         }
         wmma::mma_sync(c, a, b, c);
       }
-      wmma::store_matrix_sync(cp, c, ldc, wmma::mem_row_major);
+      store_accumulator<MK>(cp, c, ldc);
     }
   } else {
     for (int e = threadIdx.x; e < M * N; e += blockDim.x) {
@@ -143,12 +215,56 @@ __device__ __forceinline__ void tile_mma(const OP* A, int lda, const OP* B, int 
   }
 }
 
+// The vector types of vectorized tile copies: N bytes as one load or store (LDG.E.128, STS.64...).
+template <int N>
+struct VecBytes;
+template <>
+struct VecBytes<16> {
+  using type = uint4;
+};
+template <>
+struct VecBytes<8> {
+  using type = uint2;
+};
+
 // Copies rows [row0, row0 + rows) × columns [col0, col0 + cols) of a row-major global matrix
 // (ld elements per row) into a shared tile (ld_s), converting; out-of-range rows and columns
-// become zero, so partial tiles add nothing. row_of maps a tile row to a global row (or -1).
+// become zero, so partial tiles add nothing. row_of maps a tile row to a global row (or -1); it is
+// called once per 16-byte group, so callers pass a cheap one (a lookup in a per-tile array).
+// Where the global rows are 16-byte aligned (ld and col0 multiples of the vector, src aligned),
+// each thread moves 16 bytes per trip (8 16-bit, 4 float or 2 double elements) and converts them
+// in registers; groups that cross col_end, and unaligned matrices, take the element path.
 template <typename TS, typename TG, typename RowOf>
 __device__ __forceinline__ void load_tile(TS* dst, int ld_s, int rows, int cols, const TG* src, int64_t ld, int64_t col0,
                                           int64_t col_end, RowOf row_of) {
+  constexpr int V = 16 / sizeof(TG);  // elements per 16-byte global load
+  using LoadV = typename VecBytes<16>::type;
+  using StoreV = typename VecBytes<V * sizeof(TS)>::type;
+  const bool vec = ld % V == 0 && col0 % V == 0 && cols % V == 0 && (ld_s * sizeof(TS)) % sizeof(StoreV) == 0 &&
+                   reinterpret_cast<std::uintptr_t>(src) % sizeof(LoadV) == 0;
+  if (vec) {
+    const int vcols = cols / V;
+    for (int e = threadIdx.x; e < rows * vcols; e += blockDim.x) {
+      const int r = e / vcols, c = (e % vcols) * V;
+      const int64_t g = row_of(r);
+      const int64_t gc = col0 + c;
+      TS out[V];
+      if (g >= 0 && gc + V <= col_end) {
+        const LoadV raw = *reinterpret_cast<const LoadV*>(src + g * ld + gc);
+        TG in[V];
+        memcpy(in, &raw, sizeof(raw));
+#pragma unroll
+        for (int t = 0; t < V; ++t) out[t] = convert<TS>(in[t]);
+      } else {
+#pragma unroll
+        for (int t = 0; t < V; ++t) out[t] = (g >= 0 && gc + t < col_end) ? convert<TS>(src[g * ld + gc + t]) : convert<TS>(0.0f);
+      }
+      StoreV packed;
+      memcpy(&packed, out, sizeof(packed));
+      *reinterpret_cast<StoreV*>(dst + r * ld_s + c) = packed;
+    }
+    return;
+  }
   for (int e = threadIdx.x; e < rows * cols; e += blockDim.x) {
     const int r = e / cols, c = e % cols;
     const int64_t g = row_of(r);
@@ -158,14 +274,20 @@ __device__ __forceinline__ void load_tile(TS* dst, int ld_s, int rows, int cols,
 }
 
 // Carves 128-byte-aligned arrays out of dynamic shared memory. With a null base it only counts:
-// the host sizes a launch with the same code the kernel carves with.
+// the host sizes a launch with the same code the kernel carves with. The base stays a pointer into
+// the __shared__ array (no round trip through an integer), so the compiler keeps the shared address
+// space through the carved pointers: LDS/STS/ATOMS rather than generic LD/ST/ATOM.
 struct SmemCarver {
-  std::uintptr_t base;
+  unsigned char* base;
   size_t offset = 0;
   template <typename T>
   __host__ __device__ T* take(size_t count) {
     offset = (offset + 127) / 128 * 128;
-    T* p = reinterpret_cast<T*>(base + offset);
+#if defined(__CUDA_ARCH__)
+    T* p = reinterpret_cast<T*>(base + offset);  // no null test: a select with null loses the address space
+#else
+    T* p = base ? reinterpret_cast<T*>(base + offset) : nullptr;
+#endif
     offset += count * sizeof(T);
     return p;
   }

@@ -47,6 +47,14 @@ struct dim3 {
 struct uint3 {
   unsigned x, y, z;
 };
+// The vector types of 16- and 8-byte tile copies; may_alias, as the device lets them reinterpret
+// any element type.
+struct __attribute__((may_alias, aligned(16))) uint4 {
+  unsigned x, y, z, w;
+};
+struct __attribute__((may_alias, aligned(8))) uint2 {
+  unsigned x, y;
+};
 
 namespace fake_cuda {
 
