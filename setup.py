@@ -36,6 +36,20 @@ def sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def cuda_library_includes():
+    """Include folders for the CUDA libraries' headers (cuBLAS, cuSPARSE: ATen/cuda/CUDABlas.h
+    needs them) when the toolkit at CUDA_HOME ships nvcc without them: those of the nvidia-*
+    wheels that a pip-installed CUDA torch depends on."""
+    if os.path.exists(os.path.join(CUDA_HOME, "include", "cusparse.h")):
+        return []
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    found = [os.path.dirname(h) for base in nvidia.__path__ for h in glob.glob(os.path.join(base, "**", "include", "cusparse.h"), recursive=True)]
+    return sorted(set(found))
+
+
 def extension():
     cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function"]
     srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
@@ -47,6 +61,7 @@ def extension():
         "marginops._C",
         srcs,
         define_macros=[("MARGINOPS_WITH_CUDA", "1")],
+        include_dirs=cuda_library_includes(),
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         extra_link_args=["-fopenmp"],
     )

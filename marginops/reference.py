@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import nn as _nn
-from ._checks import check_grad_skip, check_head_inputs, check_label_values
+from ._checks import check_backend, check_grad_skip, check_head_inputs, check_label_values
 from .margins import KIND_IDENTITY, NORM_EPS, Margin, RowContext, Softmax, psi, target_cosines
 
 def margin_cross_entropy(
@@ -27,13 +27,17 @@ def margin_cross_entropy(
     margin_state: Optional[dict] = None,
     update_state: bool = True,
     grad_skip_threshold: float = 0.0,
+    backend: str = "auto",
+    workspace_bytes: Optional[int] = None,
 ):
     """Eager margin cross-entropy; same signature and semantics as
     :func:`marginops.margin_cross_entropy`. ``grad_skip_threshold`` permits skipping negligible
-    gradients, it does not require it: the reference always computes every one."""
+    gradients, it does not require it: the reference always computes every one. ``backend`` and
+    ``workspace_bytes`` are checked as the fused call checks them, and otherwise unused."""
     margin = Softmax() if margin is None else margin
     labels = check_head_inputs(x, weight, labels, margin, bias, reduction, label_smoothing)
     check_grad_skip(grad_skip_threshold)
+    check_backend(backend, x.device, workspace_bytes)
     check_label_values(labels, weight.shape[0] // margin.config().subcenters, ignore_index)
     return unchecked_margin_cross_entropy(
         x, weight, labels, margin, bias, reduction, ignore_index, label_smoothing, return_accuracy, margin_state, update_state

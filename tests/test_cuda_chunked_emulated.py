@@ -263,3 +263,33 @@ def test_backend_argument_on_the_cpu():
         mo.MarginHead(8, 10, mo.ArcFace(), workspace_bytes=-1)
     auto = mo.margin_cross_entropy(x, W, y, mo.ArcFace(), backend="auto", workspace_bytes=1 << 20)
     assert rel_err(auto, reference.margin_cross_entropy(x, W, y, mo.ArcFace())) <= 1e-12
+
+
+def test_tf32_only_when_torch_allows_it(emu):
+    """float32 products are exact unless torch.backends.cuda.matmul.allow_tf32 is set (the switch
+    cuBLAS reads); then TF32 (emulated as cvt.rna rounding of the GEMM operands): worse than exact
+    but within twice eager float16's error, which has the same 10-bit mantissa."""
+    margin = mo.ArcFace(s=30.0)
+    x, W, y, _ = make_inputs(32, 32, 120, dtype=torch.float32)
+    x64, W64 = x.detach().double().requires_grad_(), W.detach().double().requires_grad_()
+    truth = reference.margin_cross_entropy(x64, W64, y, margin)
+    tdx, tdw = torch.autograd.grad(truth, [x64, W64])
+    xh, Wh = x.detach().half().requires_grad_(), W.detach().half().requires_grad_()
+    eager = reference.margin_cross_entropy(xh, Wh, y, margin)
+    eager_errs = [rel_err(eager, truth)] + [rel_err(g, t) for g, t in zip(torch.autograd.grad(eager, [xh, Wh]), (tdx, tdw))]
+
+    def errors():
+        loss = chunked_loss(emu, x, W, y, margin)
+        dx, dw = torch.autograd.grad(loss, [x, W])
+        return [rel_err(loss, truth), rel_err(dx, tdx), rel_err(dw, tdw)]
+
+    exact = errors()
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        tf32 = errors()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert max(exact) < 1e-5, exact
+    assert all(t > 10 * e for t, e in zip(tf32, exact)), f"TF32 {tf32} vs exact {exact}"
+    assert all(t <= 2 * e for t, e in zip(tf32, eager_errs)), f"TF32 {tf32} vs eager float16 {eager_errs}"
