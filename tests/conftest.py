@@ -87,3 +87,23 @@ def emu():
         extra_include_paths=[os.path.join(ROOT, "tests", "cuda_emu", "include")],
         extra_cflags=["-O2", "-std=c++20"],  # std::barrier; torch before 2.13 defaults to C++17
     ))
+
+
+def check_tf32(errors, eager_float16_errors):
+    """errors() (relative errors against float64) measured with float32 products exact, then with
+    torch.backends.cuda.matmul.allow_tf32: TF32 must be really taken (every error above the
+    exact one, one of them 100× or more: the chunked backend's target logit is exact either way,
+    so its loss moves less than its gradients) and within twice eager float16's error, which has
+    the same 10-bit mantissa."""
+    exact = errors()
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        tf32 = errors()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert max(exact) < 1e-5, exact
+    assert all(t > e for t, e in zip(tf32, exact)) and max(t / max(e, 1e-300) for t, e in zip(tf32, exact)) >= 100, (
+        f"TF32 {tf32} vs exact {exact}"
+    )
+    assert all(t <= 2 * e for t, e in zip(tf32, eager_float16_errors)), f"TF32 {tf32} vs eager float16 {eager_float16_errors}"

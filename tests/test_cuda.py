@@ -19,6 +19,22 @@ BACKENDS = ["chunked", "fused"]
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not mo.cuda_available(), reason="needs the CUDA kernels and a GPU")]
 
 
+def capture(step, x, W):
+    """step() (forward + backward) warmed up on a side stream, then captured: (graph, its loss)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            x.grad = W.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    x.grad = W.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    return graph, loss
+
+
 def test_cuda_graph_capture_replays_forward_and_backward():
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -31,17 +47,7 @@ def test_cuda_graph_capture_replays_forward_and_backward():
         loss.backward()
         return loss
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            x.grad = W.grad = None
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    x.grad = W.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = step()
+    graph, loss = capture(step, x, W)
     with torch.no_grad():  # new values in the captured input buffers
         x.copy_(torch.randn_like(x))
         y.copy_(torch.randint(0, 5000, (256,), device=dev))
@@ -71,17 +77,7 @@ def test_chunked_backend_in_a_cuda_graph_replays_like_eager_calls():
         loss.backward()
         return loss
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            x.grad = W.grad = None
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    x.grad = W.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = step()
+    graph, loss = capture(step, x, W)
     for replay in range(2):
         with torch.no_grad():  # new values in the captured input buffers
             x.copy_(torch.randn_like(x))

@@ -13,7 +13,7 @@ from marginops.functional import loss_from_stats
 from marginops.margins import RowContext, target_cosines
 from marginops.ops import HeadStats
 
-from conftest import make_inputs, rel_err
+from conftest import check_tf32, make_inputs, rel_err
 
 f64 = torch.float64
 CHUNKED = 1
@@ -283,13 +283,4 @@ def test_tf32_only_when_torch_allows_it(emu):
         dx, dw = torch.autograd.grad(loss, [x, W])
         return [rel_err(loss, truth), rel_err(dx, tdx), rel_err(dw, tdw)]
 
-    exact = errors()
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        tf32 = errors()
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
-    assert max(exact) < 1e-5, exact
-    assert all(t > 10 * e for t, e in zip(tf32, exact)), f"TF32 {tf32} vs exact {exact}"
-    assert all(t <= 2 * e for t, e in zip(tf32, eager_errs)), f"TF32 {tf32} vs eager float16 {eager_errs}"
+    check_tf32(errors, eager_errs)

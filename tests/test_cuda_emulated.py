@@ -10,7 +10,7 @@ import torch
 import marginops as mo
 from marginops import ops, reference
 
-from conftest import make_inputs, rel_err
+from conftest import check_tf32, make_inputs, rel_err
 
 f64 = torch.float64
 _cpu = torch.ops.marginops
@@ -133,16 +133,7 @@ def test_float32_runs_as_tf32_only_when_torch_allows_it(emu):
         dx, dw, _, _ = emu.backward(g, -g, None, lse, *args, [True, True, False, False])
         return [rel_err((lse - zt)[y >= 0].sum(), truth), rel_err(dx, tdx), rel_err(dw, tdw)]
 
-    exact = errors()
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        tf32 = errors()
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
-    assert max(exact) < 1e-5, exact
-    assert all(t > 10 * e for t, e in zip(tf32, exact)), f"TF32 {tf32} vs exact {exact}"
-    assert all(t <= 2 * e for t, e in zip(tf32, eager_errs)), f"TF32 {tf32} vs eager float16 {eager_errs}"
+    check_tf32(errors, eager_errs)
 
 
 @pytest.mark.parametrize("dtype, wdtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])

@@ -106,12 +106,7 @@ __global__ void __launch_bounds__(kThreads) chunk_weights_kernel(HeadParams p, C
   const TW* w = static_cast<const TW*>(p.w) + source_row(p, c.c0 + q / p.K, q % p.K) * p.D;
   ACC inv = 1;
   if (c.col_norm) {
-    ACC ss = 0;
-    for (int64_t d = lane; d < p.D; d += 32) {
-      const ACC v = convert<ACC>(w[d]);
-      ss += v * v;
-    }
-    const ACC norm = sqrt(warp_sum(ss));
+    const ACC norm = warp_row_norm<ACC>(w, p.D, lane);
     if (lane == 0) static_cast<ACC*>(c.col_norm)[q] = norm;
     inv = inv_norm(norm);
   }

@@ -110,13 +110,8 @@ __global__ void __launch_bounds__(kThreads) w_norm_kernel(HeadParams p) {
   const int64_t c = r / p.K;
   const int64_t row = (p.class_index ? p.class_index[c] : c) * p.K + r % p.K;
   const TW* w = static_cast<const TW*>(p.w) + row * p.D;
-  ACC s = 0;
-  for (int64_t d = lane; d < p.D; d += 32) {
-    const ACC v = convert<ACC>(w[d]);
-    s += v * v;
-  }
-  s = warp_sum(s);
-  if (lane == 0) static_cast<ACC*>(p.w_norm)[r] = sqrt(s);
+  const ACC norm = warp_row_norm<ACC>(w, p.D, lane);
+  if (lane == 0) static_cast<ACC*>(p.w_norm)[r] = norm;
 }
 
 // ---- the logit tile ---------------------------------------------------------------------------

@@ -20,6 +20,17 @@ namespace {
 
 constexpr int kThreads = 256;  // 8 warps per block
 constexpr int kWarps = kThreads / 32;
+// The Euclidean norm of row[0, n) in ACC, by one warp (lane strides 32); every lane gets it.
+template <typename ACC, typename T>
+__device__ __forceinline__ ACC warp_row_norm(const T* row, int64_t n, int lane) {
+  ACC ss = 0;
+  for (int64_t d = lane; d < n; d += 32) {
+    const ACC v = convert<ACC>(row[d]);
+    ss += v * v;
+  }
+  return sqrt(warp_sum(ss));
+}
+
 template <typename ACC>
 struct RowInfo {
   Side<ACC> side;      // of x_i
@@ -53,14 +64,8 @@ __global__ void __launch_bounds__(kThreads) row_prep_kernel(HeadParams p) {
   if (i >= p.B) return;
   const HeadConfig& cfg = p.cfg;
   const TX* x = static_cast<const TX*>(p.x) + i * p.D;
-  ACC ss = 0;
-  for (int64_t d = lane; d < p.D; d += 32) {
-    const ACC v = convert<ACC>(x[d]);
-    ss += v * v;
-  }
-  ss = warp_sum(ss);
   RowInfo<ACC> info{};
-  info.side = make_side<ACC>(sqrt(ss), cfg.normalize_x, ACC(cfg.s));
+  info.side = make_side<ACC>(warp_row_norm<ACC>(x, p.D, lane), cfg.normalize_x, ACC(cfg.s));
   info.tcol = -1;
   info.tau = std::numeric_limits<ACC>::infinity();
   if (p.curricular) {
