@@ -185,6 +185,7 @@ class Margin:
         if margins is None or not any(isinstance(m, torch.Tensor) for _, m in margins):
             return None
         name = type(self).__name__
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
         cols = []
         for key, m in margins:
             if isinstance(m, torch.Tensor):
@@ -194,8 +195,7 @@ class Margin:
                     raise ValueError(f"{name}: per-row {key} is on {m.device} but x is on {like.device}")
                 cols.append(m)
             else:
-                cols.append(torch.full((batch,), float(m), device=like.device))
-        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+                cols.append(torch.full((batch,), float(m), device=like.device, dtype=dtype))  # not via float32
         return torch.stack([c.to(dtype) for c in cols], dim=1)
 
 
