@@ -4,6 +4,9 @@ import pytest
 import torch
 
 import marginops as mo
+from marginops.functional import loss_from_stats
+from marginops.margins import RowContext, target_cosines
+from marginops.ops import HeadStats
 
 # Every margin spec of the foundation, with parameters chosen so that a random batch has rows on
 # both sides of the θ + m > π boundary for the angular ones.
@@ -107,3 +110,39 @@ def check_tf32(errors, eager_float16_errors):
         f"TF32 {tf32} vs exact {exact}"
     )
     assert all(t <= 2 * e for t, e in zip(tf32, eager_float16_errors)), f"TF32 {tf32} vs eager float16 {eager_float16_errors}"
+
+
+class _EmulatedOp(torch.autograd.Function):
+    """The op pair as the CUDA dispatch runs it (forward_any, backward_any) with a backend, under autograd."""
+
+    @staticmethod
+    def forward(ctx, emu, backend, workspace, x, W, y, bias, row_margins, curricular, num_classes, ignore_index, cfg):
+        args = (x, W, y, bias, row_margins, curricular, None, num_classes, 0, ignore_index, *cfg)
+        stats = emu.forward_any(*args, 0.0, backend, workspace)
+        ctx.save_for_backward(x, W, y, bias, row_margins, curricular, stats[0])
+        ctx.emu, ctx.backend, ctx.workspace, ctx.rest = emu, backend, workspace, (num_classes, ignore_index, cfg)
+        ctx.mark_non_differentiable(stats[3], stats[4])
+        return stats
+
+    @staticmethod
+    def backward(ctx, gl, gt, gs, _gb, _gc):
+        x, W, y, bias, row_margins, curricular, lse = ctx.saved_tensors
+        num_classes, ignore_index, cfg = ctx.rest
+        need = ctx.needs_input_grad
+        mask = [need[3], need[4], need[6] and bias is not None, need[7] and row_margins is not None]
+        args = (x, W, y, bias, row_margins, curricular, None, num_classes, 0, ignore_index, *cfg)
+        dx, dw, db, dm = ctx.emu.backward_any(gl, gt, gs, lse, *args, mask, 0.0, ctx.backend, ctx.workspace)
+        pick = lambda t, m: t if m else None  # noqa: E731
+        return (None, None, None, pick(dx, mask[0]), pick(dw, mask[1]), None, pick(db, mask[2]), pick(dm, mask[3]), None, None, None, None)
+
+
+def emulated_loss(emu, backend, x, W, y, margin, bias=None, reduction="mean", ignore_index=-100, label_smoothing=0.0, workspace=0):
+    """marginops.margin_cross_entropy's steps with an emulated CUDA backend (1 chunked, 2 fused)
+    in place of the CPU op."""
+    cfg = margin.config()
+    C = W.shape[0] // cfg.subcenters
+    valid = y != ignore_index
+    ctx = RowContext(x, y, valid, False, lambda: target_cosines(x, W, y, valid, cfg.subcenters))
+    terms = margin.prepare(ctx, None)
+    stats = _EmulatedOp.apply(emu, backend, workspace, x, W, y, bias, terms.row_margins, terms.curricular, C, ignore_index, cfg)
+    return loss_from_stats(HeadStats(*stats), y, C, ignore_index, label_smoothing, reduction, terms.extra_loss)

@@ -9,50 +9,16 @@ import torch
 
 import marginops as mo
 from marginops import reference
-from marginops.functional import loss_from_stats
-from marginops.margins import RowContext, target_cosines
-from marginops.ops import HeadStats
 
-from conftest import check_tf32, make_inputs, rel_err
+from conftest import check_tf32, emulated_loss, make_inputs, rel_err
 
 f64 = torch.float64
 CHUNKED = 1
 _cpu = torch.ops.marginops
 
 
-class _EmulatedChunked(torch.autograd.Function):
-    """The op pair as the CUDA dispatch runs it with backend = chunked, under autograd."""
-
-    @staticmethod
-    def forward(ctx, emu, workspace, x, W, y, bias, row_margins, curricular, num_classes, ignore_index, cfg):
-        args = (x, W, y, bias, row_margins, curricular, None, num_classes, 0, ignore_index, *cfg)
-        stats = emu.forward_any(*args, 0.0, CHUNKED, workspace)
-        ctx.save_for_backward(x, W, y, bias, row_margins, curricular, stats[0])
-        ctx.emu, ctx.workspace, ctx.rest = emu, workspace, (num_classes, ignore_index, cfg)
-        ctx.mark_non_differentiable(stats[3], stats[4])
-        return stats
-
-    @staticmethod
-    def backward(ctx, gl, gt, gs, _gb, _gc):
-        x, W, y, bias, row_margins, curricular, lse = ctx.saved_tensors
-        num_classes, ignore_index, cfg = ctx.rest
-        need = ctx.needs_input_grad
-        mask = [need[2], need[3], need[5] and bias is not None, need[6] and row_margins is not None]
-        args = (x, W, y, bias, row_margins, curricular, None, num_classes, 0, ignore_index, *cfg)
-        dx, dw, db, dm = ctx.emu.backward_any(gl, gt, gs, lse, *args, mask, 0.0, CHUNKED, ctx.workspace)
-        pick = lambda t, m: t if m else None  # noqa: E731
-        return (None, None, pick(dx, mask[0]), pick(dw, mask[1]), None, pick(db, mask[2]), pick(dm, mask[3]), None, None, None, None)
-
-
-def chunked_loss(emu, x, W, y, margin, bias=None, reduction="mean", ignore_index=-100, label_smoothing=0.0, workspace=0):
-    """marginops.margin_cross_entropy's steps with the emulated chunked op in place of the CPU op."""
-    cfg = margin.config()
-    C = W.shape[0] // cfg.subcenters
-    valid = y != ignore_index
-    ctx = RowContext(x, y, valid, False, lambda: target_cosines(x, W, y, valid, cfg.subcenters))
-    terms = margin.prepare(ctx, None)
-    stats = _EmulatedChunked.apply(emu, workspace, x, W, y, bias, terms.row_margins, terms.curricular, C, ignore_index, cfg)
-    return loss_from_stats(HeadStats(*stats), y, C, ignore_index, label_smoothing, reduction, terms.extra_loss)
+def chunked_loss(emu, *args, **kw):
+    return emulated_loss(emu, CHUNKED, *args, **kw)
 
 
 def budget_for(emu, classes, B, D, C, K=1, dtype=torch.float64, wdtype=torch.float64, backward=True, need_db=False, normalize_w=True):

@@ -10,7 +10,7 @@ import torch
 import marginops as mo
 from marginops import ops, reference
 
-from conftest import check_tf32, make_inputs, rel_err
+from conftest import check_tf32, emulated_loss, make_inputs, rel_err
 
 f64 = torch.float64
 _cpu = torch.ops.marginops
@@ -55,6 +55,21 @@ MARGINS = {
 def test_float64_matches_cpu(emu, name):
     x, W, y, b = make_inputs(70, 40, 150, bias=True, ignore=3, requires_grad=False)
     compare(emu, op_args(x, W, y, b, MARGINS[name]), 1e-12)
+
+
+@pytest.mark.parametrize("name", ["softmax", "sphereface", "arcface", "combined_continuous"])
+def test_float64_matches_reference(emu, name):
+    """Loss and gradients of the fused backend against the eager reference (which shares no code
+    with the kernels), with a bias, ignored rows and label smoothing."""
+    x, W, y, b = make_inputs(37, 24, 150, bias=True, ignore=3)
+    margin = MARGINS[name]
+    loss = emulated_loss(emu, 2, x, W, y, margin, b, label_smoothing=0.1)
+    got = torch.autograd.grad(loss, [x, W, b])
+    ref = reference.margin_cross_entropy(x, W, y, margin, b, label_smoothing=0.1)
+    want = torch.autograd.grad(ref, [x, W, b])
+    assert rel_err(loss, ref) <= 1e-10
+    for what, g, w in zip(("dx", "dW", "dbias"), got, want):
+        assert rel_err(g, w) <= 1e-10, f"{what}: {rel_err(g, w):.2e}"
 
 
 @pytest.mark.parametrize("sms", [1, 3, 50])
@@ -190,6 +205,15 @@ def test_psi_and_topk(emu):
         out_c = _cpu.margin_psi(c, m1, ones * 0.5, ones * 0.1, kind, policy, 0.3)
         for e, r in zip(out_e, out_c):
             assert torch.equal(e, r)
+    # and ψ written out, inside the clamp: cos(θ + m2) − m3 (policy none), and the fallback
+    # c − m3 − m2·sin m2 past π
+    c = torch.linspace(-0.999, 0.999, 301, dtype=f64)
+    theta = torch.acos(c)
+    none = emu.psi(c, ones, ones * 0.5, ones * 0.1, 1, 2, 0.0)[0]
+    assert rel_err(none, torch.cos(theta + 0.5) - 0.1) <= 1e-12
+    fallback = emu.psi(c, ones, ones * 0.5, ones * 0.1, 1, 0, 0.0)[0]
+    want = torch.where(theta + 0.5 > torch.pi, c - 0.1 - 0.5 * torch.sin(torch.tensor(0.5, dtype=f64)), torch.cos(theta + 0.5) - 0.1)
+    assert rel_err(fallback, want) <= 1e-12
     x, W, _, b = make_inputs(30, 16, 2 * 100, bias=False, requires_grad=False)
     bias = torch.randn(100, dtype=f64)
     ve, ce = emu.topk(x, W, bias, None, 7, 0, True, True, 30.0, 2)
