@@ -322,8 +322,10 @@ class CosFace(Margin):
 class CombinedMargin(Margin):
     """Combined margin (insightface): target z = s·(cos(m1·θ + m2) - m3), all three honoured.
 
-    ``policy`` says what happens where m1·θ + m2 > π, past which cos stops decreasing in θ:
-      - "fallback" (default, insightface and pytorch-metric-learning): z = s·(c - m3 - m2·sin m2)
+    ``policy`` says what happens where m1·θ + m2 > π, past which cos stops decreasing in θ. The
+    default (None) is "fallback" when m1 = 1 and "continuous" otherwise, so every valid
+    (m1, m2, m3) works with default arguments; both equal cos(m1·θ + m2) − m3 where m1·θ + m2 ≤ π.
+      - "fallback" (pytorch-metric-learning, insightface before Dec 2022): z = s·(c - m3 - m2·sin m2)
         there; the loss jumps at the boundary (by 0.12·s at m2 = 0.5). Defined for m1 = 1 only.
       - "easy": the margin applies only where c > 0; elsewhere z = s·(c - m3) (insightface's easy_margin).
       - "none": cos(m1·θ + m2) everywhere; not monotonic in θ past the boundary.
@@ -342,13 +344,16 @@ class CombinedMargin(Margin):
     m1: Scalar = 1.0
     m2: Scalar = 0.5
     m3: Scalar = 0.0
-    policy: str = "fallback"
+    policy: Optional[str] = None
     interclass_filtering_threshold: float = 0.0
     straight_through: bool = False
 
     def __post_init__(self):
         owner = type(self).__name__
         _check_scale(owner, self.s)
+        if self.policy is None:
+            unit = not isinstance(self.m1, torch.Tensor) and self.m1 == 1.0
+            object.__setattr__(self, "policy", "fallback" if unit else "continuous")
         _check_policy(owner, self.policy)
         _check_options(owner, self.interclass_filtering_threshold, self.straight_through)
         for name, value, check in (
