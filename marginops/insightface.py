@@ -83,7 +83,8 @@ class _MarginModule(torch.nn.Module):
     """An insightface margin module's stand-in: holds the parameters, gives the spec. The fused
     head never builds the logits these modules transform, so calling one is an error."""
 
-    def spec(self) -> Margin:
+    def spec(self, semantics: Optional[str] = None) -> Margin:
+        """The marginops spec, in ``semantics`` (default: the module's own)."""
         raise NotImplementedError
 
     def forward(self, logits, labels):  # pragma: no cover - explicit message only
@@ -105,8 +106,8 @@ class CombinedMarginLoss(_MarginModule):
         self.semantics = semantics
         self.spec()  # parameter errors at construction
 
-    def spec(self) -> Margin:
-        return combined_spec(self.s, self.m1, self.m2, self.m3, self.interclass_filtering_threshold, self.semantics)
+    def spec(self, semantics: Optional[str] = None) -> Margin:
+        return combined_spec(self.s, self.m1, self.m2, self.m3, self.interclass_filtering_threshold, semantics or self.semantics)
 
 
 class ArcFace(_MarginModule):
@@ -119,8 +120,8 @@ class ArcFace(_MarginModule):
         self.s, self.margin, self.semantics = s, margin, semantics
         self.spec()
 
-    def spec(self) -> Margin:
-        if self.semantics == "marginops":
+    def spec(self, semantics: Optional[str] = None) -> Margin:
+        if (semantics or self.semantics) == "marginops":
             return _ArcFaceSpec(s=float(self.s), m=float(self.margin))
         return _ArcFaceSpec(s=float(self.s), m=float(self.margin), policy="none", straight_through=True)
 
@@ -134,20 +135,22 @@ class CosFace(_MarginModule):
         self.s, self.m, self.semantics = s, m, semantics
         self.spec()
 
-    def spec(self) -> Margin:
-        return _CosFaceSpec(s=float(self.s), m=float(self.m), straight_through=self.semantics == "insightface")
+    def spec(self, semantics: Optional[str] = None) -> Margin:
+        return _CosFaceSpec(s=float(self.s), m=float(self.m), straight_through=(semantics or self.semantics) == "insightface")
 
 
-def to_margin(margin_loss, semantics: str = "insightface") -> Margin:
+def to_margin(margin_loss, semantics: Optional[str] = None) -> Margin:
     """A marginops spec from: a marginops spec (returned as is), one of this module's margin
     modules, or an insightface margin module read by its attributes (``s``, ``m1``, ``m2``, ``m3``,
     ``interclass_filtering_threshold`` of CombinedMarginLoss; ``s``, ``margin`` of ArcFace; ``s``,
-    ``m`` of CosFace)."""
-    _check_semantics(semantics)
+    ``m`` of CosFace). ``semantics``: default the module's own, "insightface" for a foreign one."""
     if isinstance(margin_loss, Margin):
         return margin_loss
+    if semantics is not None:
+        _check_semantics(semantics)
     if isinstance(margin_loss, _MarginModule):
-        return margin_loss.spec()
+        return margin_loss.spec(semantics)
+    semantics = semantics or "insightface"
     has = lambda *names: all(hasattr(margin_loss, n) for n in names)  # noqa: E731
     if has("s", "m1", "m2", "m3"):
         return combined_spec(
@@ -185,8 +188,8 @@ class PartialFC_V2(ShardedMarginHead):
         backend: str = "auto",
         workspace_bytes: Optional[int] = None,
     ):
-        if semantics is None:
-            semantics = getattr(margin_loss, "semantics", "insightface")
+        if semantics is None:  # a marginops spec is used as it is
+            semantics = "marginops" if isinstance(margin_loss, Margin) else getattr(margin_loss, "semantics", "insightface")
         _check_semantics(semantics)
         if not isinstance(fp16, bool):
             raise ValueError(f"fp16 must be a bool, got {fp16!r}")

@@ -92,6 +92,8 @@ def check_fp16_and_semantics(rank, world):
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     spec = mi.PartialFC_V2(mi.CombinedMarginLoss(64, 1.0, 0.5, 0.0, semantics="marginops"), D, C).margin
     assert spec.policy == "fallback" and not spec.straight_through
+    spec = mi.PartialFC_V2(mi.ArcFace(s=8.0), D, C, semantics="marginops").margin  # the head's keyword wins
+    assert spec.policy == "fallback" and not spec.straight_through
     spec = mi.PartialFC_V2(mo.ArcFace(s=8.0), D, C).margin  # a marginops spec as is
     assert spec.policy == "fallback" and spec.s == 8.0
     # a ShardedMarginHead's state (with sample_step) loads too
