@@ -22,6 +22,12 @@ struct HeadConfig {
   // K weight rows per class (sub-center ArcFace): class c owns rows c·K … c·K + K − 1 and its
   // logit is the largest of theirs.
   int64_t subcenters;
+  // insightface's interclass_filtering_threshold t_f (0: off). With t_f > 0, a non-label class
+  // whose cosine c_ij exceeds t_f gets logit exactly 0 (bias included) and no gradient.
+  double interclass_filter;
+  // The target's ∂z/∂c is a·b (ψ′ taken as 1) and the margin parameters get no gradient:
+  // insightface's ArcFace, which applies the margin under no_grad.
+  bool straight_through;
 };
 
 }  // namespace marginops

@@ -114,6 +114,10 @@ HeadArgs check_head_args(MO_HEAD_PARAMS) {
     TORCH_CHECK_VALUE(m1 >= 1 && std::floor(m1) == m1,
                       "the multiplicative margin m must be a positive integer, got ", m1);
   }
+  TORCH_CHECK_VALUE(std::isfinite(interclass_filter) && interclass_filter >= 0 && interclass_filter <= 1,
+                    "interclass_filter must lie in [0, 1] (0: off), got ", interclass_filter);
+  TORCH_CHECK_VALUE(interclass_filter == 0 || (normalize_x && normalize_w),
+                    "interclass_filter needs normalized features and weights (it compares cosines)");
   a.cfg = HeadConfig{num_classes,
                      class_offset,
                      ignore_index,
@@ -126,7 +130,9 @@ HeadArgs check_head_args(MO_HEAD_PARAMS) {
                      m2,
                      m3,
                      lambda,
-                     subcenters};
+                     subcenters,
+                     interclass_filter,
+                     straight_through};
   return a;
 }
 

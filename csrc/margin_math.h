@@ -167,14 +167,28 @@ struct Target {
   Psi<T> psi;
 };
 
+// straight_through: the margin is a constant shift of the logit for the backward, as in
+// insightface's ArcFace (margin applied under no_grad): ∂ψ/∂c is taken as 1 and the margin
+// parameters get no gradient; the value is unchanged.
 template <typename T>
 MO_HD Target<T> target_logit(int32_t kind, int32_t policy, T u, const Side<T>& row, const Side<T>& col,
-                             T m1, T m2, T m3, T lambda, T bias) {
+                             T m1, T m2, T m3, T lambda, T bias, bool straight_through = false) {
   Target<T> t;
   t.cos = u * row.inv * col.inv;
   t.psi = margin_psi(kind, policy, t.cos, m1, m2, m3, lambda);
+  if (straight_through) {
+    t.psi.d_c = T(1);
+    t.psi.d_m1 = t.psi.d_m2 = t.psi.d_m3 = T(0);
+  }
   t.logit = row.amp * col.amp * t.psi.value + bias;
   return t;
+}
+
+// insightface's interclass filtering: a non-label entry whose cosine c exceeds threshold > 0
+// gets logit exactly 0 and no gradient (threshold 0: off).
+template <typename T>
+MO_HD bool filtered_negative(T c, double threshold) {
+  return threshold > 0 && c > T(threshold);
 }
 
 // The target's share of the gradient, given g = ∂L/∂z_iy. With x̂ = x·inv and Ŵ = W·inv:

@@ -17,7 +17,8 @@ PyObject* PyInit__C(void) {
   "Tensor x, Tensor weight, Tensor labels, Tensor? bias, Tensor? row_margins, "               \
   "Tensor? curricular, Tensor? class_index, int num_classes, int class_offset, "              \
   "int ignore_index, int margin_kind, int theta_policy, bool normalize_x, bool normalize_w, " \
-  "float s, float m1, float m2, float m3, float lambda_, int subcenters"
+  "float s, float m1, float m2, float m3, float lambda_, int subcenters, "                     \
+  "float interclass_filter, bool straight_through"
 
 TORCH_LIBRARY(marginops, m) {
   // Per-row statistics of z over the computed classes, without materializing z:

@@ -1,6 +1,6 @@
 """marginops: fused margin-softmax cross-entropy heads that never materialize logits."""
 
-from . import distributed, margins, ops, reference, regularizers, subcenter  # noqa: F401  (ops loads the library)
+from . import distributed, insightface, margins, ops, pml, reference, regularizers, subcenter  # noqa: F401  (ops loads the library)
 from .functional import margin_cross_entropy
 from .margins import (
     AdaFace,

@@ -108,7 +108,7 @@ class _GatherStats(torch.autograd.Function):
 
 
 # Header codes: what a rank found wrong with its own input, so that every rank can raise it.
-_OK, _BAD_LABEL, _BAD_DIM, _BAD_DTYPE, _BAD_SHAPE = 0, 1, 2, 3, 4
+_OK, _BAD_LABEL, _BAD_DIM, _BAD_DTYPE, _BAD_SHAPE, _BAD_X_NDIM, _BAD_LABELS_NDIM = 0, 1, 2, 3, 4, 5, 6
 
 
 class ShardedMarginHead(_ClassWeights):
@@ -210,8 +210,12 @@ class ShardedMarginHead(_ClassWeights):
         """Every rank learns every batch size and every rank's input errors; raises on all ranks
         if any rank's input is bad."""
         code, where, value = _OK, 0, 0
-        if x.dim() != 2 or labels.dim() != 1 or labels.shape[0] != x.shape[0]:
-            code, where, value = _BAD_SHAPE, x.shape[0] if x.dim() else -1, labels.shape[0] if labels.dim() else -1
+        if x.dim() != 2:
+            code, value = _BAD_X_NDIM, x.dim()
+        elif labels.dim() != 1:
+            code, where, value = _BAD_LABELS_NDIM, labels.dim(), labels.shape[-1] if labels.dim() else -1
+        elif labels.shape[0] != x.shape[0]:
+            code, where, value = _BAD_SHAPE, x.shape[0], labels.shape[0]
         elif x.shape[1] != self.embedding_size:
             code, value = _BAD_DIM, x.shape[1]
         elif x.dtype not in FLOAT_DTYPES or labels.is_floating_point() or labels.dtype == torch.bool:
@@ -235,7 +239,12 @@ class ShardedMarginHead(_ClassWeights):
             if c == _BAD_DTYPE:
                 raise ValueError(f"rank {r}: x must be float16/bfloat16/float32/float64 and labels integer")
             if c == _BAD_SHAPE:
-                raise ValueError(f"rank {r}: x [B, D] and labels [B] disagree ({w} rows vs {v} labels)")
+                raise ValueError(f"rank {r}: x has {w} rows but labels has {v} entries (one label per row of x)")
+            if c == _BAD_X_NDIM:
+                raise ValueError(f"rank {r}: x must have shape [B, {self.embedding_size}], got a {v}-D tensor")
+            if c == _BAD_LABELS_NDIM:
+                shape = "a 0-D tensor" if w == 0 else f"a {w}-D tensor whose last dimension is {v}"
+                raise ValueError(f"rank {r}: labels must have shape [B] or [B, 1], got {shape}")
         if len({d for *_, d in every}) > 1:
             raise ValueError(f"x has different dtypes across ranks: {[FLOAT_DTYPES[d] for *_, d in every]}")
         return [row[0] for row in every]
@@ -268,6 +277,8 @@ class ShardedMarginHead(_ClassWeights):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor):
         x = autocast_features(x)  # before the all-gather: half the bytes under bf16/fp16 autocast
+        if labels.dim() == 2 and labels.shape[1] == 1:  # insightface's [B, 1] labels
+            labels = labels.squeeze(1)
         counts = self._exchange_header(x, labels)
         labels = labels.long()
         xg = _GatherRows.apply(x, counts, self.group, self.grad_scale)
@@ -304,7 +315,8 @@ class ShardedMarginHead(_ClassWeights):
         if extra is not None and replicated:  # computed alike on every rank: count its gradient once
             extra = extra / self.world_size + (extra - extra / self.world_size).detach()
         loss_all = loss_from_stats(merged, yg, num_computed, self.ignore_index, self.label_smoothing, "none", extra)
-        loss = self._reduce(loss_all, valid, counts)
+        # MarginHead's dtype: float64 only when x and weight both are, else float32.
+        loss = self._reduce(loss_all, valid, counts).to(ops.acc_dtype(xg, self.weight))
         if self.return_accuracy:
             return loss, accuracy_from_stats(merged, yg, self.ignore_index)
         return loss

@@ -88,6 +88,11 @@ class OpConfig(NamedTuple):
     m3: float
     lambda_: float
     subcenters: int = 1
+    # insightface's interclass_filtering_threshold (0: off): a non-label class whose cosine exceeds
+    # it gets logit 0 and no gradient. Needs normalize_x and normalize_w.
+    interclass_filter: float = 0.0
+    # The target's ∂z/∂c taken as a·b (ψ′ = 1) and no gradient to the margins: insightface's ArcFace.
+    straight_through: bool = False
 
 
 def _check_number(owner: str, name: str, value, lo: float, hi: float, hint: str = "") -> None:
@@ -115,6 +120,12 @@ def _check_row_tensor(owner: str, name: str, value: torch.Tensor) -> None:
             f"{owner}: a per-row {name} must be a 1-D floating tensor [B], got shape "
             f"{tuple(value.shape)} and dtype {value.dtype}"
         )
+
+
+def _check_options(owner: str, threshold, straight_through) -> None:
+    _check_number(owner, "interclass_filtering_threshold", threshold, 0.0, 1.0, " (0: off)")
+    if not isinstance(straight_through, bool):
+        raise ValueError(f"{owner}: straight_through must be a bool, got {straight_through!r}")
 
 
 def _check_policy(owner: str, policy) -> None:
@@ -277,13 +288,21 @@ class SphereFace(LSoftmax):
 
 @dataclass(frozen=True, eq=False)
 class CosFace(Margin):
-    """CosFace / AM-Softmax (Wang et al. 2018): target z = s·(cos θ - m)."""
+    """CosFace / AM-Softmax (Wang et al. 2018): target z = s·(cos θ - m).
+
+    ``interclass_filtering_threshold`` t_f (insightface's; 0 = off): a non-target class whose
+    cosine exceeds t_f gets logit 0 and no gradient. ``straight_through``: the target's gradient
+    passes as if ψ(c) were c (∂z/∂c = s, not s·ψ′(c)) and the margins get none, as insightface's
+    ArcFace does (it applies the margin under no_grad)."""
 
     s: float = 64.0
     m: Scalar = 0.35
+    interclass_filtering_threshold: float = 0.0
+    straight_through: bool = False
 
     def __post_init__(self):
         _check_scale("CosFace", self.s)
+        _check_options("CosFace", self.interclass_filtering_threshold, self.straight_through)
         if isinstance(self.m, torch.Tensor):
             _check_row_tensor("CosFace", "m", self.m)
         else:
@@ -293,33 +312,50 @@ class CosFace(Margin):
         return (("m1", 1.0), ("m2", 0.0), ("m", self.m))
 
     def config(self) -> OpConfig:
-        return OpConfig(KIND_COMBINED, THETA_POLICIES["none"], True, True, float(self.s), 1.0, 0.0, _scalar(self.m, 0.0), 0.0)
+        return OpConfig(
+            KIND_COMBINED, THETA_POLICIES["none"], True, True, float(self.s), 1.0, 0.0, _scalar(self.m, 0.0), 0.0, 1,
+            float(self.interclass_filtering_threshold), self.straight_through,
+        )
 
 
 @dataclass(frozen=True, eq=False)
 class CombinedMargin(Margin):
     """Combined margin (insightface): target z = s·(cos(m1·θ + m2) - m3), all three honoured.
 
-    ``policy`` says what happens where m1·θ + m2 > π, past which cos stops decreasing in θ:
-      - "fallback" (default, insightface and pytorch-metric-learning): z = s·(c - m3 - m2·sin m2)
+    ``policy`` says what happens where m1·θ + m2 > π, past which cos stops decreasing in θ. The
+    default (None) is "fallback" when m1 = 1 and "continuous" otherwise, so every valid
+    (m1, m2, m3) works with default arguments; both equal cos(m1·θ + m2) − m3 where m1·θ + m2 ≤ π.
+      - "fallback" (pytorch-metric-learning, insightface before Dec 2022): z = s·(c - m3 - m2·sin m2)
         there; the loss jumps at the boundary (by 0.12·s at m2 = 0.5). Defined for m1 = 1 only.
       - "easy": the margin applies only where c > 0; elsewhere z = s·(c - m3) (insightface's easy_margin).
       - "none": cos(m1·θ + m2) everywhere; not monotonic in θ past the boundary.
       - "continuous": (-1)^k cos(φ) - 2k - m3 with k = ⌊φ/π⌋ (SphereFace's extension), continuous
         and monotonic everywhere.
       - "clip": φ clamped to [1e-3, π - 1e-3] (AdaFace).
+    insightface's current CombinedMarginLoss is policy="none" with straight_through=True.
+
+    ``interclass_filtering_threshold`` t_f (insightface's; 0 = off): a non-target class whose
+    cosine exceeds t_f gets logit 0 and no gradient. ``straight_through``: the target's gradient
+    passes as if ψ(c) were c (∂z/∂c = s, not s·ψ′(c)) and the margins get none, as insightface's
+    ArcFace does (it applies the margin under no_grad).
     """
 
     s: float = 64.0
     m1: Scalar = 1.0
     m2: Scalar = 0.5
     m3: Scalar = 0.0
-    policy: str = "fallback"
+    policy: Optional[str] = None
+    interclass_filtering_threshold: float = 0.0
+    straight_through: bool = False
 
     def __post_init__(self):
         owner = type(self).__name__
         _check_scale(owner, self.s)
+        if self.policy is None:
+            unit = not isinstance(self.m1, torch.Tensor) and self.m1 == 1.0
+            object.__setattr__(self, "policy", "fallback" if unit else "continuous")
         _check_policy(owner, self.policy)
+        _check_options(owner, self.interclass_filtering_threshold, self.straight_through)
         for name, value, check in (
             ("m1", self.m1, lambda v: _check_number(owner, "m1", v, 1.0, 10.0)),
             ("m2", self.m2, lambda v: _check_angle(owner, "m2", v)),
@@ -351,6 +387,9 @@ class CombinedMargin(Margin):
             _scalar(self.m2, 0.0),
             _scalar(self.m3, 0.0),
             0.0,
+            1,
+            float(self.interclass_filtering_threshold),
+            self.straight_through,
         )
 
 
@@ -359,15 +398,24 @@ class ArcFace(Margin):
     """ArcFace / additive angular margin (Deng et al. 2019): target z = s·cos(θ + m).
 
     ``policy`` for θ + m > π as in :class:`CombinedMargin` ("fallback" by default:
-    z = s·(cos θ - m·sin m) there, as insightface and pytorch-metric-learning do)."""
+    z = s·(cos θ - m·sin m) there, as pytorch-metric-learning and insightface before Dec 2022 do;
+    insightface's current ArcFace is policy="none", straight_through=True).
+
+    ``interclass_filtering_threshold`` t_f (insightface's; 0 = off): a non-target class whose
+    cosine exceeds t_f gets logit 0 and no gradient. ``straight_through``: the target's gradient
+    passes as if ψ(c) were c (∂z/∂c = s, not s·ψ′(c)) and the margins get none, as insightface's
+    ArcFace does (it applies the margin under no_grad)."""
 
     s: float = 64.0
     m: Scalar = 0.5
     policy: str = "fallback"
+    interclass_filtering_threshold: float = 0.0
+    straight_through: bool = False
 
     def __post_init__(self):
         _check_scale("ArcFace", self.s)
         _check_policy("ArcFace", self.policy)
+        _check_options("ArcFace", self.interclass_filtering_threshold, self.straight_through)
         if isinstance(self.m, torch.Tensor):
             _check_row_tensor("ArcFace", "m", self.m)
         else:
@@ -377,7 +425,10 @@ class ArcFace(Margin):
         return (("m1", 1.0), ("m", self.m), ("m3", 0.0))
 
     def config(self) -> OpConfig:
-        return OpConfig(KIND_COMBINED, THETA_POLICIES[self.policy], True, True, float(self.s), 1.0, _scalar(self.m, 0.0), 0.0, 0.0)
+        return OpConfig(
+            KIND_COMBINED, THETA_POLICIES[self.policy], True, True, float(self.s), 1.0, _scalar(self.m, 0.0), 0.0, 0.0, 1,
+            float(self.interclass_filtering_threshold), self.straight_through,
+        )
 
 
 def _angular_target(owner: str, s, m, policy) -> None:

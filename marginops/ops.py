@@ -86,7 +86,7 @@ def _forward_fake(x, weight, labels, bias, row_margins, curricular, class_index,
 def _backward_fake(
     grad_lse, grad_target, grad_sum, lse, x, weight, labels, bias, row_margins, curricular, class_index,
     num_classes, class_offset, ignore_index, margin_kind, theta_policy, normalize_x, normalize_w, s, m1, m2, m3,
-    lambda_, subcenters, output_mask, grad_skip=0.0, backend=0, workspace_bytes=0,
+    lambda_, subcenters, interclass_filter, straight_through, output_mask, grad_skip=0.0, backend=0, workspace_bytes=0,
 ):  # fmt: skip
     _check_fake_shapes(x, weight, labels, bias, row_margins, curricular, class_index)
     need_x, need_w, need_b, need_m = output_mask

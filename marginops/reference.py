@@ -67,6 +67,7 @@ def unchecked_margin_cross_entropy(
     if K > 1:  # a class's logit is the best of its sub-centers'
         logits, best_sub = logits.view(B, num_classes, K).max(dim=2)
     plain = logits
+    plain_cos = logits.detach()  # s·c before margins and bias (normalized heads)
     if terms.curricular is not None:  # CurricularFace: hard negatives c > τ become c·(t + c)
         tau, t = terms.curricular[:, :1].to(logits.dtype), terms.curricular[:, 1:].to(logits.dtype)
         c = logits / cfg.s
@@ -87,11 +88,23 @@ def unchecked_margin_cross_entropy(
         )
         a = cfg.s if cfg.normalize_x else x_norm[rows].to(wide)
         b = 1.0 if cfg.normalize_w else w_norm[w_row].to(wide)
-        target = a * b * psi(cfg.margin_kind, cfg.theta_policy, cos_t, m1, m2, m3, cfg.lambda_)
+        if cfg.straight_through:  # value ψ(c), gradient as if ψ(c) = c; no gradient to the margins
+            with torch.no_grad():
+                shift = psi(cfg.margin_kind, cfg.theta_policy, cos_t, m1, m2, m3, cfg.lambda_) - cos_t
+            f = cos_t + shift
+        else:
+            f = psi(cfg.margin_kind, cfg.theta_policy, cos_t, m1, m2, m3, cfg.lambda_)
+        target = a * b * f
         logits = logits.index_put((rows, y), target.to(logits.dtype))
     if bias is not None:
         logits = logits + bias
         plain = plain + bias
+    if cfg.interclass_filter > 0:  # insightface: non-label cosines above t_f become logit 0, no gradient
+        with torch.no_grad():
+            cos = plain_cos / cfg.s
+            dirty = cos > cfg.interclass_filter
+            dirty[valid.nonzero().squeeze(1), labels[valid]] = False
+        logits = torch.where(dirty, torch.zeros_like(logits), logits)
     if terms.extra_loss is None:
         loss = F.cross_entropy(logits, labels, reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing)
     else:

@@ -250,3 +250,10 @@ def test_tf32_only_when_torch_allows_it(emu):
         return [rel_err(loss, truth), rel_err(dx, tdx), rel_err(dw, tdw)]
 
     check_tf32(errors, eager_errs)
+
+
+def test_interclass_filter_and_straight_through(emu):
+    """insightface's options in the chunked kernels' entry() and target terms."""
+    x, W, y, b = make_inputs(40, 8, 90, bias=True, ignore=2)
+    margin = mo.ArcFace(s=30.0, m=0.45, policy="none", straight_through=True, interclass_filtering_threshold=0.25)
+    grads_against_reference(emu, x, W, y, margin, b, tol=1e-12)

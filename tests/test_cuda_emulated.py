@@ -219,3 +219,10 @@ def test_psi_and_topk(emu):
     ve, ce = emu.topk(x, W, bias, None, 7, 0, True, True, 30.0, 2)
     vc, cc = _cpu.margin_topk(x, W, bias, None, 7, 0, True, True, 30.0, 2)
     assert rel_err(ve, vc) <= 1e-12 and torch.equal(ce, cc)
+
+
+def test_interclass_filter_and_straight_through(emu):
+    """insightface's options in the fused kernels' entry() and target terms."""
+    x, W, y, b = make_inputs(50, 8, 120, bias=True, ignore=2, requires_grad=False)
+    margin = mo.CombinedMargin(s=30.0, m2=0.4, policy="none", straight_through=True, interclass_filtering_threshold=0.2)
+    compare(emu, op_args(x, W, y, b, margin), 1e-12)

@@ -11,6 +11,8 @@ from marginops import reference
 from marginops.margins import psi
 from marginops.margins import KIND_COMBINED, KIND_MULTIPLICATIVE, THETA_POLICIES
 
+from conftest import make_inputs, rel_err
+
 f64 = torch.float64
 
 
@@ -30,7 +32,7 @@ f64 = torch.float64
         (lambda: mo.SphereFace(m=0), "m must be an integer in"),
         (lambda: mo.LSoftmax(m=4, lambda_=-1.0), r"lambda_=-1.0 must lie in"),
         (lambda: mo.ArcFace(policy="insightface"), "policy must be one of"),
-        (lambda: mo.CombinedMargin(m1=2.0, m2=0.1), "policy='fallback'.*defined for m1 = 1"),
+        (lambda: mo.CombinedMargin(m1=2.0, m2=0.1, policy="fallback"), "policy='fallback'.*defined for m1 = 1"),
         (lambda: mo.CombinedMargin(m1=0.5), r"m1=0.5 must lie in \[1, 10\]"),
         (lambda: mo.CombinedMargin(m3=-0.2), r"m3=-0.2 must lie in \[0, 1\]"),
         (lambda: mo.ArcFace(m=torch.zeros(3, 2)), "per-row m must be a 1-D floating tensor"),
@@ -148,3 +150,24 @@ def test_policies_shape_the_curve():
     quarter = torch.tensor([math.cos(math.pi / 4) - 1e-10, math.cos(math.pi / 4) + 1e-10], dtype=f64)
     assert float(_psi(mo.SphereFace(m=4), quarter).diff().abs()) < 1e-8, "and continuous at θ = π/4"
 
+
+
+def test_combined_margin_default_policy_works_for_every_m1():
+    """policy=None: "fallback" for m1 = 1, "continuous" otherwise; both are cos(m1·θ + m2) − m3
+    where m1·θ + m2 ≤ π."""
+    assert mo.CombinedMargin(s=64.0, m1=1.0, m2=0.5).policy == "fallback"
+    margin = mo.CombinedMargin(s=64.0, m1=1.1, m2=0.3, m3=0.2)
+    assert margin.policy == "continuous"
+    x, W, y, _ = make_inputs(40, 8, 30)
+    loss = mo.margin_cross_entropy(x, W, y, margin)
+    c = (torch.nn.functional.normalize(x) @ torch.nn.functional.normalize(W).T).detach()
+    z = 64.0 * c
+    theta = c[torch.arange(40), y].clamp(-1 + 1e-7, 1 - 1e-7).acos()
+    phi = 1.1 * theta + 0.3
+    inside = phi <= math.pi
+    assert inside.sum() > 30 and (~inside).any()
+    z[torch.arange(40), y] = 64.0 * (torch.cos(phi) - 0.2)
+    per_row = torch.nn.functional.cross_entropy(z, y, reduction="none")
+    got = mo.margin_cross_entropy(x, W, y, margin, reduction="none").detach()
+    assert rel_err(got[inside], per_row[inside]) <= 1e-12
+    assert torch.isfinite(loss)

@@ -131,7 +131,8 @@ RowData<T> prepare_rows(const HeadArgs& a, const at::Tensor& bias_cols) {
     r.target[i] = target_logit<T>(cfg.kind, cfg.policy, ptr<T>(u)[n * K + best], r.row[i], r.tside[i],
                                   m ? m[0] : T(cfg.m1), m ? m[1] : T(cfg.m2),
                                   m ? m[2] : T(cfg.m3), T(cfg.lambda),
-                                  bias_cols.defined() ? ptr<T>(bias_cols)[r.tcol[i]] : T(0));
+                                  bias_cols.defined() ? ptr<T>(bias_cols)[r.tcol[i]] : T(0),
+                                  cfg.straight_through);
   }
   return r;
 }
@@ -236,6 +237,23 @@ at::Tensor hard_negatives(const RowData<T>& rd, const at::Tensor& z0, int64_t i0
   return at::where(hard, (c * (t + c) - c) * s, at::zeros_like(c));
 }
 
+// insightface's interclass filtering: the entries of a block (rows i0…, classes j0…) whose
+// margin-free cosine z⁰/s exceeds cfg.interclass_filter, the label entries excepted; they get
+// logit 0 and no gradient. Undefined when the filter is off.
+template <typename T>
+at::Tensor filtered_entries(const RowData<T>& rd, const HeadConfig& cfg, const at::Tensor& z0, int64_t i0,
+                            int64_t j0) {
+  if (!(cfg.interclass_filter > 0)) return at::Tensor();
+  at::Tensor f = (z0 / T(cfg.s)).gt(cfg.interclass_filter).contiguous();
+  bool* fp = f.data_ptr<bool>();
+  const int64_t rb = f.size(0), tc = f.size(1);
+  for (int64_t i = 0; i < rb; ++i) {
+    const int64_t c = rd.tcol[i0 + i] - j0;
+    if (c >= 0 && c < tc) fp[i * tc + c] = false;
+  }
+  return f;
+}
+
 int64_t num_chunks(int64_t ntiles) {
   return std::max<int64_t>(1, std::min<int64_t>(ntiles, at::get_num_threads()));
 }
@@ -297,6 +315,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_t
           at::Tensor z = class_logits(zs, K, z_buf, k_buf, kidx);
           const at::Tensor hard = rd.hard_tau.defined() ? hard_negatives(rd, z, i0, T(a.cfg.s), nullptr)
                                                         : at::Tensor();
+          const at::Tensor filt = filtered_entries(rd, a.cfg, z, i0, j0);
           if (bias_cols.defined()) z.add_(bias_cols.narrow(0, j0, tc).unsqueeze(0));
           T* zp = ptr<T>(z);
 
@@ -308,6 +327,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_t
             }
           }
           if (hard.defined()) z.add_(hard);
+          if (filt.defined()) z.masked_fill_(filt, T(0));
           if (rd.has_margin) {
             for (int64_t i = 0; i < rb; ++i) {
               const int64_t c = rd.tcol[i0 + i] - j0;
@@ -467,6 +487,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_typed(
           }
           at::Tensor hard_factor;
           if (rd.hard_tau.defined()) g.add_(hard_negatives(rd, z0, i0, T(cfg.s), &hard_factor));
+          const at::Tensor filt = filtered_entries(rd, cfg, z0, i0, j0);
+          if (filt.defined()) g.masked_fill_(filt, T(0));
           T* gp = ptr<T>(g);
           int64_t* kp = K > 1 ? ptr<int64_t>(kidx) : nullptr;
           // Visits the rows of this block whose target lies in this tile.
@@ -508,6 +530,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_typed(
           } else if (gt) {
             each_target([&](int64_t i, int64_t e, int64_t) { gp[e] += gt[i]; });
           }
+          if (filt.defined()) g.masked_fill_(filt, T(0));  // no gradient through filtered entries
           if (need_db) dbt_t.add_(g.sum(0));
           if (hard_factor.defined()) g.mul_(hard_factor);  // ∂L/∂z⁰ on hard negatives
           if (row_corr || col_corr) {

@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(kThreads) row_prep_kernel(HeadParams p) {
     const ACC* m = p.row_margins ? static_cast<const ACC*>(p.row_margins) + 3 * i : nullptr;
     info.target = target_logit<ACC>(cfg.kind, cfg.policy, best_u, info.side, info.tside, m ? m[0] : ACC(cfg.m1),
                                     m ? m[1] : ACC(cfg.m2), m ? m[2] : ACC(cfg.m3), ACC(cfg.lambda),
-                                    load_acc<ACC>(p.bias, info.tcol));
+                                    load_acc<ACC>(p.bias, info.tcol), cfg.straight_through);
   }
   if (lane == 0) static_cast<RowInfo<ACC>*>(p.rows)[i] = info;
 }
@@ -129,6 +129,7 @@ struct Entry {
   ACC factor;   // ∂z/∂z⁰ off the target (CurricularFace: t + 2c on hard negatives)
   int32_t k;    // winning sub-center
   bool target;  // the margin's target entry
+  bool filtered;  // interclass filtering: z = 0, no gradient (factor 0)
 };
 
 template <typename ACC>
@@ -155,6 +156,11 @@ __device__ __forceinline__ Entry<ACC> entry(const HeadParams& p, const RowInfo<A
       e.z = ACC(p.cfg.s) * c * (row.t + c) + bias;
       e.factor = row.t + ACC(2) * c;
     }
+  }
+  e.filtered = j != row.tcol && filtered_negative(e.z0 / ACC(p.cfg.s), p.cfg.interclass_filter);
+  if (e.filtered) {
+    e.z = ACC(0);
+    e.factor = ACC(0);
   }
   e.target = p.cfg.kind != kIdentity && j == row.tcol;
   if (e.target) {
@@ -217,6 +223,7 @@ __global__ void target_grad_kernel(HeadParams p) {
 template <typename ACC>
 __device__ __forceinline__ ACC entry_grad(const RowInfo<ACC>& row, const Entry<ACC>& e, bool is_label) {
   if (e.target) return row.g_target;
+  if (e.filtered) return ACC(0);
   ACC g = row.gl * exp(e.z - row.lse) + row.gs;
   return is_label ? g + row.gt : g;
 }
