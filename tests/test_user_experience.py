@@ -315,3 +315,22 @@ def test_bench_json_keeps_old_fields_and_adds_spread_and_headline(tmp_path):
     assert data["headline"] and data["headline"][0]["impl"] == "fused"
     md = (tmp_path / "cpu-bench.md").read_text()
     assert "fused vs eager at C = 1k" in md and "0.00 MiB" not in md
+
+
+# -- item 7: the demo is reproducible --------------------------------------------------------------
+
+
+def test_demo_gives_identical_numbers_on_two_runs(tmp_path):
+    import subprocess
+    import sys
+
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    tables = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        subprocess.run([sys.executable, "-m", "marginops", "demo", "--epochs", "1", "--dims", "2", "--out", str(out)],
+                       check=True, capture_output=True, text=True)
+        tables.append((out / "verification.md").read_text())
+    assert tables[0] == tables[1]
+    assert tables[0].count("| 2 |") == 5
