@@ -211,7 +211,7 @@ def _run(args, plt) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="marginops-demo", help="folder for the PNGs and the table")
     p.add_argument("--dims", default="2,3", help="feature dimensions to train, comma-separated")
-    p.add_argument("--epochs", type=int, default=100, help="training epochs per head (about 1 s each per head on 2 cores)")
+    p.add_argument("--epochs", type=int, default=100, help="training epochs per head (the defaults run in about a minute on 2 cores)")
     p.add_argument("--far", type=float, default=1e-2, help="false accept rate of the TAR column")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads while training (1: the figures do not depend on the machine's core count)")
