@@ -44,7 +44,10 @@ def fmt_bytes(n: Optional[float]) -> str:
 def _spread(r: Result) -> str:
     if r.time_ms_min is None or r.time_ms_max is None:
         return "-"
-    return f"{r.time_ms_min:.3g}-{r.time_ms_max:.3g} (n={r.repeats})"
+    def ms(v: float) -> str:
+        return f"{v:.1f}" if v >= 10 else f"{v:.3g}"
+
+    return f"{ms(r.time_ms_min)}-{ms(r.time_ms_max)} (n={r.repeats})"
 
 
 GEMM_COLUMN = "x 3 GEMMs (reference cost)"
@@ -283,7 +286,9 @@ def plot(results: List[Result], path_prefix: str, env: Optional[Dict[str, str]] 
     written = []
     env = env or {}
     device = env.get("gpu") or env.get("cpu") or ""
-    device = f"{device} ({env['device']})" if env.get("device") else device
+    if env.get("device"):
+        threads = f", {env['threads']} threads" if env["device"] == "cpu" and env.get("threads") else ""
+        device = f"{device} ({env['device']}{threads})"
     labels = {"gemm3": "3 GEMMs (reference cost, not a floor)", "reference": "eager reference"}
     for metric, label, scale, name in (
         ("time_ms", "forward+backward time (ms), median; bars: min-max", 1.0, "time_vs_classes.png"),
@@ -293,9 +298,9 @@ def plot(results: List[Result], path_prefix: str, env: Optional[Dict[str, str]] 
         for ax, (key, rs) in zip(axes[0], sorted(groups.items())):
             for impl in dict.fromkeys(r.impl for r in rs):
                 pts = sorted(
-                    (r.case.classes, getattr(r, metric) * scale, r)
-                    for r in rs
-                    if r.impl == impl and getattr(r, metric)  # a log axis cannot show 0
+                    ((r.case.classes, getattr(r, metric) * scale, r) for r in rs
+                     if r.impl == impl and getattr(r, metric)),  # a log axis cannot show 0
+                    key=lambda p: p[0],
                 )
                 if not pts:
                     continue
@@ -314,9 +319,9 @@ def plot(results: List[Result], path_prefix: str, env: Optional[Dict[str, str]] 
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
         if metric == "time_ms" and any(r.impl == "gemm3" for rs in groups.values() for r in rs):
-            fig.text(0.01, 0.005, "3 GEMMs: x·Wᵀ, G·W, Gᵀ·x of the head's shape — the plain matmul work of a step, "
-                     "a reference cost, not a lower bound", fontsize=7, color="0.35")
-        fig.tight_layout(rect=(0, 0.03, 1, 1))
+            fig.text(0.01, 0.005, "3 GEMMs: x·Wᵀ, G·W, Gᵀ·x of the shape:\na reference cost, not a lower bound",
+                     fontsize=7, color="0.35")
+        fig.tight_layout(rect=(0, 0.05, 1, 1))
         out = f"{path_prefix}{name}"
         fig.savefig(out, dpi=110)
         plt.close(fig)
