@@ -1,7 +1,7 @@
 """``marginops bench``: memory and step time of the fused head against the eager reference,
 torch.compile of it, and the peers that are installed, across class counts.
 
-Defaults: on the CPU, B = 256, D = 128, C = 10k … 300k, float32, ArcFace (about four minutes on
+Defaults: on the CPU, B = 256, D = 128, C = 10k … 300k, float32, ArcFace (about five minutes on
 two cores); on a GPU, the face-recognition shapes B = 1024 (after all-gather), D = 512,
 C = 100k … 3M, bfloat16, ArcFace, CosFace and plain softmax (for the peers), and the largest C
 that fits for each implementation (bounded by the free device memory). Expected run time on
