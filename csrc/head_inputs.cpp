@@ -22,6 +22,25 @@ void check_device(const at::Tensor& t, const at::Tensor& x, const char* name) {
                     x.device());
 }
 
+const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    default: return c10::toString(t);
+  }
+}
+
+// The one dtype rule (marginops/_checks.py dtype_pair_error): equal dtypes, or a float32 weight
+// with float16/bfloat16 x. Same message as the Python check.
+void check_dtype_pair(const at::Tensor& x, const at::Tensor& weight) {
+  const at::ScalarType xt = x.scalar_type(), wt = weight.scalar_type();
+  const bool ok = xt == wt || (wt == at::kFloat && (xt == at::kHalf || xt == at::kBFloat16));
+  TORCH_CHECK_VALUE(ok, "x is ", dtype_name(xt), " but weight is ", dtype_name(wt),
+                    ": use equal dtypes, or float32 weight with float16/bfloat16 x");
+}
+
 }  // namespace
 
 at::ScalarType HeadArgs::acc_dtype() const {
@@ -36,6 +55,7 @@ HeadArgs check_head_args(MO_HEAD_PARAMS) {
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == D, "weight must have shape [C, ", D,
                     "] to match x ", x.sizes(), ", got ", weight.sizes());
   check_float(weight, "weight");
+  check_dtype_pair(x, weight);
   check_device(weight, x, "weight");
   TORCH_CHECK_VALUE(subcenters >= 1, "subcenters must be >= 1, got ", subcenters);
   TORCH_CHECK_VALUE(weight.size(0) % subcenters == 0, "weight has ", weight.size(0),

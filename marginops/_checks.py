@@ -3,7 +3,7 @@ Every failure is a ValueError that names the argument and shows what was expecte
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -11,6 +11,75 @@ from .margins import Margin
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def dtype_pair_error(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> Optional[str]:
+    """The one dtype rule of every head, fused or eager, on every device: x and weight of equal
+    dtypes, or a float32 weight with float16/bfloat16 x (mixed precision). None when the pair is
+    legal, else the ValueError's message, naming both dtypes. (The C++ op checks the same rule:
+    csrc/head_inputs.cpp, check_dtype_pair.)"""
+    if x_dtype == weight_dtype or (weight_dtype == torch.float32 and x_dtype in HALF_DTYPES):
+        return None
+    return (
+        f"x is {dtype_name(x_dtype)} but weight is {dtype_name(weight_dtype)}: "
+        "use equal dtypes, or float32 weight with float16/bfloat16 x"
+    )
+
+
+def effective_x_dtype(x: torch.Tensor) -> torch.dtype:
+    """x's dtype as the op sees it: under torch.autocast float32 features become the autocast
+    dtype (marginops.functional.autocast_features), so the rule applies to that."""
+    device = x.device.type
+    if x.dtype == torch.float32 and device != "meta" and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def check_dtype_pair(x: torch.Tensor, weight: torch.Tensor) -> None:
+    message = dtype_pair_error(effective_x_dtype(x), weight.dtype)
+    if message is not None:
+        raise ValueError(message)
+
+
+def check_finite_inputs(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, subcenters: int = 1, class_offset: int = 0
+) -> None:
+    """check_finite=True: a ValueError naming the first row of x, class of weight or entry of
+    bias holding NaN or ±Inf. Costs one pass over the inputs and a device sync (the answer is
+    read on the host). ``class_offset`` is added to the class ids named (a shard's first class)."""
+    with torch.no_grad():
+        bad = first_nonfinite(x, weight, bias, subcenters)
+    if bad is not None:
+        raise ValueError(nonfinite_message(*bad, subcenters=subcenters, class_offset=class_offset))
+
+
+def first_nonfinite(x, weight, bias=None, subcenters: int = 1) -> Optional[Tuple[str, int]]:
+    """("x", row), ("weight", row of weight) or ("bias", class) of the first non-finite entry, or None."""
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        rows = ~torch.isfinite(t.detach().reshape(t.shape[0], -1)).all(dim=1)
+        if bool(rows.any()):
+            return name, int(rows.nonzero()[0, 0])
+    return None
+
+
+def nonfinite_message(name: str, index: int, subcenters: int = 1, class_offset: int = 0) -> str:
+    if name == "x":
+        return f"x[{index}] holds NaN/Inf (first bad row)"
+    if name == "weight":
+        cls = class_offset + index // subcenters
+        detail = [f"class {cls}"] if (subcenters > 1 or class_offset) else []
+        if subcenters > 1:
+            detail.append(f"sub-center {index % subcenters}")
+        where = f"weight[{index}]" + (f" ({', '.join(detail)})" if detail else "")
+        return f"{where} holds NaN/Inf (first bad class)"
+    return f"bias[{class_offset + index}] holds NaN/Inf (first bad entry)"
 
 
 def check_head_inputs(
@@ -21,8 +90,15 @@ def check_head_inputs(
     bias: Optional[torch.Tensor],
     reduction: str,
     label_smoothing: float,
+    check_finite: bool = False,
 ) -> torch.Tensor:
-    """Checks shapes, dtypes and devices; returns the labels as int64."""
+    """Checks shapes, dtypes and devices (and, with check_finite, that x, weight and bias hold no
+    NaN/Inf); returns the labels as int64.
+
+    dtypes: x and weight equal, or weight float32 with float16/bfloat16 x (dtype_pair_error).
+    bias may be any of float16, bfloat16, float32, float64, whatever x and weight are: it is
+    read in the arithmetic dtype (float32; float64 when x and weight are float64) and its
+    gradient comes back in its own dtype."""
     if not isinstance(margin, Margin):
         raise ValueError(f"margin must be a marginops margin spec (e.g. mo.ArcFace()), got {margin!r}")
     for name, t in (("x", x), ("weight", weight), ("labels", labels)):
@@ -40,6 +116,7 @@ def check_head_inputs(
     for name, t in (("x", x), ("weight", weight)):
         if t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    check_dtype_pair(x, weight)
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"labels must hold integer class ids, got dtype {labels.dtype}")
     if labels.shape != (x.shape[0],):
@@ -60,6 +137,8 @@ def check_head_inputs(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
+    if check_finite:
+        check_finite_inputs(x, weight, bias, K)
     return labels.long()
 
 

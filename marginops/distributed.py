@@ -28,7 +28,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import ops
-from ._checks import FLOAT_DTYPES, REDUCTIONS, check_backend, check_grad_skip
+from ._checks import (
+    FLOAT_DTYPES, REDUCTIONS, check_backend, check_grad_skip, dtype_pair_error, first_nonfinite, nonfinite_message,
+)
 from .functional import accuracy_from_stats, autocast_features, loss_from_stats
 from .margins import Margin, RowContext, target_cosines
 from .nn import MarginState, _check_margin, _ClassWeights
@@ -108,7 +110,8 @@ class _GatherStats(torch.autograd.Function):
 
 
 # Header codes: what a rank found wrong with its own input, so that every rank can raise it.
-_OK, _BAD_LABEL, _BAD_DIM, _BAD_DTYPE, _BAD_SHAPE, _BAD_X_NDIM, _BAD_LABELS_NDIM = 0, 1, 2, 3, 4, 5, 6
+_OK, _BAD_LABEL, _BAD_DIM, _BAD_DTYPE, _BAD_SHAPE, _BAD_X_NDIM, _BAD_LABELS_NDIM, _BAD_PAIR, _NONFINITE = range(9)
+_NONFINITE_WHAT = ("x", "weight", "bias")
 
 
 class ShardedMarginHead(_ClassWeights):
@@ -126,6 +129,11 @@ class ShardedMarginHead(_ClassWeights):
     ``int(sample_rate · local_classes)`` (all positives are always kept), passed to the kernel as
     an index list. The sample is a function of (seed, rank, step): reproducible. Unsampled rows of
     ``weight.grad`` are zero; label smoothing spreads over the sampled classes.
+
+    dtypes follow :func:`marginops.margin_cross_entropy`'s rule (x like weight, or
+    float16/bfloat16 x with a float32 weight); ``check_finite=True`` makes every rank raise a
+    ValueError naming the rank and the first NaN/Inf row of its x (or global class of its weight
+    shard, entry of its bias shard), at the cost of a device sync per step.
     """
 
     def __init__(
@@ -145,6 +153,7 @@ class ShardedMarginHead(_ClassWeights):
         grad_skip_threshold: float = 0.0,
         backend: str = "auto",
         workspace_bytes: Optional[int] = None,
+        check_finite: bool = False,
         device=None,
         dtype=None,
     ):
@@ -172,6 +181,7 @@ class ShardedMarginHead(_ClassWeights):
         self.grad_skip_threshold = check_grad_skip(grad_skip_threshold)
         check_backend(backend, torch.device("meta"), workspace_bytes)  # the device is checked per call
         self.backend, self.workspace_bytes = backend, workspace_bytes
+        self.check_finite = bool(check_finite)
         K = self.margin.config().subcenters
         self._init_weights(embedding_size, self.class_end - self.class_start, K, bias, {"device": device, "dtype": dtype})
         self.num_classes = num_classes  # the head's classes, all ranks together
@@ -206,9 +216,11 @@ class ShardedMarginHead(_ClassWeights):
 
     # -- the forward's collectives -------------------------------------------------------------
 
-    def _exchange_header(self, x: torch.Tensor, labels: torch.Tensor) -> List[int]:
+    def _exchange_header(self, x: torch.Tensor, labels: torch.Tensor, check_finite: bool = False) -> List[int]:
         """Every rank learns every batch size and every rank's input errors; raises on all ranks
-        if any rank's input is bad."""
+        if any rank's input is bad (dtypes: x like weight, or float16/bfloat16 x with a float32
+        weight; with check_finite, the first NaN/Inf row of x, class of the weight shard or entry
+        of the bias shard)."""
         code, where, value = _OK, 0, 0
         if x.dim() != 2:
             code, value = _BAD_X_NDIM, x.dim()
@@ -220,6 +232,10 @@ class ShardedMarginHead(_ClassWeights):
             code, value = _BAD_DIM, x.shape[1]
         elif x.dtype not in FLOAT_DTYPES or labels.is_floating_point() or labels.dtype == torch.bool:
             code = _BAD_DTYPE
+        elif dtype_pair_error(x.dtype, self.weight.dtype) is not None:
+            code, value = _BAD_PAIR, FLOAT_DTYPES.index(self.weight.dtype) if self.weight.dtype in FLOAT_DTYPES else -1
+        elif check_finite and (bad_entry := first_nonfinite(x, self.weight, self.bias, self.subcenters)) is not None:
+            code, value, where = _NONFINITE, _NONFINITE_WHAT.index(bad_entry[0]), bad_entry[1]
         else:
             bad = ((labels < 0) | (labels >= self.num_classes)) & (labels != self.ignore_index)
             if bool(bad.any()):
@@ -238,6 +254,12 @@ class ShardedMarginHead(_ClassWeights):
                 raise ValueError(f"rank {r}: x must have shape [B, {self.embedding_size}], got D = {v}")
             if c == _BAD_DTYPE:
                 raise ValueError(f"rank {r}: x must be float16/bfloat16/float32/float64 and labels integer")
+            if c == _BAD_PAIR:
+                raise ValueError(f"rank {r}: " + str(dtype_pair_error(FLOAT_DTYPES[every[r][4]], FLOAT_DTYPES[v])))
+            if c == _NONFINITE:
+                what = _NONFINITE_WHAT[v]
+                offset = class_range(self.num_classes, self.world_size, r)[0] if what != "x" else 0
+                raise ValueError(f"rank {r}: " + nonfinite_message(what, w, self.subcenters, offset))
             if c == _BAD_SHAPE:
                 raise ValueError(f"rank {r}: x has {w} rows but labels has {v} entries (one label per row of x)")
             if c == _BAD_X_NDIM:
@@ -279,7 +301,7 @@ class ShardedMarginHead(_ClassWeights):
         x = autocast_features(x)  # before the all-gather: half the bytes under bf16/fp16 autocast
         if labels.dim() == 2 and labels.shape[1] == 1:  # insightface's [B, 1] labels
             labels = labels.squeeze(1)
-        counts = self._exchange_header(x, labels)
+        counts = self._exchange_header(x, labels, self.check_finite)
         labels = labels.long()
         xg = _GatherRows.apply(x, counts, self.group, self.grad_scale)
         yg = self._gather_labels(labels, counts)
@@ -338,15 +360,24 @@ class ShardedMarginHead(_ClassWeights):
         return loss_all[start : start + counts[self.rank]]
 
     @torch.no_grad()
-    def topk(self, x: torch.Tensor, k: int = 5) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The k most likely classes of each of this rank's rows, over all shards: (values [B, k],
-        classes [B, k]), without a [B, num_classes] tensor."""
+    def topk(self, x: torch.Tensor, k: int = 5, kind: str = "cosine") -> Tuple[torch.Tensor, torch.Tensor]:
+        """The k best classes of each of this rank's rows, over all shards: (values [B, k],
+        classes [B, k]), without a [B, num_classes] tensor. ``kind`` as in
+        :meth:`marginops.MarginHead.topk`: ``"cosine"`` (default) gives cos θ in [-1, 1],
+        ``"logit"`` the margin-free logits s·cos θ (+ bias)."""
+        from .functional import TOPK_KINDS, cosine_margin
+
+        if kind not in TOPK_KINDS:
+            raise ValueError(f"kind must be one of {TOPK_KINDS}, got {kind!r}")
         self._check_x(x)
         counts = self._exchange_header(x, torch.full((x.shape[0],), self.ignore_index, dtype=torch.long, device=x.device))
         xg = _GatherRows.apply(x, counts, self.group, 1.0)
         cfg = self.margin.config()
+        bias = self.bias
+        if kind == "cosine":
+            cfg, bias = cosine_margin(cfg.subcenters).config(), None
         kk = min(k, self.local_classes)
-        vals, cls = torch.ops.marginops.margin_topk(xg, self.weight, self.bias, None, kk, self.class_start, cfg.normalize_x, cfg.normalize_w, cfg.s, cfg.subcenters)
+        vals, cls = torch.ops.marginops.margin_topk(xg, self.weight, bias, None, kk, self.class_start, cfg.normalize_x, cfg.normalize_w, cfg.s, cfg.subcenters)
         if kk < k:  # pad so that every rank contributes k candidates
             vals = F.pad(vals, (0, k - kk), value=-math.inf)
             cls = F.pad(cls, (0, k - kk), value=-1)

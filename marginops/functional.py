@@ -80,6 +80,7 @@ def margin_cross_entropy(
     grad_skip_threshold: float = 0.0,
     backend: str = "auto",
     workspace_bytes: Optional[int] = None,
+    check_finite: bool = False,
 ):
     """Margin-softmax cross-entropy of features ``x [B, D]`` against class weights
     ``weight [C·K, D]`` (K = 1 but for sub-center margins), with ``labels [B]`` (class ids, or
@@ -115,9 +116,25 @@ def margin_cross_entropy(
     default 64 MiB, whatever C is), ``"fused"`` (one tile kernel streaming classes, no logits in
     memory) or ``"auto"`` (the default: ``"chunked"`` on CUDA, the tiled CPU implementation on the
     CPU, where the other two are an error). :func:`marginops.backends` lists what each device runs.
+
+    dtypes (the same rule for the eager reference and on every device): ``x`` and ``weight`` of
+    equal dtypes (float16, bfloat16, float32 or float64), or a float32 ``weight`` with
+    float16/bfloat16 ``x`` (mixed precision); any other pair is a ValueError naming both, e.g.
+    "x is float32 but weight is bfloat16: use equal dtypes, or float32 weight with
+    float16/bfloat16 x". Under autocast the rule applies to ``x`` after its cast. ``bias`` may be
+    any of the four float dtypes: it is read in the arithmetic dtype and its gradient comes back
+    in its own dtype.
+
+    ``check_finite`` (default False): when True, a ValueError names the first row of ``x``
+    (``"x[17] holds NaN/Inf (first bad row)"``), class of ``weight`` or entry of ``bias`` that
+    holds NaN or Inf. It costs a pass over the inputs and a device sync. Without it, one NaN row
+    of ``x`` makes its loss NaN and, through the backward, every entry of ``dW`` NaN (each class's
+    gradient sums over all rows). Under ``torch.amp.GradScaler``'s dynamic loss scaling leave it
+    off: GradScaler skips a step whose gradients hold inf/NaN (and lowers the scale), whereas
+    ``check_finite=True`` raises on a NaN feature before GradScaler can see it.
     """
     margin = Softmax() if margin is None else margin
-    labels = check_head_inputs(x, weight, labels, margin, bias, reduction, label_smoothing)
+    labels = check_head_inputs(x, weight, labels, margin, bias, reduction, label_smoothing, check_finite)
     grad_skip_threshold = check_grad_skip(grad_skip_threshold)
     backend_code, workspace = check_backend(backend, x.device, workspace_bytes)
     _check_backend(x)
@@ -178,13 +195,24 @@ def class_logits(
     return out
 
 
+TOPK_KINDS = ("cosine", "logit")
+
+
 def topk_classes(
-    x: torch.Tensor, weight: torch.Tensor, k: int, margin: Optional[Margin] = None, bias: Optional[torch.Tensor] = None
+    x: torch.Tensor, weight: torch.Tensor, k: int, margin: Optional[Margin] = None, bias: Optional[torch.Tensor] = None,
+    kind: str = "logit",
 ):
-    """The k largest margin-free logits of each row and their classes, (values [B, k],
-    classes [B, k]), from the fused pass: no [B, C] tensor. Not differentiable."""
+    """The k best classes of each row from the fused pass, without a [B, C] tensor:
+    (values [B, k], classes [B, k]). ``kind="logit"``: values are the margin-free logits of
+    ``margin`` (s·cos θ + bias for normalized margins); ``kind="cosine"``: values are cos θ
+    (unscaled, in [-1, 1], no bias), classes ranked by it. A class's value is its best
+    sub-center's. Not differentiable."""
+    if kind not in TOPK_KINDS:
+        raise ValueError(f"kind must be one of {TOPK_KINDS}, got {kind!r}")
     margin = Softmax() if margin is None else margin
     cfg = margin.config()
+    if kind == "cosine":
+        cfg, bias = cosine_margin(cfg.subcenters).config(), None
     with torch.no_grad():
         values, classes = torch.ops.marginops.margin_topk(
             x, weight, bias, None, k, 0, cfg.normalize_x, cfg.normalize_w, cfg.s, cfg.subcenters

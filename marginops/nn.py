@@ -78,15 +78,23 @@ class _ClassWeights(nn.Module):
         return functional.class_logits(x, self.weight, functional.cosine_margin(self.subcenters), None, chunk_size)
 
     @torch.no_grad()
-    def topk(self, x: torch.Tensor, k: int = 5) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The k most likely classes of each row by margin-free logit: (values [B, k],
-        classes [B, k]), without a [B, num_classes] tensor."""
+    def topk(self, x: torch.Tensor, k: int = 5, kind: str = "cosine") -> Tuple[torch.Tensor, torch.Tensor]:
+        """The k best classes of each row: (values [B, k], classes [B, k]), from the fused pass,
+        without a [B, num_classes] tensor.
+
+        ``kind="cosine"`` (the default: a face-recognition user reads scores as cosines):
+        values are cos θ between the row and the class weight (unscaled, in [-1, 1], the best
+        sub-center's), classes ranked by it. ``kind="logit"``: values are the margin-free logits
+        s·cos θ (+ bias) of the head's margin, classes ranked by them (the ranking differs from
+        the cosine's only with a bias, or with unnormalized features or weights). Another kind
+        is a ValueError."""
         self._check_x(x)
-        return functional.topk_classes(x, self.weight, k, self._inference_margin(), self.bias)
+        return functional.topk_classes(x, self.weight, k, self._inference_margin(), self.bias, kind=kind)
 
 
 class MarginHead(_ClassWeights):
-    """Classification head with a margin-softmax loss.
+    """Classification head with a margin-softmax loss. The default margin is plain
+    :class:`Softmax` (``margin=None``); pass e.g. ``margin=mo.ArcFace()``.
 
     Owns ``weight [num_classes·K, embedding_size]`` (K sub-centers for SubCenterArcFace, else 1)
     and ``bias [num_classes]`` with ``bias=True``; ``forward(x, labels)`` returns the loss (and
@@ -96,7 +104,11 @@ class MarginHead(_ClassWeights):
     (it changes a Python float each step, so ``torch.compile`` recompiles while it anneals).
     ``grad_skip_threshold``, ``backend`` and ``workspace_bytes`` are
     :func:`marginops.margin_cross_entropy`'s (defaults: exact gradients, the device's default
-    backend, 64 MiB).
+    backend, 64 MiB). ``check_finite`` (default False) raises a ValueError naming the first row
+    of ``x`` (or class of ``weight``, entry of ``bias``) holding NaN/Inf, at the cost of a device
+    sync per step; leave it off under ``torch.amp.GradScaler`` (see
+    :func:`marginops.margin_cross_entropy`). dtypes: ``x`` like ``weight``, or float16/bfloat16
+    ``x`` with a float32 ``weight``.
     """
 
     _loss_fn = staticmethod(functional.margin_cross_entropy)
@@ -115,6 +127,7 @@ class MarginHead(_ClassWeights):
         grad_skip_threshold: float = 0.0,
         backend: str = "auto",
         workspace_bytes: Optional[int] = None,
+        check_finite: bool = False,
         device=None,
         dtype=None,
     ):
@@ -135,6 +148,7 @@ class MarginHead(_ClassWeights):
         self.grad_skip_threshold = check_grad_skip(grad_skip_threshold)
         check_backend(backend, torch.device("meta"), workspace_bytes)  # the device is checked per call
         self.backend, self.workspace_bytes = backend, workspace_bytes
+        self.check_finite = bool(check_finite)
         self._init_weights(embedding_size, num_classes, self.margin.config().subcenters, bias, {"device": device, "dtype": dtype})
         self.margin_state = MarginState(self.margin.state_init())
         if lambda_schedule is not None:
@@ -166,6 +180,7 @@ class MarginHead(_ClassWeights):
             grad_skip_threshold=self.grad_skip_threshold,
             backend=self.backend,
             workspace_bytes=self.workspace_bytes,
+            check_finite=self.check_finite,
         )
 
     def extra_repr(self) -> str:
@@ -179,7 +194,8 @@ class WeightedMarginHead(_ClassWeights):
     """One set of class weights trained by a weighted sum of margin losses,
     ``Σ_k w_k · loss_k(x, W, labels)`` — CCL combines its adaptive margin with SphereFace this
     way. Each term is one fused pass; margins with sub-centers or state are not supported here.
-    Inference helpers use the first margin's scaling."""
+    Inference helpers use the first margin's scaling. ``check_finite`` as in :class:`MarginHead`
+    (checked once per step, by the first term)."""
 
     _loss_fn = staticmethod(functional.margin_cross_entropy)
 
@@ -194,6 +210,7 @@ class WeightedMarginHead(_ClassWeights):
         grad_skip_threshold: float = 0.0,
         backend: str = "auto",
         workspace_bytes: Optional[int] = None,
+        check_finite: bool = False,
         device=None,
         dtype=None,
     ):
@@ -217,6 +234,7 @@ class WeightedMarginHead(_ClassWeights):
         self.grad_skip_threshold = check_grad_skip(grad_skip_threshold)
         check_backend(backend, torch.device("meta"), workspace_bytes)  # the device is checked per call
         self.backend, self.workspace_bytes = backend, workspace_bytes
+        self.check_finite = bool(check_finite)
         self._init_weights(embedding_size, num_classes, 1, bias, {"device": device, "dtype": dtype})
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -227,7 +245,7 @@ class WeightedMarginHead(_ClassWeights):
                 x, self.weight, labels, margin=margin, bias=self.bias,
                 ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
                 grad_skip_threshold=self.grad_skip_threshold, backend=self.backend,
-                workspace_bytes=self.workspace_bytes,
+                workspace_bytes=self.workspace_bytes, check_finite=self.check_finite and total is None,
             )
             total = w * loss if total is None else total + w * loss
         return total

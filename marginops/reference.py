@@ -29,13 +29,14 @@ def margin_cross_entropy(
     grad_skip_threshold: float = 0.0,
     backend: str = "auto",
     workspace_bytes: Optional[int] = None,
+    check_finite: bool = False,
 ):
     """Eager margin cross-entropy; same signature and semantics as
     :func:`marginops.margin_cross_entropy`. ``grad_skip_threshold`` permits skipping negligible
     gradients, it does not require it: the reference always computes every one. ``backend`` and
     ``workspace_bytes`` are checked as the fused call checks them, and otherwise unused."""
     margin = Softmax() if margin is None else margin
-    labels = check_head_inputs(x, weight, labels, margin, bias, reduction, label_smoothing)
+    labels = check_head_inputs(x, weight, labels, margin, bias, reduction, label_smoothing, check_finite)
     check_grad_skip(grad_skip_threshold)
     check_backend(backend, x.device, workspace_bytes)
     check_label_values(labels, weight.shape[0] // margin.config().subcenters, ignore_index)
@@ -50,6 +51,8 @@ def unchecked_margin_cross_entropy(
 ):
     """:func:`margin_cross_entropy` without the argument checks (int64 labels expected): what
     torch.compile of the eager head traces without a graph break."""
+    if x.dtype != weight.dtype:  # mixed precision (float16/bfloat16 x, float32 W): compute in float32
+        x = x.to(weight.dtype)
     cfg = margin.config()
     K = cfg.subcenters
     num_classes = weight.shape[0] // K

@@ -266,7 +266,9 @@ def check_faults(rank, world):
     expect_error(lambda: head(torch.randn(3, D), labels), "rank 1: labels[2] = 99 is out of range")
     x = torch.randn(3, D + (1 if rank == 0 else 0))
     expect_error(lambda: head(x, torch.tensor([1, 2, 3])), "rank 0: x must have shape [B, 8], got D = 9")
-    expect_error(lambda: head(torch.randn(3, D, dtype=torch.float64 if rank else torch.float32), torch.tensor([1, 2, 3])), "different dtypes")
+    expect_error(lambda: head(torch.randn(3, D, dtype=torch.bfloat16 if rank else torch.float32), torch.tensor([1, 2, 3])), "different dtypes")
+    expect_error(lambda: head(torch.randn(3, D, dtype=torch.float64 if rank else torch.float32), torch.tensor([1, 2, 3])),
+                 "rank 1: x is float64 but weight is float32: use equal dtypes, or float32 weight with float16/bfloat16 x")
     loss = head(torch.randn(3, D), torch.tensor([1, 2, 3]))
     assert torch.isfinite(loss), "the head still works after the errors"
 

@@ -358,8 +358,12 @@ def test_inference_helpers(device, margin):
     torch.testing.assert_close(head.logits(x, chunk_size=97), plain)
     cos = (F.normalize(x, dim=1) @ F.normalize(head.weight, dim=1).T).view(70, C, K).amax(2)
     torch.testing.assert_close(head.cosine(x, chunk_size=101), cos)
-    values, classes = head.topk(x, k=5)
+    values, classes = head.topk(x, k=5, kind="logit")
     ref_values, ref_classes = plain.topk(5, dim=1)
+    torch.testing.assert_close(values, ref_values)
+    assert torch.equal(classes, ref_classes)
+    values, classes = head.topk(x, k=5)  # kind="cosine", the default
+    ref_values, ref_classes = cos.topk(5, dim=1)
     torch.testing.assert_close(values, ref_values)
     assert torch.equal(classes, ref_classes)
     with pytest.raises(ValueError, match=r"k = 601 must lie in \[1, 600\]"):

@@ -1,7 +1,7 @@
 """``marginops bench``: memory and step time of the fused head against the eager reference,
 torch.compile of it, and the peers that are installed, across class counts.
 
-Defaults: on the CPU, B = 256, D = 128, C = 10k … 300k, float32, ArcFace (about two minutes on
+Defaults: on the CPU, B = 256, D = 128, C = 10k … 300k, float32, ArcFace (about five minutes on
 two cores); on a GPU, the face-recognition shapes B = 1024 (after all-gather), D = 512,
 C = 100k … 3M, bfloat16, ArcFace, CosFace and plain softmax (for the peers), and the largest C
 that fits for each implementation (bounded by the free device memory). Expected run time on
@@ -14,6 +14,13 @@ two CUDA backends (chunked, fused-tiles), the eager reference, torch.compile of 
 plain softmax too for Cut Cross-Entropy and Liger when one is installed; no largest-C search; and
 the issue #10 checks at C = 1M: chunked within 64 MiB above inputs and gradients (the run fails
 if not), time <= 0.5x eager's and >= 300 TFLOP/s (reported only).
+
+Output: first a headline per device, one line per pair of marginops' implementation and the
+eager reference or a peer, at the largest C both ran, e.g. "fused vs eager at C = 300k: 3.2x
+faster, 240x less memory, fits 4.0x more classes"; then the table (time: median of at least
+--repeat runs, more while --repeat-time-s lasts, with the min-max spread; memory in B, KiB, MiB
+or GiB; "x 3 GEMMs (reference cost)": time relative to three plain GEMMs of the shape, a
+yardstick, not a floor), the legend, and JSON, Markdown and PNG files in --out.
 
 Implementations: fused (marginops' default backend: the tiled path on the CPU, chunked on CUDA),
 chunked and fused-tiles (CUDA only: backend="chunked" / backend="fused"), reference (eager),
@@ -33,39 +40,53 @@ import torch
 
 from .impls import IMPLS, MARGINS, Case
 from .measure import environment, precise_host_memory, sweep
-from .report import LEGEND, checks, checks_text, largest_classes, text_table, write
+from .report import LEGEND, checks, checks_text, headline_text, largest_classes, text_table, write
 
 DEFAULTS = {
     "cpu": dict(batch=256, dim=128, classes="10000,30000,100000,300000", dtype="float32", margins="arcface",
-                impls="fused,reference,compiled,pml", repeat=3, max_budget_mib=512, max_limit=4_000_000, time_budget_s=None),
+                impls="fused,reference,compiled,pml", repeat=5, repeat_time_s=2.0, max_budget_mib=512, max_limit=4_000_000,
+                time_budget_s=None),
     "cuda": dict(batch=1024, dim=512, classes="100000,300000,1000000,3000000", dtype="bfloat16", margins="arcface,cosface,softmax",
-                 impls="chunked,fused-tiles,reference,compiled,pml,cce,liger", repeat=10, max_budget_mib=None,
-                 max_limit=200_000_000, time_budget_s=1800),
+                 impls="chunked,fused-tiles,reference,compiled,pml,cce,liger", repeat=10, repeat_time_s=1.0,
+                 max_budget_mib=None, max_limit=200_000_000, time_budget_s=1800),
 }
 SOFTMAX_PEERS = ("cut_cross_entropy", "liger_kernel")
 PRESETS = {
     # scripts/gpu-check's bench stage: one bounded run (issue #10 item 6).
     "gpu-check": dict(batch=1024, dim=512, classes="100000,1000000,3000000", dtype="bfloat16",
                       margins="arcface,softmax" if any(importlib.util.find_spec(p) for p in SOFTMAX_PEERS) else "arcface",
-                      impls="chunked,fused-tiles,reference,compiled,cce,liger", repeat=10, max_budget_mib=None,
+                      impls="chunked,fused-tiles,reference,compiled,cce,liger", repeat=10, repeat_time_s=0.5, max_budget_mib=None,
                       max_limit=200_000_000, time_budget_s=360, no_max_classes=True, hard_checks=True),
 }
-QUICK = dict(batch=32, dim=16, classes="500,2000", margins="arcface", impls="fused,reference", repeat=2, max_budget_mib=64, max_limit=200_000)
+QUICK = dict(batch=32, dim=16, classes="500,2000", margins="arcface", impls="fused,reference", repeat=5, repeat_time_s=0.1,
+             max_budget_mib=64, max_limit=200_000)
+
+
+def _default(key: str) -> str:
+    cpu, gpu = DEFAULTS["cpu"][key], DEFAULTS["cuda"][key]
+    return f"default: {cpu} on the CPU, {gpu} on a GPU" if cpu != gpu else f"default: {cpu}"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, help="rows B (after all-gather, for a sharded head)")
-    p.add_argument("--dim", type=int, help="embedding size D")
-    p.add_argument("--classes", help="comma-separated class counts C")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--margins", help=f"comma-separated, of {sorted(MARGINS)}")
-    p.add_argument("--impls", help=f"comma-separated, of {sorted(IMPLS)} (missing peers are reported, not run)")
-    p.add_argument("--repeat", type=int, help="timed repetitions (median)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device to benchmark on (cuda when a GPU is visible, else cpu)")
+    p.add_argument("--batch", type=int, help=f"rows B (after all-gather, for a sharded head) ({_default('batch')})")
+    p.add_argument("--dim", type=int, help=f"embedding size D ({_default('dim')})")
+    p.add_argument("--classes", help=f"comma-separated class counts C ({_default('classes')})")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help=f"dtype of x and W ({_default('dtype')})")
+    p.add_argument("--margins", help=f"comma-separated, of {', '.join(sorted(MARGINS))} ({_default('margins')})")
+    p.add_argument("--impls", help=f"comma-separated, of {', '.join(sorted(IMPLS))}; missing peers are reported, not run "
+                                   f"({_default('impls')})")
+    p.add_argument("--repeat", type=int, help=f"least number of timed runs per measurement; the median is reported with "
+                                              f"the min-max spread ({_default('repeat')})")
+    p.add_argument("--repeat-time-s", type=float, help="keep timing a measurement while its timed runs total less than this "
+                                                       f"many seconds, up to 100 runs ({_default('repeat_time_s')})")
     p.add_argument("--no-max-classes", action="store_true", help="skip the search for the largest C that fits")
-    p.add_argument("--max-budget-mib", type=int, help="host memory budget for the largest-C search on the CPU")
-    p.add_argument("--quick", action="store_true", help="a CI-sized run")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="gpu-check: the bounded GPU sweep scripts/gpu-check runs (see above)")
+    p.add_argument("--max-budget-mib", type=int, help=f"host memory budget for the largest-C search on the CPU "
+                                                      f"(default: {DEFAULTS['cpu']['max_budget_mib']}; on a GPU the device memory)")
+    p.add_argument("--quick", action="store_true", help="a CI-sized run (B=32, D=16, C=500 and 2000, fused and eager)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="gpu-check: the bounded GPU sweep scripts/gpu-check runs (see above) (default: none)")
     p.add_argument("--time-budget-s", type=float,
                    help="stop starting measurements after this many seconds (default: 1800 on a GPU, none on the CPU)")
     p.add_argument("--out", default="marginops-bench", help="folder for the JSON, Markdown and PNG outputs")
@@ -105,7 +126,7 @@ def run(args) -> int:
         cfg.update(PRESETS[preset])
     if args.quick:
         cfg.update(QUICK)
-    for key in ("batch", "dim", "classes", "dtype", "margins", "impls", "repeat", "max_budget_mib", "time_budget_s"):
+    for key in ("batch", "dim", "classes", "dtype", "margins", "impls", "repeat", "repeat_time_s", "max_budget_mib", "time_budget_s"):
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
     find_max = not (args.no_max_classes or cfg.get("no_max_classes", False))
@@ -138,10 +159,15 @@ def run(args) -> int:
 
     previous = signal.signal(signal.SIGTERM, interrupted)
     try:
-        sweep(cases, impls, device, int(cfg["repeat"]), budget, find_max, int(cfg["max_limit"]), step, deadline, results)
+        sweep(cases, impls, device, int(cfg["repeat"]), budget, find_max, int(cfg["max_limit"]), step, deadline, results,
+              time_budget_s=cfg.get("repeat_time_s"))
     finally:
         signal.signal(signal.SIGTERM, previous)
     close()
+    head = headline_text(results, env)
+    if head:
+        print()
+        print(head)
     print()
     print(text_table(results))
     print()
@@ -165,6 +191,8 @@ def run(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="marginops bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ..cli import HelpFormatter, plain
+
+    p = argparse.ArgumentParser(prog="marginops bench", description=plain(__doc__), formatter_class=HelpFormatter)
     add_arguments(p)
     return run(p.parse_args(argv))

@@ -1,5 +1,7 @@
-"""Measuring one implementation on one case: forward+backward time (median, warm-up excluded),
-peak memory above the inputs and their gradients, algorithmic TFLOP/s, the loss's error against
+"""Measuring one implementation on one case: forward+backward time (median of at least
+`repeat` runs, more while a time budget lasts; warm-up excluded; min and max kept as the spread),
+peak memory above the inputs and their gradients (on the host to about a page: see
+host_peak_extra), algorithmic TFLOP/s, the loss's error against
 float64, and the largest class count that fits (bisection).
 
 On a GPU the inputs are drawn on the device (no host copy of W), a case an implementation cannot
@@ -9,6 +11,7 @@ deadline bounds the whole sweep: what is left when it passes is reported as skip
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import platform
@@ -36,6 +39,10 @@ class Result:
     loss: Optional[float] = None
     loss_rel_err: Optional[float] = None
     max_classes: Optional[int] = None
+    time_ms_min: Optional[float] = None  # the spread of the timed runs
+    time_ms_max: Optional[float] = None
+    repeats: Optional[int] = None  # how many timed runs the median is of
+    memory_method: Optional[str] = None  # how peak_extra_bytes was measured
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -43,14 +50,46 @@ class Result:
         return d
 
 
-def precise_host_memory() -> None:
-    """Makes glibc serve allocations above 1 MiB with mmap, so that freed tensors leave the
-    resident set at once and host peak-memory readings are the step's own."""
-    if sys.platform.startswith("linux"):
+MMAP_THRESHOLD_DEFAULT = 1 << 20
+
+
+def _mallopt(param: int, value: int) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(param, value))
+    except OSError:
+        return False
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def precise_host_memory(threshold: int = MMAP_THRESHOLD_DEFAULT) -> bool:
+    """Makes glibc serve allocations above `threshold` bytes with mmap, so that freed tensors
+    leave the resident set at once and host peak-memory readings are the step's own."""
+    return _mallopt(M_MMAP_THRESHOLD, threshold)
+
+
+@contextlib.contextmanager
+def byte_precise_host_memory():
+    """While measuring a step's peak on the host: every allocation of a page or more gets its own
+    mmap (and freed heap memory is returned at once), so that a step's small buffers add fresh
+    pages to the resident set instead of reusing heap memory that is already resident (which
+    made a step that allocated memory read as 0.00 MiB); malloc_trim first takes the free heap
+    pages out of the resident set, so that reusing a free chunk counts too. Restores the 1 MiB
+    threshold after."""
+    ok = precise_host_memory(4096) and _mallopt(M_TRIM_THRESHOLD, 0)
+    if ok:  # free heap pages out of the resident set: a reused free chunk then faults fresh pages in
         try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-        except OSError:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
             pass
+    try:
+        yield ok
+    finally:
+        precise_host_memory(MMAP_THRESHOLD_DEFAULT)
+        _mallopt(M_TRIM_THRESHOLD, 128 * 1024)
 
 
 def sync(device: torch.device) -> None:
@@ -95,9 +134,24 @@ def _step(fn, x, W, y) -> float:
     return float(loss.detach())
 
 
-def _time(fn, x, W, y, device, repeat) -> float:
-    times = []
-    for _ in range(repeat):
+MAX_REPEATS = 100
+
+
+def timed_runs(run_once: Callable[[], float], repeat: int, time_budget_s: Optional[float]) -> List[float]:
+    """Seconds of at least `repeat` runs of run_once (which returns its own duration), more while
+    their total stays under time_budget_s (at most MAX_REPEATS)."""
+    times: List[float] = []
+    while len(times) < max(1, repeat) or (
+        time_budget_s is not None and sum(times) < time_budget_s and len(times) < MAX_REPEATS
+    ):
+        times.append(run_once())
+    return times
+
+
+def _time(fn, x, W, y, device, repeat, time_budget_s=None) -> List[float]:
+    """Seconds of each timed forward+backward (see timed_runs)."""
+
+    def once() -> float:
         if device.type == "cuda":
             x.grad, W.grad = None, None
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -105,32 +159,45 @@ def _time(fn, x, W, y, device, repeat) -> float:
             fn(x, W, y).backward()
             end.record()
             torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            _step(fn, x, W, y)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _peak_extra(fn, x, W, y, device) -> Optional[int]:
-    """Peak bytes of one step above the inputs, minus the gradients it produces."""
-    x.grad, W.grad = None, None
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        sync(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
         _step(fn, x, W, y)
-        sync(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        _, peak = peak_rss_above_baseline(lambda: _step(fn, x, W, y))
-        if peak is None:
-            return None
-    grads = sum(t.grad.nbytes for t in (x, W) if t.grad is not None)
-    return max(0, peak - grads)
+        return time.perf_counter() - t0
+
+    return timed_runs(once, repeat, time_budget_s)
+
+
+def _peak_extra(fn, x, W, y, device, tries: int = 1) -> Optional[int]:
+    """Peak bytes of one step above the inputs, minus the gradients it produces. On a GPU from
+    the caching allocator's counters (exact); on the host from the resident set's high-water mark
+    with every allocation of a page or more mapped on its own (byte_precise_host_memory): exact
+    to a few pages, so the least of `tries` readings is taken (the noise only adds)."""
+    readings = []
+    for _ in range(max(1, tries)):
+        x.grad, W.grad = None, None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            sync(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            _step(fn, x, W, y)
+            sync(device)
+            peak = torch.cuda.max_memory_allocated(device) - base
+        else:
+            with byte_precise_host_memory():
+                _, peak = peak_rss_above_baseline(lambda: _step(fn, x, W, y))
+            if peak is None:
+                return None
+        grads = sum(t.grad.nbytes for t in (x, W) if t.grad is not None)
+        readings.append(max(0, peak - grads))
+    return min(readings)
+
+
+def memory_method(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated above the inputs, minus the gradients"
+    return "peak resident set (VmHWM) above the inputs, every allocation >= 4 KiB its own mmap, minus the gradients; least of up to 3 readings"
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -151,7 +218,10 @@ def truth_loss(case: Case, device: torch.device, x, W, y) -> Optional[float]:
         return None
 
 
-def measure(case: Case, impl_name: str, device: torch.device, repeat: int, truth: Optional[float], inputs=None) -> Result:
+def measure(
+    case: Case, impl_name: str, device: torch.device, repeat: int, truth: Optional[float], inputs=None,
+    time_budget_s: Optional[float] = None,
+) -> Result:
     impl = IMPLS[impl_name]
     reason = impl.unavailable()
     if reason:
@@ -167,9 +237,11 @@ def measure(case: Case, impl_name: str, device: torch.device, repeat: int, truth
             return Result(case, impl_name, "skipped: " + reason)
     try:
         fn = impl.make(case, device)
+        t0 = time.perf_counter()
         loss = _step(fn, x, W, y)  # warm-up (and compilation)
-        peak = _peak_extra(fn, x, W, y, device)
-        seconds = _time(fn, x, W, y, device, repeat)
+        warm = time.perf_counter() - t0
+        peak = _peak_extra(fn, x, W, y, device, tries=3 if warm < 0.5 else 1)
+        times = _time(fn, x, W, y, device, repeat, time_budget_s)
     except Exception as e:  # noqa: BLE001 (a failing implementation is reported, the sweep goes on)
         if _is_oom(e):
             return Result(case, impl_name, "oom")
@@ -179,12 +251,17 @@ def measure(case: Case, impl_name: str, device: torch.device, repeat: int, truth
         if device.type == "cuda":
             torch.cuda.empty_cache()
     err = None if truth is None else abs(loss - truth) / max(abs(truth), 1e-30)
-    return Result(case, impl_name, "ok", 1e3 * seconds, peak, case.flops / seconds / 1e12, loss, err)
+    seconds = statistics.median(times)
+    return Result(
+        case, impl_name, "ok", 1e3 * seconds, peak, case.flops / seconds / 1e12, loss, err,
+        time_ms_min=1e3 * min(times), time_ms_max=1e3 * max(times), repeats=len(times), memory_method=memory_method(device),
+    )
 
 
-def gemm_floor(case: Case, device: torch.device, repeat: int) -> Result:
-    """Three GEMMs of the head's shape (logits, dx, dW): the floor of any implementation that
-    materializes logits, before its memory traffic."""
+def gemm_floor(case: Case, device: torch.device, repeat: int, time_budget_s: Optional[float] = None) -> Result:
+    """Three GEMMs of the head's shape (logits x·Wᵀ, then G·W and Gᵀ·x with a [B, C] G in
+    memory): a reference cost, the matmul work of one step done the plain way — not a floor (a
+    fused design can beat it: it never writes or reads a [B, C] matrix)."""
     e = torch.empty((), dtype=case.torch_dtype).element_size()
     reason = fits_estimate(e * (2 * case.classes * case.dim + 2 * case.batch * case.classes + 2 * case.batch * case.dim), device)
     if reason:
@@ -200,20 +277,25 @@ def gemm_floor(case: Case, device: torch.device, repeat: int) -> Result:
 
         three()
         sync(device)
-        times = []
-        for _ in range(repeat):
+
+        def once() -> float:
             t0 = time.perf_counter()
             three()
             sync(device)
-            times.append(time.perf_counter() - t0)
-        seconds = statistics.median(times)
+            return time.perf_counter() - t0
+
+        times = timed_runs(once, repeat, time_budget_s)
         del G, x, W
     except Exception as e:  # noqa: BLE001
         return Result(case, "gemm3", "oom" if _is_oom(e) else f"error: {type(e).__name__}: {e}")
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return Result(case, "gemm3", "ok", 1e3 * seconds, None, case.flops / seconds / 1e12)
+    seconds = statistics.median(times)
+    return Result(
+        case, "gemm3", "ok", 1e3 * seconds, None, case.flops / seconds / 1e12,
+        time_ms_min=1e3 * min(times), time_ms_max=1e3 * max(times), repeats=len(times),
+    )
 
 
 def fits(case: Case, impl_name: str, device: torch.device, budget_bytes: Optional[int]) -> bool:
@@ -328,11 +410,14 @@ def sweep(
     progress: Callable[[str], None],
     deadline: Optional[float] = None,
     results: Optional[List[Result]] = None,
+    time_budget_s: Optional[float] = None,
 ) -> List[Result]:
     """Every implementation on every case, then (find_max) the largest class count per
     implementation and (dtype, margin, batch, dim). Past `deadline` (time.monotonic()), what is
     left is reported as "skipped: time budget" and a largest-C search stops with a lower bound.
-    Results are appended to `results` (a list the caller can read if the run is interrupted)."""
+    Results are appended to `results` (a list the caller can read if the run is interrupted).
+    Each timing is the median of at least `repeat` runs, more while `time_budget_s` (seconds of
+    timed runs per implementation and case) lasts."""
     results = [] if results is None else results
     late = lambda: deadline is not None and time.monotonic() > deadline  # noqa: E731
     for case in cases:
@@ -346,12 +431,12 @@ def sweep(
                 results.append(Result(case, name, "skipped: time budget"))
                 continue
             progress(f"{name} {case.batch}x{case.dim}x{case.classes} {case.dtype} {case.margin}")
-            results.append(measure(case, name, device, repeat, truth, (x, W, y)))
+            results.append(measure(case, name, device, repeat, truth, (x, W, y), time_budget_s))
         del x, W, y
         if device.type == "cuda":
             torch.cuda.empty_cache()
         progress(f"gemm3 {case.batch}x{case.dim}x{case.classes}")
-        results.append(Result(case, "gemm3", "skipped: time budget") if late() else gemm_floor(case, device, repeat))
+        results.append(Result(case, "gemm3", "skipped: time budget") if late() else gemm_floor(case, device, repeat, time_budget_s))
     if find_max:
         firsts: Dict[tuple, Case] = {}
         for r in results:
