@@ -11,6 +11,7 @@ import marginops as mo
 from marginops import reference
 
 from conftest import check_tf32, emulated_loss, make_inputs, rel_err
+from test_cuda_emulated import MARGINS as EMULATED_MARGINS
 
 f64 = torch.float64
 CHUNKED = 1
@@ -43,14 +44,7 @@ def grads_against_reference(emu, x, W, y, margin, bias=None, workspace=0, tol=1e
         assert rel_err(g, w) <= tol, f"{name} {rel_err(g, w):.2e}"
 
 
-MARGINS = {
-    "softmax_bias": mo.Softmax(),
-    "l2softmax": mo.L2Softmax(s=16.0),
-    "sphereface": mo.SphereFace(m=4),
-    "cosface": mo.CosFace(s=30.0),
-    "arcface": mo.ArcFace(s=30.0),
-    "combined_continuous": mo.CombinedMargin(s=30.0, m1=1.35, m2=0.25, m3=0.1, policy="continuous"),
-}
+MARGINS = {k: EMULATED_MARGINS[k] for k in ("softmax", "l2softmax", "sphereface", "cosface", "arcface", "combined_continuous")}
 
 
 @pytest.mark.parametrize("name", list(MARGINS))
@@ -58,7 +52,7 @@ def test_float64_matches_reference_over_several_chunks(emu, name):
     """C = 90 in chunks of 32, 32 and 26 (backward; the forward's are larger), ignored rows and
     label smoothing; the bias (Softmax) gets its gradient through the GEMM's extra column."""
     B, D, C = 20, 16, 90
-    x, W, y, b = make_inputs(B, D, C, bias=name == "softmax_bias", ignore=2)
+    x, W, y, b = make_inputs(B, D, C, bias=name == "softmax", ignore=2)
     ws = budget_for(emu, 32, B, D, C, need_db=b is not None, normalize_w=MARGINS[name].config().normalize_w)
     grads_against_reference(emu, x, W, y, MARGINS[name], b, workspace=ws, label_smoothing=0.1)
     assert emu.last_plan()["chunks"] == 3  # the backward's plan
