@@ -243,7 +243,9 @@ def test_tf32_only_when_torch_allows_it(emu):
         dx, dw = torch.autograd.grad(loss, [x, W])
         return [rel_err(loss, truth), rel_err(dx, tdx), rel_err(dw, tdw)]
 
-    check_tf32(errors, eager_errs)
+    # the target logit is computed exactly in float32 whatever the GEMMs do: the loss moves less
+    # (8.7x here) than the gradients (over 1000x)
+    check_tf32(errors, eager_errs, taken=(5, 10, 10))
 
 
 def test_interclass_filter_and_straight_through(emu):

@@ -16,6 +16,23 @@
 
 namespace marginops::cuda {
 
+// Runtime::gemm's operands as tensors over its pointers: row-major C [M, N] (ldc) =
+// op(A) · op(B) (+ beta · C), op(A) = ta ? Aᵀ : A with A stored [K, M] or [M, K] (lda), likewise B;
+// A and B in the operand dtype (transposes as strides, no copies), C in float32 (float64 for
+// float64 operands). Both runtimes (head_cuda.cpp, tests/cuda_emu) multiply these.
+struct GemmViews {
+  at::Tensor a, b, c;
+};
+inline GemmViews gemm_views(const at::TensorOptions& opts, DType op, bool ta, bool tb, int64_t M, int64_t N, int64_t K,
+                            const void* A, int64_t lda, const void* B, int64_t ldb, void* C, int64_t ldc) {
+  const at::ScalarType st = scalar_type_of(op), acc = st == at::kDouble ? at::kDouble : at::kFloat;
+  const auto operand = [&](const void* ptr, int64_t rows, int64_t cols, int64_t ld, bool t) {
+    at::Tensor s = at::from_blob(const_cast<void*>(ptr), {t ? cols : rows, t ? rows : cols}, {ld, 1}, opts.dtype(st));
+    return t ? s.t() : s;
+  };
+  return {operand(A, M, K, lda, ta), operand(B, K, N, ldb, tb), at::from_blob(C, {M, N}, {ldc, 1}, opts.dtype(acc))};
+}
+
 // The plan of this thread's last chunked op (tests read it through tests/cuda_emu).
 inline ChunkPlan& last_chunk_plan() {
   static thread_local ChunkPlan plan;
@@ -57,7 +74,7 @@ inline void select_chunk(const ChunkPlan& plan, const HeadParams& p, int64_t t, 
   c.c0 = t * plan.classes;
   c.n = std::min(plan.classes, p.C - c.c0);
   c.first = t == 0;
-  const size_t elt = p.w_dtype == kDouble ? 8 : (p.w_dtype == kFloat ? 4 : 2);
+  const size_t elt = at::elementSize(scalar_type_of(p.w_dtype));
   c.wc = c.w_copy ? c.w_copy : static_cast<const uint8_t*>(p.w) + static_cast<size_t>(c.c0 * p.K * p.D) * elt;
 }
 

@@ -26,27 +26,20 @@ struct CudaRuntime {
   }
   static void check(cudaError_t err) { C10_CUDA_CHECK(err); }
   static c10::cuda::CUDAGuard guard(c10::Device device) { return c10::cuda::CUDAGuard(device); }
-  // Row-major C [M, N] (ldc = N) = op(A) · op(B) + beta · C (beta 0 or 1), op(A) = ta ? Aᵀ : A
-  // (A stored [K, M] or [M, K]), likewise B: ATen's mm/addmm into C, which run cuBLAS through
-  // torch's handle on the current stream (transposes as strides, no copies). 16-bit operands
-  // accumulate and write float32 (mm.dtype_out); float32 runs as TF32 only when torch allows it.
+  // gemm_views' C = op(A) · op(B) + beta · C (beta 0 or 1) by ATen's mm/addmm, which run cuBLAS
+  // on torch's handle and current stream: 16-bit operands accumulate and write float32
+  // (mm.dtype_out); float32 runs as TF32 only when torch allows it.
   static void gemm(DType op, bool ta, bool tb, int64_t M, int64_t N, int64_t K, const void* A, int64_t lda,
                    const void* B, int64_t ldb, double beta, void* C, int64_t ldc) {
     if (M == 0 || N == 0) return;
-    const at::ScalarType st = op == kHalf ? at::kHalf : op == kBFloat16 ? at::kBFloat16 : op == kFloat ? at::kFloat : at::kDouble;
-    const at::ScalarType acc = st == at::kDouble ? at::kDouble : at::kFloat;
     const auto opts = at::TensorOptions().device(at::kCUDA, c10::cuda::current_device());
-    const auto operand = [&](const void* p, int64_t rows, int64_t cols, int64_t ld, bool t) {
-      at::Tensor s = at::from_blob(const_cast<void*>(p), {t ? cols : rows, t ? rows : cols}, {ld, 1}, opts.dtype(st));
-      return t ? s.t() : s;
-    };
-    const at::Tensor a = operand(A, M, K, lda, ta), b = operand(B, K, N, ldb, tb);
-    at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts.dtype(acc));
-    if (st == acc) {
+    auto [a, b, c] = gemm_views(opts, op, ta, tb, M, N, K, A, lda, B, ldb, C, ldc);
+    if (a.scalar_type() == c.scalar_type()) {
       beta == 0.0 ? at::mm_out(c, a, b) : at::addmm_out(c, c, a, b);
     } else {
-      beta == 0.0 ? at::mm_out(c, a, b, acc) : at::addmm_out(c, c, a, b, acc);
+      beta == 0.0 ? at::mm_out(c, a, b, c.scalar_type()) : at::addmm_out(c, c, a, b, c.scalar_type());
     }
+  }
   }
 };
 

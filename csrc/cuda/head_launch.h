@@ -26,6 +26,15 @@ inline DType dtype_of(at::ScalarType t) {
   }
 }
 
+inline at::ScalarType scalar_type_of(DType t) {
+  switch (t) {
+    case kHalf: return at::kHalf;
+    case kBFloat16: return at::kBFloat16;
+    case kFloat: return at::kFloat;
+    default: return at::kDouble;
+  }
+}
+
 // The kernels' params for checked arguments, with the workspace carved out of one allocation
 // that `keep` holds alive.
 struct Launch {

@@ -13,15 +13,6 @@ namespace {
 int g_sm_count = 4;
 int64_t g_gemms = 0;
 
-at::ScalarType scalar_type(marginops::cuda::DType t) {
-  switch (t) {
-    case marginops::cuda::kHalf: return at::kHalf;
-    case marginops::cuda::kBFloat16: return at::kBFloat16;
-    case marginops::cuda::kFloat: return at::kFloat;
-    default: return at::kDouble;
-  }
-}
-
 // cvt.rna.tf32.f32 on a float tensor: round to nearest (ties away) to a 10-bit mantissa.
 at::Tensor round_tf32(const at::Tensor& t) {
   return t.contiguous().view(at::kInt).add(0x1000).bitwise_and(static_cast<int32_t>(0xffffe000u)).view(at::kFloat);
@@ -39,20 +30,14 @@ struct EmuRuntime {
                    int64_t lda, const void* B, int64_t ldb, double beta, void* C, int64_t ldc) {
     ++g_gemms;
     if (M == 0 || N == 0) return;
-    const at::ScalarType st = scalar_type(op), acc = st == at::kDouble ? at::kDouble : at::kFloat;
-    const bool tf32 = st == at::kFloat && at::globalContext().allowTF32CuBLAS();
-    const auto operand = [&](const void* p, int64_t rows, int64_t cols, int64_t ld, bool t) {
-      at::Tensor s = at::from_blob(const_cast<void*>(p), {t ? cols : rows, t ? rows : cols}, {ld, 1},
-                                   at::TensorOptions().dtype(st)).to(acc);
-      if (tf32) s = round_tf32(s);
-      return t ? s.t() : s;
-    };
-    at::Tensor out = at::from_blob(C, {M, N}, {ldc, 1}, at::TensorOptions().dtype(acc));
-    at::Tensor prod = at::mm(operand(A, M, K, lda, ta), operand(B, K, N, ldb, tb));
+    auto [a, b, c] = marginops::cuda::gemm_views(at::TensorOptions(), op, ta, tb, M, N, K, A, lda, B, ldb, C, ldc);
+    const bool tf32 = a.scalar_type() == at::kFloat && at::globalContext().allowTF32CuBLAS();
+    const auto widen = [&](const at::Tensor& t) { return tf32 ? round_tf32(t) : t.to(c.scalar_type()); };
+    const at::Tensor prod = at::mm(widen(a), widen(b));
     if (beta == 0.0) {
-      out.copy_(prod);
+      c.copy_(prod);
     } else {
-      out.mul_(beta).add_(prod);
+      c.mul_(beta).add_(prod);
     }
   }
 };
