@@ -146,11 +146,12 @@ BACKENDS = {"auto": 0, "chunked": 1, "fused": 2}  # the ops' `backend` codes
 CUDA_BACKENDS = ("chunked", "fused")
 
 
-def check_backend(backend: str, device: torch.device, workspace_bytes: Optional[int]) -> tuple:
-    """backend and workspace_bytes as the ops take them: (code, bytes; 0 = the default 64 MiB)."""
+def check_backend(backend: str, device: Optional[torch.device], workspace_bytes: Optional[int]) -> tuple:
+    """backend and workspace_bytes as the ops take them: (code, bytes; 0 = the default 64 MiB).
+    device: x's, or None where it is not known yet (a head's constructor)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {backend!r}")
-    if backend in CUDA_BACKENDS and device.type not in ("cuda", "meta"):
+    if backend in CUDA_BACKENDS and device is not None and device.type not in ("cuda", "meta"):
         raise ValueError(f"backend={backend!r} runs on CUDA only, but x is on {device} (use backend='auto')")
     if workspace_bytes is None:
         return BACKENDS[backend], 0

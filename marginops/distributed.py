@@ -179,7 +179,7 @@ class ShardedMarginHead(_ClassWeights):
         self.grad_scale = float(self.world_size) if scale_grad_by_world_size else 1.0
         self.seed = int(seed)
         self.grad_skip_threshold = check_grad_skip(grad_skip_threshold)
-        check_backend(backend, torch.device("meta"), workspace_bytes)  # the device is checked per call
+        check_backend(backend, None, workspace_bytes)  # the device is checked per call
         self.backend, self.workspace_bytes = backend, workspace_bytes
         self.check_finite = bool(check_finite)
         K = self.margin.config().subcenters

@@ -146,7 +146,7 @@ class MarginHead(_ClassWeights):
         self.return_accuracy = return_accuracy
         self.lambda_schedule = lambda_schedule
         self.grad_skip_threshold = check_grad_skip(grad_skip_threshold)
-        check_backend(backend, torch.device("meta"), workspace_bytes)  # the device is checked per call
+        check_backend(backend, None, workspace_bytes)  # the device is checked per call
         self.backend, self.workspace_bytes = backend, workspace_bytes
         self.check_finite = bool(check_finite)
         self._init_weights(embedding_size, num_classes, self.margin.config().subcenters, bias, {"device": device, "dtype": dtype})
@@ -232,7 +232,7 @@ class WeightedMarginHead(_ClassWeights):
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
         self.grad_skip_threshold = check_grad_skip(grad_skip_threshold)
-        check_backend(backend, torch.device("meta"), workspace_bytes)  # the device is checked per call
+        check_backend(backend, None, workspace_bytes)  # the device is checked per call
         self.backend, self.workspace_bytes = backend, workspace_bytes
         self.check_finite = bool(check_finite)
         self._init_weights(embedding_size, num_classes, 1, bias, {"device": device, "dtype": dtype})
