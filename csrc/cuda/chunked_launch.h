@@ -41,28 +41,20 @@ inline ChunkPlan& last_chunk_plan() {
 
 // The plan's buffers carved from one allocation that `l` keeps alive.
 inline ChunkParams carve(const ChunkPlan& plan, HeadParams& p, const at::TensorOptions& opts, Launch& l) {
-  at::Tensor ws = at::empty({static_cast<int64_t>(plan.total)}, opts.dtype(at::kByte));
-  l.keep.push_back(ws);
-  uint8_t* base = ws.data_ptr<uint8_t>();
-  size_t off = 0;
-  const auto take = [&](size_t bytes) -> void* {
-    void* ptr = bytes ? base + off : nullptr;
-    off += (bytes + 255) / 256 * 256;
-    return ptr;
-  };
+  WorkspaceCarver ws(plan.total, opts, l);
   ChunkParams c;
-  p.rows = take(plan.rows);
-  p.partial = take(plan.slots);
-  p.partial_best = static_cast<int64_t*>(take(plan.slot_best));
+  p.rows = ws.take(plan.rows);
+  p.partial = ws.take(plan.slots);
+  p.partial_best = static_cast<int64_t*>(ws.take(plan.slot_best));
   p.splits = plan.segments;
-  c.logits = take(plan.logits);
-  c.grad = take(plan.grad);
-  c.w_copy = take(plan.w_copy);
-  c.col_norm = take(plan.col_norm);
-  c.dx_acc = take(plan.dx_acc);
-  c.xs = take(plan.xs);
-  c.row_keys = static_cast<int64_t*>(take(plan.row_keys));
-  c.row_scale_max = take(plan.scalar);
+  c.logits = ws.take(plan.logits);
+  c.grad = ws.take(plan.grad);
+  c.w_copy = ws.take(plan.w_copy);
+  c.col_norm = ws.take(plan.col_norm);
+  c.dx_acc = ws.take(plan.dx_acc);
+  c.xs = ws.take(plan.xs);
+  c.row_keys = static_cast<int64_t*>(ws.take(plan.row_keys));
+  c.row_scale_max = ws.take(plan.scalar);
   c.segments = plan.segments;
   c.prescale_w = plan.prescale_w;
   c.ldx = plan.ldx;

@@ -40,7 +40,6 @@ struct CudaRuntime {
       beta == 0.0 ? at::mm_out(c, a, b, c.scalar_type()) : at::addmm_out(c, c, a, b, c.scalar_type());
     }
   }
-  }
 };
 
 }  // namespace

@@ -42,6 +42,22 @@ struct Launch {
   std::vector<at::Tensor> keep;
 };
 
+// Consecutive 256-byte-aligned pieces of one byte allocation that `l` keeps alive (total bytes:
+// the pieces' sizes plus 255 each for alignment); take(0) is null.
+struct WorkspaceCarver {
+  uint8_t* base;
+  size_t offset = 0;
+  WorkspaceCarver(size_t total, const at::TensorOptions& opts, Launch& l) {
+    l.keep.push_back(at::empty({static_cast<int64_t>(total)}, opts.dtype(at::kByte)));
+    base = l.keep.back().data_ptr<uint8_t>();
+  }
+  void* take(size_t bytes) {
+    void* ptr = bytes ? base + offset : nullptr;
+    offset += (bytes + 255) / 256 * 256;
+    return ptr;
+  }
+};
+
 // The params of checked arguments, without the workspace (each backend carves its own).
 template <typename Runtime>
 Launch prepare_params(const HeadArgs& a) {
@@ -89,23 +105,14 @@ Launch prepare(const HeadArgs& a, bool backward) {
   HeadParams& p = l.p;
   const Workspace w = workspace_bytes(p, Runtime::sm_count(), backward);
   p.splits = w.splits;
-  const std::array<size_t, 6> sizes{w.rows, w.w_norm, w.partial, w.partial_best, w.dx_part, w.rsum_part};
-  size_t total = 0;
-  for (size_t s : sizes) total += (s + 255) / 256 * 256;
-  at::Tensor ws = at::empty({static_cast<int64_t>(total)}, a.x.options().dtype(at::kByte));
-  l.keep.push_back(ws);
-  std::array<void*, 6> ptrs{};
-  size_t off = 0;
-  for (size_t k = 0; k < sizes.size(); ++k) {
-    ptrs[k] = sizes[k] ? static_cast<void*>(ws.data_ptr<uint8_t>() + off) : nullptr;
-    off += (sizes[k] + 255) / 256 * 256;
-  }
-  p.rows = ptrs[0];
-  p.w_norm = ptrs[1];
-  p.partial = ptrs[2];
-  p.partial_best = static_cast<int64_t*>(ptrs[3]);
-  p.dx_part = ptrs[4];
-  p.rsum_part = ptrs[5];
+  WorkspaceCarver ws(w.rows + w.w_norm + w.partial + w.partial_best + w.dx_part + w.rsum_part + 6 * 255,
+                     a.x.options(), l);
+  p.rows = ws.take(w.rows);
+  p.w_norm = ws.take(w.w_norm);
+  p.partial = ws.take(w.partial);
+  p.partial_best = static_cast<int64_t*>(ws.take(w.partial_best));
+  p.dx_part = ws.take(w.dx_part);
+  p.rsum_part = ws.take(w.rsum_part);
   return l;
 }
 
