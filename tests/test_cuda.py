@@ -131,14 +131,13 @@ def _loss_and_grads(fn, margin, x, W, y, b, **kw):
     return [loss] + list(torch.autograd.grad(loss, [x, W] + ([b] if b is not None else [])))
 
 
-@pytest.mark.parametrize("workspace", [None, 1 << 20], ids=["default-workspace", "1MiB-workspace"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(  # workspace_bytes is the chunked backend's
+    "backend, workspace", [("chunked", None), ("chunked", 1 << 20), ("fused", None)], ids=["chunked", "chunked-1MiB", "fused"]
+)
 @pytest.mark.parametrize("name", list(BACKEND_CASES))
 def test_backend_float64_matches_reference(backend, name, workspace):
     """float64, label smoothing 0.1, ignored rows: loss and every gradient to 1e-10 of eager.
     A 1 MiB workspace splits the chunked backend's 3000 classes into several chunks."""
-    if backend == "fused" and workspace is not None:
-        pytest.skip("workspace_bytes is the chunked backend's")
     kw = dict(backend=backend) if workspace is None else dict(backend=backend, workspace_bytes=workspace)
     margin, x, W, y, b = _backend_inputs(name, torch.float64)
     got = _loss_and_grads(mo.margin_cross_entropy, margin, x, W, y, b, **kw)
@@ -217,7 +216,12 @@ def test_weight_past_2_31_elements(backend):
     rows = torch.cat([y, torch.randint(0, C, (64,), device=dev), torch.tensor([C - 2, 2**31 // D], device=dev)])
     assert rel_err(loss, ref) < 1e-3
     assert rel_err(x.grad, xr.grad) < 2e-2
-    assert rel_err(W.grad[rows], Wr.grad[rows]) < 2e-2
+    # Row by row: a row that is no label's has a gradient ~1e-4 of a label row's, so one scale for
+    # all rows would hide a wrong row there. Every sampled row's gradient is nonzero in the eager one.
+    got, want = W.grad[rows].float(), Wr.grad[rows]
+    per_row = (got - want).norm(dim=1) / want.norm(dim=1)
+    print(f"\n{backend}: dW per-row relative error, worst of {len(rows)} rows: {float(per_row.max()):.2e}")
+    assert bool((want.norm(dim=1) > 0).all()) and float(per_row.max()) < 2e-2, per_row
 
 
 @pytest.mark.parametrize("backend", [None] + BACKENDS, ids=["auto"] + BACKENDS)
