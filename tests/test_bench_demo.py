@@ -10,14 +10,13 @@ import torch
 
 from marginops.bench import impls, measure, report
 
-pytest.importorskip("matplotlib")
-
 
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "marginops", *args], capture_output=True, text=True, check=True)
 
 
 def test_bench_quick_writes_well_formed_outputs(tmp_path):
+    pytest.importorskip("matplotlib")  # the plots
     proc = run_cli("bench", "--quick", "--impls", "fused,reference,cce", "--out", str(tmp_path))
     assert "x ref time" in proc.stdout and "unavailable: cut_cross_entropy not installed" in proc.stdout
     data = json.loads((tmp_path / "cpu-bench.json").read_text())
@@ -72,6 +71,8 @@ def test_max_classes_bisects_to_the_budget():
 
 
 def test_demo_writes_pictures_and_table(tmp_path):
+    pytest.importorskip("sklearn")  # the bundled digits
+    pytest.importorskip("matplotlib")
     proc = run_cli("demo", "--epochs", "2", "--dims", "2,3", "--out", str(tmp_path))
     assert "pair accuracy" in proc.stdout
     for png in ("features_2d.png", "features_3d.png"):
