@@ -307,11 +307,15 @@ def test_class_range_is_insightfaces_split():
 
 
 def check_nccl_world_one(rank, world):
-    head = mdist.ShardedMarginHead(D, 50, mo.ArcFace(s=30.0)).cuda()
-    single = mo.MarginHead(D, 50, margin=mo.ArcFace(s=30.0)).cuda()
-    single.load_state_dict({"weight": head.weight.detach().clone()})
-    x, y = torch.randn(16, D, device="cuda"), torch.randint(0, 50, (16,), device="cuda")
-    assert rel_err(head(x, y), single(x, y)) < 1e-5
+    head = mdist.ShardedMarginHead(D, 50, mo.ArcFace(s=30.0), dtype=torch.float64).cuda()
+    x = torch.randn(16, D, device="cuda", dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 50, (16,), device="cuda")
+    loss = head(x, y)
+    dx, dw = torch.autograd.grad(loss, [x, head.weight])
+    W = head.weight.detach().clone().requires_grad_()
+    ref = reference.margin_cross_entropy(x, W, y, mo.ArcFace(s=30.0))
+    rdx, rdw = torch.autograd.grad(ref, [x, W])
+    assert rel_err(loss, ref) < 1e-10 and rel_err(dx, rdx) < 1e-10 and rel_err(dw, rdw) < 1e-10
 
 
 @pytest.mark.cuda
