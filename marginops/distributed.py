@@ -369,6 +369,8 @@ class ShardedMarginHead(_ClassWeights):
 
         if kind not in TOPK_KINDS:
             raise ValueError(f"kind must be one of {TOPK_KINDS}, got {kind!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_classes:  # as MarginHead.topk
+            raise ValueError(f"k = {k} must lie in [1, {self.num_classes}] (the number of classes)")
         self._check_x(x)
         counts = self._exchange_header(x, torch.full((x.shape[0],), self.ignore_index, dtype=torch.long, device=x.device))
         xg = _GatherRows.apply(x, counts, self.group, 1.0)

@@ -56,7 +56,8 @@ class WeightNormEqualizer(nn.Module):
 class FeatureWhitening(nn.Module):
     """CCL's centralized coordinates: x̃ = (x − μ) / sqrt(σ² + eps) per dimension, with μ, σ²
     running averages of the batch mean and (biased) variance, μ ← ρ·μ + (1 − ρ)·mean(x), updated
-    in training before use (ρ = 0.995). The running statistics are constants to autograd."""
+    in training before use (ρ = 0.995); the first training batch sets them. The running
+    statistics are constants to autograd."""
 
     def __init__(self, num_features: int, decay: float = 0.995, eps: float = 1e-5):
         super().__init__()
