@@ -2,6 +2,7 @@
 well-formed, and the fused loss matches the float64 reference."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,6 +10,8 @@ import pytest
 import torch
 
 from marginops.bench import impls, measure, report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_cli(*args):
@@ -155,3 +158,14 @@ def test_gpu_check_preset_needs_cuda():
     proc = subprocess.run([sys.executable, "-m", "marginops", "bench", "--device", "cpu", "--preset", "gpu-check"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr
+
+
+def test_chunked_profile_smoke_run_on_the_cpu(tmp_path):
+    """benchmarks/chunked_profile.py (what scripts/gpu-check's profile stage runs) at a CPU size:
+    it times, profiles and writes its JSON with kernel time split by kind."""
+    subprocess.run([sys.executable, "benchmarks/chunked_profile.py", "--device", "cpu", "--classes", "3000", "--repeat", "1",
+                    "--out", str(tmp_path)], check=True, capture_output=True, text=True, cwd=ROOT)
+    data = json.loads((tmp_path / "cpu-chunked-profile.json").read_text())
+    assert len(data["sweep"]) == 1 and data["sweep"][0]["time_ms"] > 0 and data["gemm3_ms"] > 0
+    assert sum(data["profile"]["ms_by_kind"].values()) > 0 and data["profile"]["top"]
+    assert "| auto |" in (tmp_path / "cpu-chunked-profile.md").read_text()
