@@ -60,6 +60,86 @@ def rel_err(a, b):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def eager_op_outputs(x, W, y, b, rm, cur, ci, num_classes, offset, ignore_index, *cfg):
+    """margin_ce_forward's five outputs (lse, target logit, logit sum, best plain logit, its
+    class) computed eagerly in float64 from the op's own arguments, differentiable in x, W, b
+    and rm: the [B, C] logits materialized with torch ops and marginops.margins.psi (Python; the
+    C++ and CUDA sources share no code with it). The semantics written out: column j is local
+    class ci[j] (all local classes without ci), global id offset + ci[j]; a class's logit is the
+    best of its K sub-centers'; CurricularFace's hard negatives c > τ_i become s·c·(t_i + c);
+    interclass filtering zeroes non-target entries whose cosine exceeds t_f; a row's target (its
+    label's column, if this shard and index hold it; none for ignored rows) gets a·b·ψ(c) + bias,
+    with ψ's value but c's gradient when straight-through; the best logit is the plain one."""
+    from marginops.margins import KIND_IDENTITY, OpConfig, psi
+
+    cfg = OpConfig(*cfg)
+    K = cfg.subcenters
+    xd, Wd = x.double(), W.double()
+    local = Wd.shape[0] // K
+    cols = ci if ci is not None else torch.arange(local)
+    Wc = Wd.view(local, K, -1)[cols]  # [n, K, D]
+    x_norm, w_norm = xd.norm(dim=1), Wc.norm(dim=2)
+    cos = torch.einsum("id,jkd->ijk", xd / x_norm.clamp_min(1e-12)[:, None], Wc / w_norm.clamp_min(1e-12)[..., None])
+    a = torch.full_like(x_norm, cfg.s) if cfg.normalize_x else x_norm  # [B]
+    scale = a[:, None, None] * (w_norm[None] if not cfg.normalize_w else 1.0)
+    zk = scale * cos  # [B, n, K]
+    z0, sub = zk.max(dim=2)
+    bias = b.double()[cols] if b is not None else torch.zeros(len(cols), dtype=torch.float64)
+    plain = z0 + bias
+    z = plain
+    if cur is not None:
+        c = z0 / cfg.s
+        hard = c > cur[:, :1].double()
+        z = torch.where(hard, cfg.s * c * (cur[:, 1:].double() + c) + bias, z)
+    valid = y != ignore_index
+    glob = offset + cols
+    hit = (y[:, None] == glob[None, :]) & valid[:, None]  # [B, n]: the row's target column
+    if cfg.interclass_filter > 0:
+        z = torch.where((z0 / cfg.s > cfg.interclass_filter) & ~hit, torch.zeros_like(z), z)
+    rows, tcol = hit.nonzero(as_tuple=True)
+    target = torch.zeros(len(y), dtype=torch.float64)
+    if len(rows):
+        k = sub[rows, tcol]
+        c_t = cos[rows, tcol, k]
+        if rm is not None:
+            m1, m2, m3 = (rm[rows, j].double() for j in range(3))
+        else:
+            m1, m2, m3 = (torch.full_like(c_t, v) for v in (cfg.m1, cfg.m2, cfg.m3))
+        f = psi(cfg.margin_kind, cfg.theta_policy, c_t, m1, m2, m3, cfg.lambda_)
+        if cfg.straight_through:
+            f = c_t + (f - c_t).detach()
+        b_t = w_norm[tcol, k] if not cfg.normalize_w else 1.0
+        t_logit = a[rows] * b_t * f + bias[tcol]
+        if cfg.margin_kind != KIND_IDENTITY:
+            z = z.index_put((rows, tcol), t_logit)
+        target = target.index_put((rows,), z[rows, tcol])
+    best, best_j = plain.max(dim=1)
+    return torch.logsumexp(z, dim=1), target, z.sum(dim=1), best, glob[best_j]
+
+
+def check_op_against_eager(fwd, bwd, args, grads, mask, tol):
+    """An op's forward outputs and its backward (dx, dW, dbias, dmargins under mask, for the
+    incoming gradients `grads` of lse, target logit and logit sum) against eager_op_outputs."""
+    x, W, y, b, rm = args[:5]
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, W, b, rm)]
+    want = eager_op_outputs(leaves[0], leaves[1], y, leaves[2], leaves[3], *args[5:])
+    for name, got, w in zip(("lse", "target logit", "logit sum", "best logit"), fwd[:4], want[:4]):
+        assert rel_err(got, w) <= tol, f"forward {name} against eager: {rel_err(got, w):.2e}"
+    assert torch.equal(fwd[4], want[4]), "best class against eager"
+    if bwd is None:
+        return
+    loss = sum((g.double() * w).sum() for g, w in zip(grads, want[:3]) if g is not None)
+    used = [t for t, m in zip(leaves, mask) if m and t is not None]
+    eager_grads = iter(torch.autograd.grad(loss, used, allow_unused=True))
+    for name, got, leaf, m in zip(("dx", "dW", "dbias", "dmargins"), bwd, leaves, mask):
+        if m and leaf is not None:
+            w = next(eager_grads)
+            w = torch.zeros_like(leaf) if w is None else w
+            if name == "dmargins":  # a per-row m1 is a constant: no gradient is promised for it
+                got, w = got[:, 1:], w[:, 1:]
+            assert rel_err(got, w) <= tol, f"backward {name} against eager: {rel_err(got, w):.2e}"
+
+
 class _Emulated:
     """csrc/cuda built for the CPU emulation (tests/cuda_emu): the fused backend's ops with the
     schemas' trailing default (grad_skip = 0), the CUDA entry points that pick a backend

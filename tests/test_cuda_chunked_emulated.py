@@ -10,7 +10,7 @@ import torch
 import marginops as mo
 from marginops import reference
 
-from conftest import check_tf32, emulated_loss, make_inputs, rel_err
+from conftest import check_op_against_eager, check_tf32, emulated_loss, make_inputs, rel_err
 from test_cuda_emulated import MARGINS as EMULATED_MARGINS
 
 f64 = torch.float64
@@ -68,6 +68,7 @@ def test_statistics_match_the_cpu_op(emu):
     for g, w in zip(got[:4], want[:4]):
         assert rel_err(g, w) <= 1e-12
     assert torch.equal(got[4], want[4])
+    check_op_against_eager(got, None, args, None, None, 1e-10)
 
 
 def test_subcenters_curricular_and_row_margins(emu):
@@ -123,6 +124,7 @@ def test_partial_fc_index_and_shard_offset(emu):
     dx, dw, _, _ = emu.backward_any(*g, want[0], *args, [True, True, False, False], 0.0, CHUNKED, ws)
     rdx, rdw, _, _ = _cpu.margin_ce_backward(*g, want[0], *args, [True, True, False, False])
     assert rel_err(dx, rdx) <= 1e-12 and rel_err(dw, rdw) <= 1e-12
+    check_op_against_eager(got, (dx, dw, None, None), args, g, [True, True, False, False], 1e-10)
     unsampled = torch.ones(60, dtype=torch.bool)
     unsampled[index] = False
     assert float(dw[unsampled].abs().max()) == 0.0

@@ -1,5 +1,8 @@
 """The CUDA kernels' source (csrc/cuda/head_kernels.cu) and launcher (head_launch.h), built for
-the CPU emulation in tests/cuda_emu and compared with the CPU op. This checks their indexing,
+the CPU emulation in tests/cuda_emu and compared with the CPU op and with the op's semantics
+written out eagerly (conftest.eager_op_outputs, which shares no code with csrc: the CPU op and
+the kernels share csrc/margin_math.h, so agreeing with each other is not enough), and with the
+eager reference through autograd. This checks their indexing,
 tiling, class splits, reductions, epilogues and backward formulas on machines without a GPU;
 what it cannot check (timing, shared-memory limits, real tensor-core rounding) needs the device:
 tests/test_cuda.py and scripts/gpu-check."""
@@ -10,7 +13,7 @@ import torch
 import marginops as mo
 from marginops import ops, reference
 
-from conftest import check_tf32, emulated_loss, make_inputs, rel_err
+from conftest import check_op_against_eager, check_tf32, emulated_loss, make_inputs, rel_err
 
 f64 = torch.float64
 _cpu = torch.ops.marginops
@@ -26,6 +29,7 @@ def compare(emu, args, tol, grads=True):
         assert rel_err(e, c) <= tol, f"forward {name}: {rel_err(e, c):.2e}"
     assert torch.equal(fwd_e[4], fwd_c[4]), "best class"
     if not grads:
+        check_op_against_eager(fwd_e, None, args, None, None, max(tol, 1e-10))
         return
     B = args[0].shape[0]
     acc = ops.acc_dtype(args[0], args[1])
@@ -37,6 +41,8 @@ def compare(emu, args, tol, grads=True):
         if used:
             assert e.dtype == c.dtype and e.shape == c.shape, name
             assert rel_err(e, c) <= tol, f"backward {name}: {rel_err(e, c):.2e}"
+    # and both against the op's semantics written out eagerly (no code shared with csrc)
+    check_op_against_eager(fwd_e, bwd_e, args, g, mask, max(tol, 1e-10))
 
 
 MARGINS = {
@@ -219,6 +225,10 @@ def test_psi_and_topk(emu):
     ve, ce = emu.topk(x, W, bias, None, 7, 0, True, True, 30.0, 2)
     vc, cc = _cpu.margin_topk(x, W, bias, None, 7, 0, True, True, 30.0, 2)
     assert rel_err(ve, vc) <= 1e-12 and torch.equal(ce, cc)
+    # written out: 30·cos of the best of each class's 2 sub-centers, plus the bias, top 7
+    cos = (x / x.norm(dim=1, keepdim=True)) @ (W / W.norm(dim=1, keepdim=True)).T
+    want = (30.0 * cos.view(30, 100, 2).amax(2) + bias).topk(7, dim=1)
+    assert rel_err(ve, want.values) <= 1e-12 and torch.equal(ce, want.indices)
 
 
 def test_interclass_filter_and_straight_through(emu):
