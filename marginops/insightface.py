@@ -83,6 +83,14 @@ class _MarginModule(torch.nn.Module):
     """An insightface margin module's stand-in: holds the parameters, gives the spec. The fused
     head never builds the logits these modules transform, so calling one is an error."""
 
+    def __init__(self, semantics: str, **params):
+        super().__init__()
+        _check_semantics(semantics)
+        for name, value in params.items():
+            setattr(self, name, value)
+        self.semantics = semantics
+        self.spec()  # parameter errors at construction
+
     def spec(self, semantics: Optional[str] = None) -> Margin:
         """The marginops spec, in ``semantics`` (default: the module's own)."""
         raise NotImplementedError
@@ -99,12 +107,7 @@ class CombinedMarginLoss(_MarginModule):
     ``semantics`` (keyword): "insightface" (default) or "marginops" (see the module doc)."""
 
     def __init__(self, s, m1, m2, m3, interclass_filtering_threshold=0, *, semantics: str = "insightface"):
-        super().__init__()
-        _check_semantics(semantics)
-        self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
-        self.interclass_filtering_threshold = interclass_filtering_threshold
-        self.semantics = semantics
-        self.spec()  # parameter errors at construction
+        super().__init__(semantics, s=s, m1=m1, m2=m2, m3=m3, interclass_filtering_threshold=interclass_filtering_threshold)
 
     def spec(self, semantics: Optional[str] = None) -> Margin:
         return combined_spec(self.s, self.m1, self.m2, self.m3, self.interclass_filtering_threshold, semantics or self.semantics)
@@ -115,10 +118,7 @@ class ArcFace(_MarginModule):
     straight-through target gradient (``semantics="marginops"``: policy "fallback", true gradient)."""
 
     def __init__(self, s=64.0, margin=0.5, *, semantics: str = "insightface"):
-        super().__init__()
-        _check_semantics(semantics)
-        self.s, self.margin, self.semantics = s, margin, semantics
-        self.spec()
+        super().__init__(semantics, s=s, margin=margin)
 
     def spec(self, semantics: Optional[str] = None) -> Margin:
         if (semantics or self.semantics) == "marginops":
@@ -130,10 +130,7 @@ class CosFace(_MarginModule):
     """insightface's ``CosFace(s=64.0, m=0.40)``: target c − m."""
 
     def __init__(self, s=64.0, m=0.40, *, semantics: str = "insightface"):
-        super().__init__()
-        _check_semantics(semantics)
-        self.s, self.m, self.semantics = s, m, semantics
-        self.spec()
+        super().__init__(semantics, s=s, m=m)
 
     def spec(self, semantics: Optional[str] = None) -> Margin:
         return _CosFaceSpec(s=float(self.s), m=float(self.m), straight_through=(semantics or self.semantics) == "insightface")

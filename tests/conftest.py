@@ -5,7 +5,7 @@ import torch
 
 import marginops as mo
 from marginops.functional import loss_from_stats
-from marginops.margins import RowContext, target_cosines
+from marginops.margins import KIND_IDENTITY, OpConfig, RowContext, psi, target_cosines
 from marginops.ops import HeadStats
 
 # Every margin spec of the foundation, with parameters chosen so that a random batch has rows on
@@ -70,8 +70,6 @@ def eager_op_outputs(x, W, y, b, rm, cur, ci, num_classes, offset, ignore_index,
     interclass filtering zeroes non-target entries whose cosine exceeds t_f; a row's target (its
     label's column, if this shard and index hold it; none for ignored rows) gets a·b·ψ(c) + bias,
     with ψ's value but c's gradient when straight-through; the best logit is the plain one."""
-    from marginops.margins import KIND_IDENTITY, OpConfig, psi
-
     cfg = OpConfig(*cfg)
     K = cfg.subcenters
     xd, Wd = x.double(), W.double()
