@@ -101,7 +101,13 @@ class MarginHead(_ClassWeights):
     the training accuracy with ``return_accuracy=True``). Any torch optimizer trains it with the
     backbone. Stateful margins keep their state in ``margin_state`` buffers, updated in training
     mode only. ``lambda_schedule`` anneals an L-Softmax/SphereFace margin's λ per training step
-    (it changes a Python float each step, so ``torch.compile`` recompiles while it anneals).
+    as SphereFace's Caffe layer (margin_inner_product) does: the step counter is incremented
+    before λ is computed, so training step n (n = 1, 2, ...) uses λ = ``lambda_schedule(n)`` —
+    the first step ``max(lambda_min, base·(1 + gamma)^−power)``, not ``base``. The buffer
+    ``lambda_iteration`` holds the number of training steps taken (it is saved in the
+    state_dict, so a resumed head continues the schedule); evaluation does not advance it and
+    uses the λ of the next training step, ``current_margin()``. λ changes a Python float each
+    step, so ``torch.compile`` recompiles while it anneals.
     ``grad_skip_threshold``, ``backend`` and ``workspace_bytes`` are
     :func:`marginops.margin_cross_entropy`'s (defaults: exact gradients, the device's default
     backend, 64 MiB). ``check_finite`` (default False) raises a ValueError naming the first row
@@ -155,14 +161,16 @@ class MarginHead(_ClassWeights):
             self.register_buffer("lambda_iteration", torch.zeros((), dtype=torch.long, device=device))
 
     def current_margin(self) -> Margin:
-        """The margin of the next step: the spec, with λ from the schedule when annealing."""
+        """The margin of the next step: the spec, with λ from the schedule when annealing —
+        ``lambda_schedule(lambda_iteration + 1)``, the iteration counted from 1 at the first
+        training step, as in SphereFace's Caffe layer."""
         if self.lambda_schedule is None:
             return self.margin
-        return dataclasses.replace(self.margin, lambda_=self.lambda_schedule(int(self.lambda_iteration)))
+        return dataclasses.replace(self.margin, lambda_=self.lambda_schedule(int(self.lambda_iteration) + 1))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor):
         self._check_x(x)
-        margin = self.current_margin()
+        margin = self.current_margin()  # λ(lambda_iteration + 1): this step's, counted from 1
         if self.lambda_schedule is not None and self.training:
             self.lambda_iteration += 1
         return self._loss_fn(

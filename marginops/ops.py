@@ -7,6 +7,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from torch._C._functorch import TransformType as _TransformType
+
 from . import _C  # noqa: F401  (loads the library: op schemas and kernels)
 from .margins import OpConfig
 
@@ -49,13 +51,40 @@ def head_stats(
     shard; with class_index, only those of its classes). Differentiable in x, weight, bias and
     row_margins; ``grad_skip`` > 0 lets the backward skip negligible tiles (see
     margin_ce_backward's schema). ``backend`` and ``workspace_bytes`` are the ops' codes (see
-    ``_checks.check_backend``)."""
+    ``_checks.check_backend``).
+
+    First-order gradients only: a backward with ``create_graph=True`` through it raises a
+    RuntimeError (see ``_backward``), and so does a call under a ``torch.func`` gradient
+    transform (``grad``, ``vjp``, ``jacrev``, ``jvp``, ...), whose backward always builds a graph."""
+    _refuse_func_transforms()
     return HeadStats(
         *_ops.margin_ce_forward(
             x, weight, labels, bias, row_margins, curricular, class_index, num_classes, class_offset, ignore_index, *cfg,
             grad_skip, backend, workspace_bytes,
         )
     )
+
+
+FIRST_ORDER_ONLY = (
+    "marginops' fused margin cross-entropy has first-order gradients only: its backward is a fused "
+    "kernel without a derivative of its own"
+)
+
+
+def _refuse_func_transforms() -> None:
+    """torch.func's grad/vjp/jacrev/jvp run the op's autograd under a functorch transform, which
+    the autograd registered by torch.library does not support (torch's own message is about an
+    autograd.Function's setup_context); and their backward always builds a graph. Say so plainly.
+    Under torch.compile Dynamo handles the transforms itself: nothing to check here."""
+    if torch.compiler.is_compiling():
+        return
+    stack = torch._C._functorch.get_interpreter_stack()
+    if stack and any(i.key() in (_TransformType.Grad, _TransformType.Jvp) for i in stack):
+        raise RuntimeError(
+            f"{FIRST_ORDER_ONLY}, and torch.func transforms (grad, vjp, jacrev, jvp, hessian) are not "
+            "supported. Take first-order gradients with loss.backward() or torch.autograd.grad; for "
+            "higher-order ones use the eager marginops.reference.margin_cross_entropy"
+        )
 
 
 def _check_fake_shapes(x, weight, labels, bias, row_margins, curricular, class_index):
@@ -118,6 +147,17 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_lse, grad_target, grad_sum, _grad_best, _grad_class):
     x, weight, labels, bias, row_margins, curricular, class_index, lse = ctx.saved_tensors
+    # A backward with create_graph=True runs with grad mode on; margin_ce_backward has no
+    # autograd, so the gradients it returns would differentiate as zeros (a gradient penalty or
+    # Hessian-vector product silently missing this head). Refuse it here, at the first backward.
+    tracked = (grad_lse, grad_target, grad_sum, x, weight, bias, row_margins, curricular)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked):
+        raise RuntimeError(
+            f"{FIRST_ORDER_ONLY}, so a backward with create_graph=True (double backward: gradient "
+            "penalties, Hessian-vector products, gradgradcheck) is refused rather than returning "
+            "gradients that differentiate as zeros. Compute such terms with the eager "
+            "marginops.reference.margin_cross_entropy, or call backward without create_graph"
+        )
     need = ctx.needs_input_grad
     mask = [need[0], need[1], need[3] and bias is not None, need[4] and row_margins is not None]
     dx, dw, db, dm = _ops.margin_ce_backward(

@@ -241,7 +241,7 @@ def test_lambda_schedule_anneals_sphereface():
     torch.manual_seed(0)
     head = mo.MarginHead(D, C, margin=mo.SphereFace(m=4), lambda_schedule=mo.LambdaSchedule(base=100.0, gamma=0.5, lambda_min=2.0)).double()
     x, _, y, _ = zoo_inputs("adaptive")
-    for it in range(3):
+    for it in range(1, 4):  # SphereFace's Caffe layer counts the iteration from 1 at the first step
         expected = reference.margin_cross_entropy(x, head.weight, y, mo.SphereFace(m=4, lambda_=max(2.0, 100.0 / (1 + 0.5 * it))))
         torch.testing.assert_close(head(x, y), expected)
     assert int(head.lambda_iteration) == 3

@@ -94,14 +94,16 @@ def test_current_margin_follows_the_lambda_schedule_in_training_only():
     for _ in range(4):
         seen.append(head.current_margin().lambda_)
         head(x, y)
-    # λ(i) = max(3, 50·(1 + 0.25·i)^−2): 50, 32, 22.2…, 16.3… — the head's step counter advances per training step
-    assert seen == pytest.approx([50.0, 32.0, 50.0 / 1.5**2, 50.0 / 1.75**2], rel=1e-15)
+    # λ(i) = max(3, 50·(1 + 0.25·i)^−2) at training step i = 1, 2, ... (SphereFace's Caffe layer
+    # increments its counter before computing λ): 32, 22.2…, 16.3…, 12.5 — the head's step
+    # counter advances per training step
+    assert seen == pytest.approx([32.0, 50.0 / 1.5**2, 50.0 / 1.75**2, 50.0 / 4.0], rel=1e-15)
     cur = head.current_margin()
-    assert (type(cur), cur.m, cur.lambda_) == (mo.LSoftmax, 3, pytest.approx(50.0 / 4.0))
+    assert (type(cur), cur.m, cur.lambda_) == (mo.LSoftmax, 3, pytest.approx(50.0 / 2.25**2))
     assert head.margin.lambda_ == 0.0, "the spec itself is not changed"
     head.eval()
     head(x, y)
-    assert head.current_margin().lambda_ == pytest.approx(50.0 / 4.0), "evaluation does not advance λ"
+    assert head.current_margin().lambda_ == pytest.approx(50.0 / 2.25**2), "evaluation does not advance λ"
 
 
 def test_lambda_schedule_closed_form_and_floor():
