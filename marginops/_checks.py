@@ -3,6 +3,7 @@ Every failure is a ValueError that names the argument and shows what was expecte
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -117,8 +118,9 @@ def check_head_inputs(
         if t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     check_dtype_pair(x, weight)
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"labels must hold integer class ids, got dtype {labels.dtype}")
+    bad_dtype = label_dtype_error(labels)
+    if bad_dtype is not None:
+        raise ValueError(bad_dtype)
     if labels.shape != (x.shape[0],):
         raise ValueError(f"labels must have shape [{x.shape[0]}] to match x {tuple(x.shape)}, got {tuple(labels.shape)}")
     for name, t in (("weight", weight), ("labels", labels)):
@@ -135,8 +137,7 @@ def check_head_inputs(
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
+    check_label_smoothing(label_smoothing)
     if check_finite:
         check_finite_inputs(x, weight, bias, K)
     return labels.long()
@@ -167,12 +168,46 @@ def check_grad_skip(threshold: float) -> float:
     return float(threshold)
 
 
-def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """Raises on the first label outside [0, num_classes) that is not ignore_index (syncs on GPU)."""
-    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+def label_dtype_error(labels: torch.Tensor) -> Optional[str]:
+    """None when labels hold integer class ids (any integer dtype: uint8, int8, int16, int32,
+    int64; every head compares them as int64), else the ValueError's message."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        return f"labels must hold integer class ids, got dtype {labels.dtype}"
+    return None
+
+
+def check_label_smoothing(label_smoothing) -> float:
+    """label_smoothing: a Python number in [0, 1] (a tensor is refused: it would be read on the
+    host at every step, and a 0-d tensor compares like a number only by accident)."""
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
+        kind = f"a {type(label_smoothing).__name__}" + (f" {label_smoothing!r}" if isinstance(label_smoothing, torch.Tensor) else "")
+        raise ValueError(f"label_smoothing must be a float in [0, 1], got {kind} (pass e.g. float(value))")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
+    return float(label_smoothing)
+
+
+def first_bad_label(labels: torch.Tensor, num_classes: int, ignore_index: int) -> Optional[Tuple[int, int]]:
+    """(index, value) of the first label outside [0, num_classes) that is not ignore_index, or
+    None (syncs on GPU). Compared as int64, whatever the integer dtype: a uint8/int8/int16 label
+    compared with a Python int num_classes or ignore_index past its range would wrap around."""
+    wide = labels.long()
+    bad = ((wide < 0) | (wide >= num_classes)) & (wide != ignore_index)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"labels[{i}] = {int(labels[i])} is out of range: class ids must lie in "
-            f"[0, {num_classes}) or equal ignore_index = {ignore_index}"
-        )
+        return i, int(wide[i])
+    return None
+
+
+def label_range_message(index: int, value: int, num_classes: int, ignore_index: int) -> str:
+    return (
+        f"labels[{index}] = {value} is out of range: class ids must lie in "
+        f"[0, {num_classes}) or equal ignore_index = {ignore_index}"
+    )
+
+
+def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raises on the first label outside [0, num_classes) that is not ignore_index (syncs on GPU)."""
+    bad = first_bad_label(labels, num_classes, ignore_index)
+    if bad is not None:
+        raise ValueError(label_range_message(*bad, num_classes, ignore_index))

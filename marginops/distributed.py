@@ -8,19 +8,25 @@ is identical on every rank. The features' gradient is exactly ∂L/∂x for the 
 with ``scale_grad_by_world_size=True`` it is multiplied by the world size instead, so that DDP's
 averaging of backbone gradients over ranks yields ∂L/∂θ (insightface's convention).
 
-Faults: construction compares num_classes, embedding_size, margin, sample_rate and seed across
-ranks and raises the same ValueError on every rank when they differ; each forward exchanges a
-small header first, so a rank with bad input (labels out of range, wrong dimension or dtype)
-makes every rank raise instead of leaving the others waiting. Collectives wait at most the
-process group's timeout (``init_process_group(timeout=...)``).
+Faults: construction compares num_classes, embedding_size, margin, sample_rate, seed and the
+other options across ranks and raises the same ValueError on every rank when they differ; each
+forward exchanges a small header first, so a rank with bad input (labels out of range, wrong
+dimension, dtype or device) makes every rank raise instead of leaving the others waiting, and so
+does a call that differs between ranks (x.requires_grad, training mode, scale_grad_by_world_size,
+the margin, the dtypes of x and weight). A rank that does not call the head at all cannot be told
+from a slow one: the others wait in the first collective for the process group's timeout
+(``init_process_group(timeout=...)``) and then raise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import hashlib
 import json
 import math
 import os
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -29,7 +35,8 @@ import torch.nn.functional as F
 
 from . import ops
 from ._checks import (
-    FLOAT_DTYPES, REDUCTIONS, check_backend, check_grad_skip, dtype_pair_error, first_nonfinite, nonfinite_message,
+    FLOAT_DTYPES, REDUCTIONS, check_backend, check_grad_skip, check_label_smoothing, dtype_name, dtype_pair_error, first_bad_label,
+    first_nonfinite, label_dtype_error, label_range_message, nonfinite_message,
 )
 from .functional import accuracy_from_stats, autocast_features, loss_from_stats
 from .margins import Margin, RowContext, target_cosines
@@ -110,8 +117,49 @@ class _GatherStats(torch.autograd.Function):
 
 
 # Header codes: what a rank found wrong with its own input, so that every rank can raise it.
-_OK, _BAD_LABEL, _BAD_DIM, _BAD_DTYPE, _BAD_SHAPE, _BAD_X_NDIM, _BAD_LABELS_NDIM, _BAD_PAIR, _NONFINITE = range(9)
+_OK, _BAD_LABEL, _BAD_DIM, _BAD_DTYPE, _BAD_SHAPE, _BAD_X_NDIM, _BAD_LABELS_NDIM, _BAD_PAIR, _NONFINITE, _BAD_DEVICE = range(10)
 _NONFINITE_WHAT = ("x", "weight", "bias")
+_DEVICE_TYPES = ("cpu", "cuda", "meta", "mps", "xpu", "hpu", "privateuseone")
+# Flags of the header: how the rank calls the head. Every rank must call it alike, or the backward's
+# collectives (or a stateful margin's) would wait for a rank that never joins them.
+_CALL_FLAGS = (
+    ("x.requires_grad", "require grad on x alike on every rank (and call under the same torch.no_grad / enable_grad mode): "
+     "the backward reduce-scatters dx, and a rank without that backward would leave the others waiting in it"),
+    ("weight.requires_grad", "freeze or unfreeze the head alike on every rank (and call under the same grad mode)"),
+    ("training", "call head.train() / head.eval() alike on every rank (Partial FC sampling and stateful margins follow it)"),
+    ("scale_grad_by_world_size", "scale the features' gradient alike on every rank (scale_grad_by_world_size / grad_scale)"),
+)
+
+
+def _device_code(device: torch.device) -> int:
+    return _DEVICE_TYPES.index(device.type) if device.type in _DEVICE_TYPES else len(_DEVICE_TYPES)
+
+
+def _device_name(code: int) -> str:
+    return _DEVICE_TYPES[code] if code < len(_DEVICE_TYPES) else "another device type"
+
+
+def _value_key(value) -> str:
+    if isinstance(value, torch.Tensor):  # a per-row margin: its values differ per batch, not per rank
+        return f"tensor{tuple(value.shape)}:{dtype_name(value.dtype)}"
+    if isinstance(value, Margin):
+        return _margin_key(value)
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(_value_key(v) for v in value) + ")"
+    return repr(value)
+
+
+def _margin_key(margin) -> str:
+    """The margin spec as a string, alike on every rank that holds the same spec (tensor fields by
+    shape and dtype, not device or values)."""
+    if dataclasses.is_dataclass(margin):
+        fields = ", ".join(f"{f.name}={_value_key(getattr(margin, f.name))}" for f in dataclasses.fields(margin))
+        return f"{type(margin).__name__}({fields})"
+    return repr(margin)
+
+
+def _margin_hash(margin) -> int:
+    return int.from_bytes(hashlib.sha256(_margin_key(margin).encode()).digest()[:7], "little")  # < 2^56: fits int64
 
 
 class ShardedMarginHead(_ClassWeights):
@@ -134,6 +182,17 @@ class ShardedMarginHead(_ClassWeights):
     float16/bfloat16 x with a float32 weight); ``check_finite=True`` makes every rank raise a
     ValueError naming the rank and the first NaN/Inf row of its x (or global class of its weight
     shard, entry of its bias shard), at the cost of a device sync per step.
+
+    Every rank must call the head alike. Bad input on one rank (labels out of range, a wrong
+    shape, dtype or device) and a call that differs between ranks (x.requires_grad, the grad
+    mode, weight.requires_grad, training/eval mode, scale_grad_by_world_size, the margin, the
+    dtypes of x and weight) raise the same ValueError on every rank, naming the rank and the
+    field, before any collective that could wait. A rank that does not call the head at all (an
+    early ``continue``, an exception caught on that rank only, a shorter data loader) cannot be
+    detected: the other ranks wait in the first collective until the process group's timeout
+    and then raise a RuntimeError. That timeout is ``init_process_group(timeout=...)``; its
+    default is 10 minutes for NCCL and 30 minutes for gloo, so shorten it (e.g.
+    ``timeout=datetime.timedelta(minutes=2)``) to learn of such a rank sooner.
     """
 
     def __init__(
@@ -174,7 +233,7 @@ class ShardedMarginHead(_ClassWeights):
         self.sample_rate = float(sample_rate)
         self.reduction = reduction
         self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
+        self.label_smoothing = check_label_smoothing(label_smoothing)
         self.return_accuracy = return_accuracy
         self.grad_scale = float(self.world_size) if scale_grad_by_world_size else 1.0
         self.seed = int(seed)
@@ -204,6 +263,7 @@ class ShardedMarginHead(_ClassWeights):
             "reduction": self.reduction,
             "grad_skip_threshold": self.grad_skip_threshold,
             "backend": self.backend,
+            "scale_grad_by_world_size": self.grad_scale != 1.0,
         }
 
     def _check_consistent(self) -> None:
@@ -216,11 +276,21 @@ class ShardedMarginHead(_ClassWeights):
 
     # -- the forward's collectives -------------------------------------------------------------
 
-    def _exchange_header(self, x: torch.Tensor, labels: torch.Tensor, check_finite: bool = False) -> List[int]:
+    def _call_flags(self, x: torch.Tensor) -> int:
+        """Bits of _CALL_FLAGS: how this rank calls the head."""
+        grad = torch.is_grad_enabled()
+        weight_grad = self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        bits = (grad and x.requires_grad, grad and weight_grad, self.training, self.grad_scale != 1.0)
+        return sum(1 << i for i, b in enumerate(bits) if b)
+
+    def _exchange_header(self, x: torch.Tensor, labels: torch.Tensor, check_finite: bool = False, forward: bool = True) -> List[int]:
         """Every rank learns every batch size and every rank's input errors; raises on all ranks
         if any rank's input is bad (dtypes: x like weight, or float16/bfloat16 x with a float32
-        weight; with check_finite, the first NaN/Inf row of x, class of the weight shard or entry
-        of the bias shard)."""
+        weight; labels of any integer dtype on x's device; with check_finite, the first NaN/Inf
+        row of x, class of the weight shard or entry of the bias shard), or if the ranks call the
+        head differently (x.requires_grad, weight.requires_grad, training mode,
+        scale_grad_by_world_size — these for a forward only — the margin, the dtypes of x and
+        weight): the same ValueError on every rank, naming the rank and the field."""
         code, where, value = _OK, 0, 0
         if x.dim() != 2:
             code, value = _BAD_X_NDIM, x.dim()
@@ -230,30 +300,42 @@ class ShardedMarginHead(_ClassWeights):
             code, where, value = _BAD_SHAPE, x.shape[0], labels.shape[0]
         elif x.shape[1] != self.embedding_size:
             code, value = _BAD_DIM, x.shape[1]
-        elif x.dtype not in FLOAT_DTYPES or labels.is_floating_point() or labels.dtype == torch.bool:
+        elif x.dtype not in FLOAT_DTYPES or label_dtype_error(labels) is not None:
             code = _BAD_DTYPE
+        elif labels.device != x.device or x.device != self.weight.device:
+            pair = (labels, x) if labels.device != x.device else (x, self.weight)
+            code, where, value = _BAD_DEVICE, int(pair[0] is x), _device_code(pair[0].device) * 100 + _device_code(pair[1].device)
+        elif x.device.type == "meta":
+            code, where, value = _BAD_DEVICE, 2, _device_code(x.device)
         elif dtype_pair_error(x.dtype, self.weight.dtype) is not None:
             code, value = _BAD_PAIR, FLOAT_DTYPES.index(self.weight.dtype) if self.weight.dtype in FLOAT_DTYPES else -1
         elif check_finite and (bad_entry := first_nonfinite(x, self.weight, self.bias, self.subcenters)) is not None:
             code, value, where = _NONFINITE, _NONFINITE_WHAT.index(bad_entry[0]), bad_entry[1]
-        else:
-            bad = ((labels < 0) | (labels >= self.num_classes)) & (labels != self.ignore_index)
-            if bool(bad.any()):
-                where = int(bad.nonzero()[0, 0])
-                code, value = _BAD_LABEL, int(labels[where])
+        elif (bad_label := first_bad_label(labels, self.num_classes, self.ignore_index)) is not None:
+            code, (where, value) = _BAD_LABEL, bad_label
         rows = x.shape[0] if x.dim() else 0
-        header = torch.tensor([rows, code, where, value, FLOAT_DTYPES.index(x.dtype) if x.dtype in FLOAT_DTYPES else -1], device=self.weight.device)
+        dtype_code = lambda t: FLOAT_DTYPES.index(t.dtype) if t.dtype in FLOAT_DTYPES else -1  # noqa: E731
+        flags = self._call_flags(x) if forward else 0
+        header = torch.tensor(
+            [rows, code, where, value, dtype_code(x), dtype_code(self.weight), flags, _margin_hash(self.margin)],
+            device="cpu" if self.weight.device.type == "meta" else self.weight.device,
+        )
         every = _gather_stack(header, self.group).tolist()
-        for r, (_, c, w, v, _) in enumerate(every):
+        for r, (_, c, w, v, *_) in enumerate(every):
             if c == _BAD_LABEL:
-                raise ValueError(
-                    f"rank {r}: labels[{w}] = {v} is out of range: class ids must lie in [0, {self.num_classes}) "
-                    f"or equal ignore_index = {self.ignore_index}"
-                )
+                raise ValueError(f"rank {r}: " + label_range_message(w, v, self.num_classes, self.ignore_index))
             if c == _BAD_DIM:
                 raise ValueError(f"rank {r}: x must have shape [B, {self.embedding_size}], got D = {v}")
             if c == _BAD_DTYPE:
-                raise ValueError(f"rank {r}: x must be float16/bfloat16/float32/float64 and labels integer")
+                raise ValueError(f"rank {r}: x must be float16/bfloat16/float32/float64 and labels integer (any integer dtype)")
+            if c == _BAD_DEVICE:
+                if w == 2:
+                    raise ValueError(f"rank {r}: x, labels and the head are on the meta device: ShardedMarginHead needs data to exchange")
+                what = ("labels", "x") if w == 0 else ("x", "the head's weight")
+                raise ValueError(
+                    f"rank {r}: {what[0]} is on {_device_name(v // 100)} but {what[1]} is on {_device_name(v % 100)} "
+                    "(x, labels and the head must be on one device)"
+                )
             if c == _BAD_PAIR:
                 raise ValueError(f"rank {r}: " + str(dtype_pair_error(FLOAT_DTYPES[every[r][4]], FLOAT_DTYPES[v])))
             if c == _NONFINITE:
@@ -267,9 +349,36 @@ class ShardedMarginHead(_ClassWeights):
             if c == _BAD_LABELS_NDIM:
                 shape = "a 0-D tensor" if w == 0 else f"a {w}-D tensor whose last dimension is {v}"
                 raise ValueError(f"rank {r}: labels must have shape [B] or [B, 1], got {shape}")
-        if len({d for *_, d in every}) > 1:
-            raise ValueError(f"x has different dtypes across ranks: {[FLOAT_DTYPES[d] for *_, d in every]}")
+        self._check_same_call(every)
         return [row[0] for row in every]
+
+    def _check_same_call(self, every: List[List[int]]) -> None:
+        """Raises the same ValueError on every rank when the ranks' headers (all alike on every
+        rank) show that they call the head differently."""
+        first = every[0]
+        odd = lambda i: next((r for r, row in enumerate(every) if row[i] != first[i]), None)  # noqa: E731
+        prefix = "ShardedMarginHead is called differently across ranks: "
+        for i, name, advice in ((4, "x", "cast every rank's features alike"), (5, "weight", "convert every rank's head alike")):
+            r = odd(i)
+            if r is not None:
+                raise ValueError(
+                    f"{prefix}{name} has different dtypes across ranks: rank {r} has {name}.dtype="
+                    f"{dtype_name(FLOAT_DTYPES[every[r][i]])} but rank 0 has {name}.dtype={dtype_name(FLOAT_DTYPES[first[i]])}; {advice}"
+                )
+        r = odd(6)
+        if r is not None:
+            for bit, (name, advice) in enumerate(_CALL_FLAGS):
+                mine, theirs = bool(every[r][6] >> bit & 1), bool(first[6] >> bit & 1)
+                if mine != theirs:
+                    raise ValueError(f"{prefix}rank {r} has {name}={mine} but rank 0 has {name}={theirs}; {advice}")
+        r = odd(7)
+        if r is not None:  # every rank sees the difference: one more collective names the margins
+            keys = [None] * self.world_size
+            dist.all_gather_object(keys, _margin_key(self.margin), group=self.group)
+            raise ValueError(
+                f"{prefix}rank {r} has margin={keys[r]} but rank 0 has margin={keys[0]}; "
+                "give every rank the same margin spec (and change it on every rank alike)"
+            )
 
     def _sample(self, labels: torch.Tensor) -> Optional[torch.Tensor]:
         """Partial FC: sorted local class indices (positives of the global batch + random others)."""
@@ -372,7 +481,9 @@ class ShardedMarginHead(_ClassWeights):
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_classes:  # as MarginHead.topk
             raise ValueError(f"k = {k} must lie in [1, {self.num_classes}] (the number of classes)")
         self._check_x(x)
-        counts = self._exchange_header(x, torch.full((x.shape[0],), self.ignore_index, dtype=torch.long, device=x.device))
+        counts = self._exchange_header(
+            x, torch.full((x.shape[0],), self.ignore_index, dtype=torch.long, device=x.device), forward=False
+        )
         xg = _GatherRows.apply(x, counts, self.group, 1.0)
         cfg = self.margin.config()
         bias = self.bias
@@ -413,10 +524,30 @@ def _head_meta(head) -> dict:
     }
 
 
+def _file_digest(path: str) -> Tuple[str, int]:
+    """(sha256 hex digest, size in bytes) of a file, read in 1 MiB blocks."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            size += len(block)
+    return h.hexdigest(), size
+
+
+def _write_atomically(path: str, write) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def save_sharded(head: Union["ShardedMarginHead", _ClassWeights], directory: str) -> None:
     """Writes this rank's shard (weight, bias, margin state, class range) to
     ``directory/shard-RRRRR-of-WWWWW.pt`` and, from rank 0, ``meta.json``. Call on every rank;
-    a MarginHead saves as one shard. Load at any world size with :func:`load_sharded`."""
+    a MarginHead saves as one shard. Load at any world size with :func:`load_sharded`.
+
+    ``meta.json`` holds num_classes, embedding_size, subcenters, bias, margin (the spec's repr),
+    world_size and ``shards``: per shard file, in rank order, ``{"file", "bytes", "sha256"}`` (its
+    size and the SHA-256 of its bytes), which :func:`load_sharded` and :func:`consolidate` verify."""
     sharded = isinstance(head, ShardedMarginHead)
     rank, world = (head.rank, head.world_size) if sharded else (0, 1)
     start, end = (head.class_start, head.class_end) if sharded else (0, head.num_classes)
@@ -429,35 +560,149 @@ def save_sharded(head: Union["ShardedMarginHead", _ClassWeights], directory: str
         "margin_state": {k: v.detach().cpu() for k, v in head.margin_state.state_dict().items()},
         "meta": _head_meta(head),
     }
-    torch.save(shard, os.path.join(directory, _SHARD.format(rank=rank, world=world)))
+    name = _SHARD.format(rank=rank, world=world)
+    path = os.path.join(directory, name)
+    _write_atomically(path, lambda tmp: torch.save(shard, tmp))
+    digest, size = _file_digest(path)  # of the bytes on disk
+    entries = [{"file": name, "bytes": size, "sha256": digest}]
+    if sharded:
+        entries = [None] * world
+        dist.all_gather_object(entries, {"file": name, "bytes": size, "sha256": digest}, group=head.group)
     if rank == 0:
-        with open(os.path.join(directory, "meta.json"), "w") as f:
-            json.dump({**_head_meta(head), "world_size": world}, f, indent=2)
+        meta = {**_head_meta(head), "world_size": world, "shards": entries}
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump(meta, f, indent=2)
+
+        _write_atomically(os.path.join(directory, "meta.json"), write)
     if sharded:
         dist.barrier(group=head.group)
 
 
-def _read_shards(directory: str) -> Tuple[dict, List[dict]]:
+_META_FIELDS = {"num_classes": int, "embedding_size": int, "subcenters": int, "bias": bool, "margin": str, "world_size": int}
+
+
+def _read_meta(directory: str) -> dict:
     meta_path = os.path.join(directory, "meta.json")
     if not os.path.exists(meta_path):
         raise ValueError(f"{directory} holds no marginops checkpoint (no meta.json)")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    damaged = f"{meta_path} is damaged"
+    try:
+        with open(meta_path, "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{damaged}: not valid JSON ({e}); the checkpoint cannot be read") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{damaged}: expected a JSON object, got {type(meta).__name__}")
+    for key, kind in _META_FIELDS.items():
+        value = meta.get(key)
+        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 1)):
+            wanted = "a positive int" if kind is int else kind.__name__
+            raise ValueError(f"{damaged}: {key} must be {wanted}, got {value!r}")
     world = meta["world_size"]
-    shards = []
+    entries = meta.get("shards")
+    if entries is not None:
+        names = [_SHARD.format(rank=r, world=world) for r in range(world)]
+        ok = isinstance(entries, list) and len(entries) == world and all(
+            isinstance(e, dict) and e.get("file") == n and isinstance(e.get("sha256"), str)
+            and isinstance(e.get("bytes"), int) and not isinstance(e.get("bytes"), bool)
+            for e, n in zip(entries, names)
+        )
+        if not ok:
+            raise ValueError(f"{damaged}: shards must list {{file, bytes, sha256}} of {names}, got {entries!r}")
+    return meta
+
+
+def _verify_file(path: str, entry: Optional[dict]) -> None:
+    """The shard file's size and SHA-256 against meta.json's record of them."""
+    if entry is None:
+        return
+    digest, size = _file_digest(path)
+    if size != entry["bytes"]:
+        raise ValueError(
+            f"{path} is damaged: {size} bytes, but meta.json records {entry['bytes']} (truncated, or overwritten after the "
+            "checkpoint was written)"
+        )
+    if digest != entry["sha256"]:
+        raise ValueError(
+            f"{path} is damaged: its sha256 {digest[:16]}... differs from {entry['sha256'][:16]}... recorded in meta.json "
+            "(its bytes changed after the checkpoint was written, or it comes from another checkpoint)"
+        )
+
+
+def _check_shard(path: str, shard, meta: dict, rank: int, first: int) -> int:
+    """A loaded shard holds what meta.json says it should: a class range that continues the
+    previous shard's (from ``first``; the last one ends at num_classes), weight [(end − start)·K, D],
+    bias [end − start] (or None), margin state tensors. Returns its end."""
+    bad = lambda what: ValueError(f"{path} does not match meta.json: {what}")  # noqa: E731
+    keys = ("class_start", "class_end", "weight", "bias", "margin_state")
+    if not isinstance(shard, dict) or any(k not in shard for k in keys):
+        raise bad(f"a shard holds {list(keys)}, got {sorted(shard) if isinstance(shard, dict) else type(shard).__name__}")
+    C, world, K, D = meta["num_classes"], meta["world_size"], meta["subcenters"], meta["embedding_size"]
+    start, end = shard["class_start"], shard["class_end"]
+    last = rank == world - 1
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end)) or start != first or not (
+        end == C if last else first < end < C
+    ):
+        want = f"[{first}, {C})" if last else f"[{first}, e) with {first} < e < {C}"
+        raise bad(f"classes [{start}, {end}), expected {want} (shard {rank} of {world}, {C} classes)")
+    weight, bias = shard["weight"], shard["bias"]
+    want = ((end - start) * K, D)
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != want or weight.dtype not in FLOAT_DTYPES:
+        got = f"{tuple(weight.shape)} {dtype_name(weight.dtype)}" if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise bad(f"weight is {got}, expected a floating tensor of shape {want} (classes [{start}, {end}) x {K} sub-centers, D = {D})")
+    if meta["bias"] != (bias is not None):
+        raise bad(f"bias is {'absent' if bias is None else 'present'}, but meta.json says bias={meta['bias']}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (end - start,) or bias.dtype not in FLOAT_DTYPES):
+        got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise bad(f"bias has shape {got}, expected ({end - start},)")
+    state = shard["margin_state"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise bad("margin_state must map names to tensors")
+    return end
+
+
+def _read_shards(directory: str) -> Tuple[dict, List[dict]]:
+    """meta.json and every shard, verified (checksums, then contents against meta.json) before
+    anything is returned: a damaged checkpoint is a ValueError naming the file."""
+    meta = _read_meta(directory)
+    world = meta["world_size"]
+    entries = meta.get("shards")
+    if entries is None:
+        warnings.warn(
+            f"checkpoint {directory} records no checksums (written before marginops recorded them): its shard files are "
+            "checked for shape only, not for damage; save it again to add them",
+            stacklevel=3,
+        )
+    shards, first = [], 0
     for r in range(world):
         path = os.path.join(directory, _SHARD.format(rank=r, world=world))
         if not os.path.exists(path):
             raise ValueError(f"checkpoint {directory} is missing {os.path.basename(path)} of its {world} shards")
-        shards.append(torch.load(path, map_location="cpu", weights_only=True))
+        _verify_file(path, None if entries is None else entries[r])
+        try:
+            shard = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated or damaged zip, unpickling errors: all one story for the user
+            raise ValueError(f"{path} is damaged: torch.load cannot read it ({type(e).__name__}: {e})") from None
+        first = _check_shard(path, shard, meta, r, first)
+        shards.append(shard)
     return meta, shards
 
 
-def _check_meta(meta: dict, head) -> None:
+_OVERRIDABLE = ("num_classes", "margin")
+
+
+def _check_meta(meta: dict, head, strict: bool) -> List[str]:
+    """Raises when the checkpoint cannot load into head; returns the differences strict=False lets through."""
     mine = _head_meta(head)
-    diffs = [f"{k}: checkpoint {meta[k]!r}, head {mine[k]!r}" for k in ("num_classes", "embedding_size", "subcenters", "bias") if meta[k] != mine[k]]
-    if diffs:
-        raise ValueError("checkpoint does not fit this head: " + "; ".join(diffs))
+    keys = ("num_classes", "embedding_size", "subcenters", "bias", "margin")
+    diffs = {k: f"{k}: checkpoint {meta[k]!r}, head {mine[k]!r}" for k in keys if meta[k] != mine[k]}
+    fatal = [d for k, d in diffs.items() if k not in _OVERRIDABLE]
+    if fatal or (diffs and strict):
+        hint = "" if fatal else " (load_sharded(..., strict=False) loads it anyway: the classes both have, whatever the margin)"
+        raise ValueError("checkpoint does not fit this head: " + "; ".join(diffs.values()) + hint)
+    return list(diffs.values())
 
 
 def _gather_range(shards: List[dict], key: str, start: int, end: int, per_class: int) -> Optional[torch.Tensor]:
@@ -472,22 +717,58 @@ def _gather_range(shards: List[dict], key: str, start: int, end: int, per_class:
 
 
 @torch.no_grad()
-def load_sharded(head: Union["ShardedMarginHead", _ClassWeights], directory: str) -> None:
+def load_sharded(head: Union["ShardedMarginHead", _ClassWeights], directory: str, *, strict: bool = True) -> None:
     """Loads a checkpoint written by :func:`save_sharded` at any world size into this rank's
-    shard (or a whole MarginHead). A checkpoint of another shape is an error, never a silent
-    re-initialisation."""
+    shard (or a whole MarginHead).
+
+    Everything is verified before any tensor of the head changes, so a failed load leaves the
+    head as it was: meta.json must parse, every shard file must have the size and SHA-256 that
+    meta.json records (a checkpoint written before checksums were recorded loads with a warning,
+    its shards checked for shape only) and hold the class range and shapes meta.json describes;
+    otherwise a ValueError names the file. A checkpoint of another embedding_size, sub-center
+    count or bias is always an error, never a silent re-initialisation.
+
+    ``strict`` (default True): the checkpoint's num_classes and margin (the spec's repr, i.e.
+    its configuration) must equal the head's, else a ValueError lists the differences.
+    ``strict=False`` loads it anyway, with a warning naming them: the classes both have
+    (the head's others keep their values), and the margin state only where its entries have
+    the same names and shapes (e.g. fine-tuning a Softmax-trained head with ArcFace)."""
     meta, shards = _read_shards(directory)
-    _check_meta(meta, head)
+    differences = _check_meta(meta, head, strict)
     sharded = isinstance(head, ShardedMarginHead)
     start, end = (head.class_start, head.class_end) if sharded else (0, head.num_classes)
-    head.weight.copy_(_gather_range(shards, "weight", start, end, head.subcenters))
-    if head.bias is not None:
-        head.bias.copy_(_gather_range(shards, "bias", start, end, 1))
-    head.margin_state.load_state_dict(shards[0]["margin_state"])  # kept alike on every rank
+    stop = min(end, meta["num_classes"])
+    K = head.subcenters
+    weight = _gather_range(shards, "weight", start, stop, K)
+    bias = _gather_range(shards, "bias", start, stop, 1) if head.bias is not None else None
+    state, mine = shards[0]["margin_state"], head.margin_state.state_dict()
+    state_fits = sorted(state) == sorted(mine) and all(tuple(state[k].shape) == tuple(mine[k].shape) for k in mine)
+    if not state_fits and not differences:
+        raise ValueError(
+            f"{directory}: the margin state {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in state.items())}}} does not fit "
+            f"the head's {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in mine.items())}}}"
+        )
+    if differences:
+        kept = [] if state_fits else ["margin state"]
+        if stop < end:
+            kept.append(f"classes [{max(start, stop)}, {end})")
+        warnings.warn(
+            f"load_sharded(strict=False) of {directory}: " + "; ".join(differences)
+            + (f"; the head keeps its own {' and '.join(kept)}" if kept else ""),
+            stacklevel=3,
+        )
+    # nothing above touched the head: now copy
+    if weight is not None:
+        head.weight[: weight.shape[0]].copy_(weight)
+    if bias is not None:
+        head.bias[: bias.shape[0]].copy_(bias)
+    if state_fits:
+        head.margin_state.load_state_dict(state)  # kept alike on every rank
 
 
 def consolidate(directory: str) -> Dict[str, Optional[torch.Tensor]]:
-    """The whole head of a sharded checkpoint: {"weight": [C·K, D], "bias": [C] or None}."""
+    """The whole head of a sharded checkpoint: {"weight": [C·K, D], "bias": [C] or None}.
+    Verifies the files as :func:`load_sharded` does."""
     meta, shards = _read_shards(directory)
     C = meta["num_classes"]
     return {"weight": _gather_range(shards, "weight", 0, C, meta["subcenters"]), "bias": _gather_range(shards, "bias", 0, C, 1)}

@@ -3,6 +3,7 @@ independent expectation, each against a value written out here with plain torch 
 form or a hand-built file (see tests/README.md for the whole table and the oracle policy).
 Nothing here calls marginops code to compute an expected value."""
 
+import hashlib
 import json
 import math
 import os
@@ -392,19 +393,28 @@ def test_split_cuts_rows_per_class_range_and_concatenates_back():
     assert [p.tolist() for p in mdist.split(b, 3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
 
 
+def file_record(path):
+    """{"file", "bytes", "sha256"} of a file, as save_sharded's meta.json lists each shard."""
+    data = open(path, "rb").read()
+    return {"file": os.path.basename(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def write_checkpoint(directory, meta, shards):
-    """A checkpoint in save_sharded's documented layout, written by hand: meta.json and
-    shard-RRRRR-of-WWWWW.pt holding class_start, class_end, weight, bias, margin_state, meta."""
+    """A checkpoint in save_sharded's documented layout, written by hand: meta.json (with each
+    shard file's size and SHA-256) and shard-RRRRR-of-WWWWW.pt holding class_start, class_end,
+    weight, bias, margin_state, meta."""
     os.makedirs(directory, exist_ok=True)
     world = len(shards)
-    with open(os.path.join(directory, "meta.json"), "w") as f:
-        json.dump({**meta, "world_size": world}, f)
+    records = []
     for r, (start, end, weight, bias, state) in enumerate(shards):
-        torch.save({"class_start": start, "class_end": end, "weight": weight, "bias": bias, "margin_state": state, "meta": meta},
-                   os.path.join(directory, f"shard-{r:05d}-of-{world:05d}.pt"))
+        path = os.path.join(directory, f"shard-{r:05d}-of-{world:05d}.pt")
+        torch.save({"class_start": start, "class_end": end, "weight": weight, "bias": bias, "margin_state": state, "meta": meta}, path)
+        records.append(file_record(path))
+    with open(os.path.join(directory, "meta.json"), "w") as f:
+        json.dump({**meta, "world_size": world, "shards": records}, f)
 
 
-def hand_checkpoint(tmp_path, name="ckpt", margin="x"):
+def hand_checkpoint(tmp_path, name="ckpt", margin=repr(mo.SubCenterArcFace(K=2))):
     """13 classes, K = 2 sub-centers, D = 3, a bias, cut 5 / 4 / 4 (any contiguous cut loads)."""
     C, K = 13, 2
     W = torch.arange(C * K * 3, dtype=torch.float32).view(C * K, 3)
@@ -435,7 +445,9 @@ def test_save_sharded_of_a_head_writes_one_shard_and_meta(tmp_path):
     mdist.save_sharded(head, str(tmp_path / "one"))
     assert sorted(os.listdir(tmp_path / "one")) == ["meta.json", "shard-00000-of-00001.pt"]
     meta = json.loads((tmp_path / "one" / "meta.json").read_text())
-    assert meta == {"num_classes": 4, "embedding_size": 3, "subcenters": 1, "bias": True, "margin": repr(head.margin), "world_size": 1}
+    shard_file = str(tmp_path / "one" / "shard-00000-of-00001.pt")
+    assert meta == {"num_classes": 4, "embedding_size": 3, "subcenters": 1, "bias": True, "margin": repr(head.margin), "world_size": 1,
+                    "shards": [file_record(shard_file)]}
     shard = torch.load(tmp_path / "one" / "shard-00000-of-00001.pt", weights_only=True)
     assert (shard["class_start"], shard["class_end"]) == (0, 4)
     assert torch.equal(shard["weight"], torch.arange(12.0).view(4, 3)) and torch.equal(shard["bias"], torch.tensor([1.0, 2.0, 3.0, 4.0]))
