@@ -11,7 +11,9 @@ one H100: about 10 to 20 minutes (an estimate: torch.compile dominates); --time-
 --preset gpu-check (GPU only, what scripts/gpu-check runs, about 3 to 6 minutes, at most
 --time-budget-s = 360): B = 1024, D = 512, bfloat16, ArcFace, C = 100k, 1M, 3M with marginops'
 two CUDA backends (chunked, fused-tiles), the eager reference, torch.compile of it and three GEMMs;
-plain softmax too for Cut Cross-Entropy and Liger when one is installed; no largest-C search; and
+then at C = 1M only, plain softmax (for Cut Cross-Entropy, Liger and torch's linear_cross_entropy,
+when one is there) and NormFace (for torch's linear_cross_entropy, torch >= 2.13) with chunked, the
+eager reference and those peers; no largest-C search; and
 the issue #10 checks at C = 1M: chunked within 64 MiB above inputs and gradients (the run fails
 if not), time <= 0.5x eager's and >= 300 TFLOP/s (reported only).
 
@@ -24,7 +26,11 @@ yardstick, not a floor), the legend, and JSON, Markdown and PNG files in --out.
 
 Implementations: fused (marginops' default backend: the tiled path on the CPU, chunked on CUDA),
 chunked and fused-tiles (CUDA only: backend="chunked" / backend="fused"), reference (eager),
-compiled (torch.compile of it), pml, cce, liger (peers, when installed).
+compiled (torch.compile of it), pml, cce, liger (peers, when installed), torch-lce and
+torch-lce-chunked (torch.nn.functional.linear_cross_entropy, torch >= 2.13: its reference path and
+its chunked path, options=LinearCrossEntropyOptions(); plain softmax and NormFace, the latter with
+x and W normalized outside it). On the CPU: --margins softmax,normface --impls
+fused,reference,torch-lce,torch-lce-chunked.
 """
 
 from __future__ import annotations
@@ -34,11 +40,11 @@ import importlib.util
 import signal
 import sys
 import time
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
-from .impls import IMPLS, MARGINS, Case
+from .impls import IMPLS, MARGINS, Case, torch_lce_missing
 from .measure import environment, precise_host_memory, sweep
 from .report import LEGEND, checks, checks_text, headline_text, largest_classes, text_table, write
 
@@ -46,17 +52,26 @@ DEFAULTS = {
     "cpu": dict(batch=256, dim=128, classes="10000,30000,100000,300000", dtype="float32", margins="arcface",
                 impls="fused,reference,compiled,pml", repeat=5, repeat_time_s=2.0, max_budget_mib=512, max_limit=4_000_000,
                 time_budget_s=None),
-    "cuda": dict(batch=1024, dim=512, classes="100000,300000,1000000,3000000", dtype="bfloat16", margins="arcface,cosface,softmax",
-                 impls="chunked,fused-tiles,reference,compiled,pml,cce,liger", repeat=10, repeat_time_s=1.0,
-                 max_budget_mib=None, max_limit=200_000_000, time_budget_s=1800),
+    "cuda": dict(batch=1024, dim=512, classes="100000,300000,1000000,3000000", dtype="bfloat16",
+                 margins="arcface,cosface,softmax,normface",
+                 impls="chunked,fused-tiles,reference,compiled,pml,cce,liger,torch-lce,torch-lce-chunked", repeat=10,
+                 repeat_time_s=1.0, max_budget_mib=None, max_limit=200_000_000, time_budget_s=1800),
 }
 SOFTMAX_PEERS = ("cut_cross_entropy", "liger_kernel")
+TORCH_LCE = torch_lce_missing() is None  # torch's own F.linear_cross_entropy (torch >= 2.13): softmax and NormFace
 PRESETS = {
-    # scripts/gpu-check's bench stage: one bounded run (issue #10 item 6).
+    # scripts/gpu-check's bench stage: one bounded run (issue #10 item 6). ArcFace at three C first
+    # (the issue #10 checks); then, at C = 1M only and with a shorter list of implementations,
+    # plain softmax (for the softmax-only peers) and NormFace (for torch's linear_cross_entropy).
     "gpu-check": dict(batch=1024, dim=512, classes="100000,1000000,3000000", dtype="bfloat16",
-                      margins="arcface,softmax" if any(importlib.util.find_spec(p) for p in SOFTMAX_PEERS) else "arcface",
-                      impls="chunked,fused-tiles,reference,compiled,cce,liger", repeat=10, repeat_time_s=0.5, max_budget_mib=None,
-                      max_limit=200_000_000, time_budget_s=360, no_max_classes=True, hard_checks=True),
+                      margins=",".join(["arcface"] + (["softmax"] if TORCH_LCE or any(importlib.util.find_spec(p) for p in SOFTMAX_PEERS)
+                                                      else []) + (["normface"] if TORCH_LCE else [])),
+                      impls="chunked,fused-tiles,reference,compiled,cce,liger,torch-lce,torch-lce-chunked", repeat=10,
+                      repeat_time_s=0.5, max_budget_mib=None, max_limit=200_000_000, time_budget_s=360, no_max_classes=True,
+                      hard_checks=True,
+                      # per margin: its class counts and implementations, where not the preset's
+                      by_margin={m: dict(classes="1000000", impls="chunked,reference,cce,liger,torch-lce,torch-lce-chunked")
+                                 for m in ("softmax", "normface")}),
 }
 QUICK = dict(batch=32, dim=16, classes="500,2000", margins="arcface", impls="fused,reference", repeat=5, repeat_time_s=0.1,
              max_budget_mib=64, max_limit=200_000)
@@ -115,6 +130,23 @@ def _progress():
     return step, close
 
 
+def case_groups(cfg: dict, margins: List[str], impls: List[str], by_margin: dict) -> List[Tuple[List[Case], List[str]]]:
+    """(cases, implementations) to sweep, in order: every margin at cfg's class counts with
+    `impls`, except the margins `by_margin` narrows to its own "classes" and "impls" (a preset's,
+    when the command line names neither)."""
+    groups: List[Tuple[List[Case], List[str]]] = []
+    for m in margins:
+        sub = by_margin.get(m, {})
+        cs = [int(c) for c in str(sub.get("classes", cfg["classes"])).split(",")]
+        names = [i.strip() for i in str(sub.get("impls", ",".join(impls))).split(",") if i.strip()]
+        cases = [Case(cfg["batch"], cfg["dim"], c, cfg["dtype"], m) for c in cs]
+        if groups and groups[-1][1] == names:
+            groups[-1][0].extend(cases)
+        else:
+            groups.append((cases, names))
+    return groups
+
+
 def run(args) -> int:
     device = torch.device(args.device)
     cfg = dict(DEFAULTS["cuda" if device.type == "cuda" else "cpu"])
@@ -136,13 +168,14 @@ def run(args) -> int:
     if unknown:
         print(f"marginops bench: unknown implementation or margin {unknown}", file=sys.stderr)
         return 2
-    classes = [int(c) for c in str(cfg["classes"]).split(",")]
-    cases = [Case(cfg["batch"], cfg["dim"], c, cfg["dtype"], m) for m in margins for c in classes]
+    narrowed = {} if args.classes is not None or args.impls is not None else cfg.get("by_margin", {})
+    groups = case_groups(cfg, margins, impls, narrowed)
+    cases = [c for g in groups for c in g[0]]
     if device.type == "cpu":
         precise_host_memory()
     env = environment(device)
     print(f"marginops bench on {env.get('gpu', env.get('cpu'))} ({device}), torch {env['torch']}: "
-          f"{len(cases)} cases x {len(impls)} implementations", flush=True)
+          + ", ".join(f"{len(c)} cases x {len(i)} implementations" for c, i in groups), flush=True)
     step, close = _progress()
     budget = None if cfg["max_budget_mib"] is None else int(cfg["max_budget_mib"]) * 2**20
     deadline = None if cfg.get("time_budget_s") is None else time.monotonic() + float(cfg["time_budget_s"])
@@ -159,8 +192,9 @@ def run(args) -> int:
 
     previous = signal.signal(signal.SIGTERM, interrupted)
     try:
-        sweep(cases, impls, device, int(cfg["repeat"]), budget, find_max, int(cfg["max_limit"]), step, deadline, results,
-              time_budget_s=cfg.get("repeat_time_s"))
+        for group_cases, group_impls in groups:
+            sweep(group_cases, group_impls, device, int(cfg["repeat"]), budget, find_max, int(cfg["max_limit"]), step, deadline,
+                  results, time_budget_s=cfg.get("repeat_time_s"))
     finally:
         signal.signal(signal.SIGTERM, previous)
     close()

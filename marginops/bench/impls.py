@@ -2,6 +2,13 @@
 reference, and the peers when their packages are installed. Each turns (x, W, labels) into a
 loss that autograd can differentiate with respect to x and W.
 
+PyTorch's own ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13) is a peer in two rows,
+``torch-lce`` (its reference path, ``options=None``) and ``torch-lce-chunked``
+(``options=torch.nn.LinearCrossEntropyOptions()``, which chunks the batch so the logits never
+exist whole), for plain softmax and for NormFace: it has no scale, margin or normalization, so
+NormFace's x and W are normalized outside it (their copies are part of its step, time and memory)
+and its input is s·x̂ (logits s·x̂·Ŵᵀ). On an older torch both rows are "unavailable".
+
 marginops appears as ``fused`` (its default, ``backend="auto"``: the tiled path on the CPU, the
 chunked backend on CUDA; the name the CPU results have always used) and, on CUDA only, as
 ``chunked`` (``backend="chunked"``: cuBLAS GEMMs over chunks of classes) and ``fused-tiles``
@@ -27,6 +34,7 @@ from ..reference import unchecked_margin_cross_entropy
 MARGINS: Dict[str, Callable[[], M.Margin]] = {
     "arcface": M.ArcFace,
     "cosface": M.CosFace,
+    "normface": M.NormFace,
     "softmax": M.Softmax,
 }
 
@@ -189,7 +197,56 @@ class Liger(_SoftmaxOnlyCuda):
         return lambda x, W, y: loss(W, x, y)
 
 
+def torch_lce_missing() -> Optional[str]:
+    """Why torch's linear_cross_entropy cannot run here, or None."""
+    if not hasattr(torch.nn.functional, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return f"torch.nn.functional.linear_cross_entropy needs torch >= 2.13 (this is torch {torch.__version__})"
+    return None
+
+
+class TorchLinearCrossEntropy(Impl):
+    name = "torch-lce"
+    description = "torch F.linear_cross_entropy, reference path (options=None); NormFace: s·x̂ and Ŵ made outside it"
+    chunked = False
+    logits, weights = 3.0, 1.0  # logits, their log-softmax and gradient; dW's product
+
+    def unavailable(self):
+        return torch_lce_missing()
+
+    def unsupported(self, case, device):
+        return None if case.margin in ("softmax", "normface") else "plain softmax and NormFace only (no margin)"
+
+    def extra_bytes(self, case: Case) -> int:
+        e = torch.empty((), dtype=case.torch_dtype).element_size()
+        normalized = 2 * case.classes * case.dim * e if case.margin == "normface" else 0  # Ŵ and its gradient
+        return super().extra_bytes(case) + normalized
+
+    def make(self, case, device):
+        F = torch.nn.functional
+        options = torch.nn.LinearCrossEntropyOptions() if self.chunked else None
+        if case.margin == "softmax":
+            return lambda x, W, y: F.linear_cross_entropy(x, W, y, options=options)
+        s = float(MARGINS["normface"]().s)
+
+        def normface(x, W, y):
+            # NormFace's logits s·cos θ = (s·x̂)·Ŵᵀ: the normalized copies as the eager reference makes them
+            x_hat = x / x.norm(dim=1, keepdim=True).clamp_min(M.NORM_EPS)
+            w_hat = W / W.norm(dim=1, keepdim=True).clamp_min(M.NORM_EPS)
+            return F.linear_cross_entropy(s * x_hat, w_hat, y, options=options)
+
+        return normface
+
+
+class TorchLinearCrossEntropyChunked(TorchLinearCrossEntropy):
+    name = "torch-lce-chunked"
+    description = ("torch F.linear_cross_entropy, chunked path (options=LinearCrossEntropyOptions()); "
+                   "NormFace: s·x̂ and Ŵ made outside it")
+    chunked = True
+    logits, weights = 1.0, 2.0  # a chunk of rows' logits (at most the whole batch's); dW accumulated
+
+
 IMPLS: Dict[str, Impl] = {
     i.name: i
-    for i in (Fused(), Chunked(), FusedTiles(), Reference(), Compiled(), PytorchMetricLearning(), CutCrossEntropy(), Liger())
+    for i in (Fused(), Chunked(), FusedTiles(), Reference(), Compiled(), PytorchMetricLearning(), CutCrossEntropy(), Liger(),
+              TorchLinearCrossEntropy(), TorchLinearCrossEntropyChunked())
 }

@@ -91,7 +91,8 @@ COLUMNS = [
     "loss err", "max C", "status",
 ]
 OURS = ("fused", "chunked", "fused-tiles")  # marginops' implementations
-DISPLAY = {"reference": "eager", "compiled": "torch.compile(eager)"}
+DISPLAY = {"reference": "eager", "compiled": "torch.compile(eager)", "torch-lce": "torch F.linear_cross_entropy",
+           "torch-lce-chunked": "torch F.linear_cross_entropy (chunked)"}
 
 
 def _count(c: int) -> str:
