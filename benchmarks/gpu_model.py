@@ -153,11 +153,14 @@ PRE_SPECIALIZATION = {"chunk_softmax": 139.0, "chunk_grad": 264.0}
 
 DTYPES = {"bf16": ("bf16", 2), "fp16": ("half", 2), "fp32": ("float", 4)}
 ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
-# margin → (sub-centers K, weights normalized, CurricularFace hard negatives)
+# margin → (sub-centers K, weights normalized, CurricularFace hard negatives, features normalized,
+# a margin on the target logit)
 MARGINS = {
-    "arcface": (1, True, False), "cosface": (1, True, False), "normface": (1, True, False),
-    "combined": (1, True, False), "sphereface": (1, True, False), "softmax": (1, False, False),
-    "l2softmax": (1, False, False), "subcenter": (3, True, False), "curricular": (1, True, True),
+    "arcface": (1, True, False, True, True), "cosface": (1, True, False, True, True),
+    "normface": (1, True, False, True, False), "combined": (1, True, False, True, True),
+    "sphereface": (1, True, False, False, True), "softmax": (1, False, False, False, False),
+    "l2softmax": (1, False, False, True, False), "subcenter": (3, True, False, True, True),
+    "curricular": (1, True, True, True, True),
 }
 
 # ---- plan_chunks, reimplemented (csrc/cuda/chunk_kernels.cu) ------------------------------------
@@ -364,6 +367,14 @@ class Shape:
         return MARGINS[self.margin][2]
 
     @property
+    def normalize_x(self) -> bool:
+        return MARGINS[self.margin][3]
+
+    @property
+    def has_margin(self) -> bool:
+        return MARGINS[self.margin][4]
+
+    @property
     def e(self) -> int:
         return DTYPES[self.dtype][1]
 
@@ -454,24 +465,29 @@ def chunked_launches(s: Shape, fplan: dict, bplan: dict, counts: Dict[str, Tuple
 
 
 def eager_ops(s: Shape, logits_bytes: int) -> List[Launch]:
-    """The eager step of marginops.reference (ArcFace, K = 1, no bias), op by op as autograd runs
-    it on CUDA; [B, C] tensors of `logits_bytes` per element, [C, D] ones of the dtype's. Counted:
-      forward  ‖x‖ and ‖W‖ (read x, W) · x̂ = x/‖x‖, Ŵ = W/‖W‖ (read, write a normalized copy) ·
-               GEMM logits = x̂·Ŵᵀ (write [B, C]) · logits·s (read, write) · the target rows' ψ
-               ([B]-sized ops, counted as 12 launches of small traffic) · index_put of the targets
-               (out of place: read, write [B, C]) · log_softmax (read [B, C] three times — max,
-               sum of exp, then the write pass — and write it once: torch's kernel for rows that do
-               not fit in shared memory) · nll_loss ([B]).
+    """The eager step of marginops.reference.unchecked_margin_cross_entropy, op by op as autograd
+    runs it on CUDA, for the shape's margin; [B, C] tensors of `logits_bytes` per element, [C, D]
+    ones of the dtype's. Counted (ArcFace: every line; other margins skip what the reference skips):
+      forward  ‖x‖ and ‖W‖ (read x, W) · x̂ = x/‖x‖, Ŵ = W/‖W‖ (read, write a normalized copy; the
+               reference makes both whatever the margin) · GEMM logits = x̂·Ŵᵀ or x·Wᵀ (write
+               [B, C·K]) · [K > 1: the max over sub-centers, read [B, C·K], write [B, C] and the
+               argmax] · [normalized x: logits·s, read, write] · [CurricularFace: c = logits/s,
+               c > τ, the where: 4 reads, 3 writes] · [a margin: the target rows' ψ ([B]-sized, 12
+               small launches) and index_put of the targets, out of place: read, write] ·
+               log_softmax (read [B, C] three times — max, sum of exp, then the write pass — and
+               write once: torch's kernel for rows that do not fit in shared memory) · nll_loss.
       backward nll_loss' gradient (write a zero [B, C], scatter) · log_softmax's (read the gradient
-               for its row sums, then it and the output again, write: 3 reads, 1 write) ·
-               index_put's (a copy with the targets zeroed: read, write) · the scale's (read,
-               write) · [float32 logits: a cast of G to the operand dtype: read, write] · GEMM
-               dx̂ = G·Ŵ (read G, Ŵ) · GEMM dŴ = Gᵀ·x̂ (read G, write [C, D]) · Ŵ = W/‖W‖'s
-               backward (autograd's division and norm backward: 7 reads and 4 writes of [C, D]) ·
-               x̂'s ([B, D]).
+               for its row sums, then it and the output again, write: 3 reads, 1 write) · [a
+               margin: index_put's, a copy with the targets zeroed: read, write] · [CurricularFace:
+               the where's and the product's: 3 reads, 2 writes] · [normalized x: the scale's:
+               read, write] · [K > 1: max's, a zero [B, C·K] and a scatter: write, read] ·
+               [float32 logits from 16-bit operands: a cast of G: read, write] · GEMM dx = G·Ŵ
+               (read G, Ŵ) · GEMM dŴ = Gᵀ·x̂ (read G, write [C·K, D]) · [normalized W: Ŵ =
+               W/‖W‖'s backward, autograd's division and norm backward: 7 reads and 4 writes of
+               [C·K, D]] · x̂'s ([B, D]).
     Every [B, C] and [C, D] tensor is far above the L2, so all of it is HBM traffic."""
-    B, D, C, e = s.B, s.D, s.C, s.e
-    bc, cd, bd = B * C * logits_bytes, C * D * e, B * D * e
+    B, D, C, K, e = s.B, s.D, s.C, s.K, s.e
+    bc, bck, cd, bd = B * C * logits_bytes, B * C * K * logits_bytes, C * K * D * e, B * D * e
     L: List[Launch] = []
 
     def op(name, pass_, reads, writes, flops=0.0, tensor=False, launches=1):
@@ -480,28 +496,48 @@ def eager_ops(s: Shape, logits_bytes: int) -> List[Launch]:
             L.append(Launch(pass_, name, reads if first else [], writes if first else [], flops=flops if first else 0.0,
                             tensor=tensor, host_s=HOST_ATEN_S))
 
-    op("norms", "fwd", [("x", bd, bd), ("W", cd, cd)], [("norms", 4 * (B + C), 4 * (B + C))], launches=2)
+    xin, win = ("xh" if s.normalize_x else "x"), ("Wh" if s.normalize_w else "W")
+    op("norms", "fwd", [("x", bd, bd), ("W", cd, cd)], [("norms", 4 * (B + C * K), 4 * (B + C * K))], launches=2)
     op("normalize", "fwd", [("x", bd, bd), ("W", cd, cd)], [("xh", bd, bd), ("Wh", cd, cd)], launches=4)
-    op("gemm_logits", "fwd", [("xh", bd, bd), ("Wh", cd, cd)], [("logits", bc, bc)], flops=2.0 * B * D * C, tensor=True)
-    op("scale", "fwd", [("logits", bc, bc)], [("scaled", bc, bc)])
-    op("margin_rows", "fwd", [("xh", bd, bd), ("Wh_targets", bd, bd)], [("psi", 64 * B, 64 * B)], launches=12)
-    op("index_put", "fwd", [("scaled", bc, bc)], [("marg", bc, bc)], launches=2)
-    op("log_softmax", "fwd", [("marg", 3 * bc, bc)], [("logp", bc, bc)])
+    op("gemm_logits", "fwd", [(xin, bd, bd), (win, cd, cd)], [("logits", bck, bck)], flops=2.0 * B * D * C * K, tensor=True)
+    cur = "logits"
+    if K > 1:
+        op("subcenter_max", "fwd", [("logits", bck, bck)], [("best", bc, bc), ("best_sub", B * C * 8, B * C * 8)])
+        cur = "best"
+    if s.normalize_x:
+        op("scale", "fwd", [(cur, bc, bc)], [("scaled", bc, bc)])
+        cur = "scaled"
+    if s.hard:
+        op("curricular", "fwd", [(cur, 4 * bc, bc)], [("hard", 3 * bc, bc)], launches=3)
+        cur = "hard"
+    if s.has_margin:
+        op("margin_rows", "fwd", [("xh", bd, bd), ("Wh_targets", bd, bd)], [("psi", 64 * B, 64 * B)], launches=12)
+        op("index_put", "fwd", [(cur, bc, bc)], [("marg", bc, bc)], launches=2)
+        cur = "marg"
+    op("log_softmax", "fwd", [(cur, 3 * bc, bc)], [("logp", bc, bc)])
     op("nll_loss", "fwd", [("logp", 8 * B, bc)], [("loss", 8, 8)])
     op("nll_backward", "bwd", [], [("glogp", bc, bc)], launches=2)
-    op("log_softmax_backward", "bwd", [("glogp", 2 * bc, bc), ("logp", bc, bc)], [("gmarg", bc, bc)])
-    op("index_put_backward", "bwd", [("gmarg", bc, bc)], [("gscaled", bc, bc)], launches=2)
-    op("scale_backward", "bwd", [("gscaled", bc, bc)], [("G", bc, bc)])
+    op("log_softmax_backward", "bwd", [("glogp", 2 * bc, bc), ("logp", bc, bc)], [("g", bc, bc)])
+    if s.has_margin:
+        op("index_put_backward", "bwd", [("g", bc, bc)], [("g1", bc, bc)], launches=2)
+    if s.hard:
+        op("curricular_backward", "bwd", [("g1", 3 * bc, bc)], [("g2", 2 * bc, bc)], launches=3)
+    if s.normalize_x:
+        op("scale_backward", "bwd", [("g2", bc, bc)], [("g3", bc, bc)])
+    if K > 1:
+        op("subcenter_max_backward", "bwd", [("g3", bc, bc), ("best_sub", B * C * 8, B * C * 8)], [("G", bck, bck)],
+           launches=2)
     g = "G"
     if logits_bytes != e:
-        gb = B * C * e
-        op("cast_G", "bwd", [("G", bc, bc)], [("G16", gb, gb)])
+        gb = B * C * K * e
+        op("cast_G", "bwd", [("G", bck, bck)], [("G16", gb, gb)])
         g = "G16"
-    gbytes = B * C * e
-    op("gemm_dx", "bwd", [(g, gbytes, gbytes), ("Wh", cd, cd)], [("dxh", bd, bd)], flops=2.0 * B * D * C, tensor=True)
-    op("gemm_dw", "bwd", [(g, gbytes, gbytes), ("xh", bd, bd)], [("dWh", cd, cd)], flops=2.0 * B * D * C, tensor=True)
-    op("normalize_backward", "bwd", [("dWh", 2 * cd, cd), ("W", 3 * cd, cd), ("tmp", 2 * cd, cd)],
-       [("tmp", 3 * cd, cd), ("dW", cd, cd)], launches=8)
+    gbytes = B * C * K * e
+    op("gemm_dx", "bwd", [(g, gbytes, gbytes), (win, cd, cd)], [("dxh", bd, bd)], flops=2.0 * B * D * C * K, tensor=True)
+    op("gemm_dw", "bwd", [(g, gbytes, gbytes), (xin, bd, bd)], [("dWh", cd, cd)], flops=2.0 * B * D * C * K, tensor=True)
+    if s.normalize_w:
+        op("normalize_backward", "bwd", [("dWh", 2 * cd, cd), ("W", 3 * cd, cd), ("tmp", 2 * cd, cd)],
+           [("tmp", 3 * cd, cd), ("dW", cd, cd)], launches=8)
     op("normalize_backward", "bwd", [("dxh", bd, bd), ("x", bd, bd)], [("dx", bd, bd)], launches=6)
     return L
 
