@@ -168,7 +168,10 @@ MARGINS = {
 K_MAX_SEGMENTS = 16
 K_SEGMENT_MIN = 256
 INT32_MAX = 2**31 - 1
-ROWINFO_BYTES = {4: 144, 8: 264}   # sizeof(RowInfo<float>), sizeof(RowInfo<double>) (csrc/cuda/head_rows.cuh)
+# sizeof(RowInfo<float>), sizeof(RowInfo<double>) (csrc/cuda/head_rows.cuh with margin_math.h's Side,
+# Target, TargetGrad): B of them come off the budget before the chunks; a few bytes more or less
+# move Cc by at most one step of 64 classes (tests/test_gpu_model.py compares with the C++ plan)
+ROWINFO_BYTES = {4: 152, 8: 280}
 
 
 def align256(n: int) -> int:
