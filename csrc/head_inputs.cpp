@@ -1,7 +1,11 @@
 #include "head_inputs.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <mutex>
+#include <vector>
 
 #include "margin_math.h"
 
@@ -180,14 +184,30 @@ void check_grad_skip(double grad_skip) {
   TORCH_CHECK_VALUE(grad_skip >= 0.0 && grad_skip < 1.0, "grad_skip must lie in [0, 1), got ", grad_skip);
 }
 
+void raise_bad_label(int64_t index, int64_t value, int64_t num_classes, int64_t ignore_index, const char* where) {
+  TORCH_CHECK_VALUE(false, "labels[", index, "] = ", value, " is out of range: class ids must lie in [0, ",
+                    num_classes, ") or equal ignore_index = ", ignore_index, where);
+  abort();  // not reached
+}
+
+void raise_bad_class_index(int64_t index, int64_t value, int64_t local_classes, const char* where) {
+  TORCH_CHECK_VALUE(false, "class_index[", index, "] = ", value, " is not a class of weight (", local_classes,
+                    " classes)", where);
+  abort();
+}
+
+void raise_unsorted_class_index(int64_t index, int64_t previous, int64_t value, const char* where) {
+  TORCH_CHECK_VALUE(false, "class_index must be strictly increasing: class_index[", index - 1, "] = ", previous,
+                    ", class_index[", index, "] = ", value, where);
+  abort();
+}
+
 void check_label_values(const at::Tensor& labels_cpu, const HeadConfig& cfg) {
   const int64_t* y = labels_cpu.data_ptr<int64_t>();
   const int64_t n = labels_cpu.numel();
   for (int64_t i = 0; i < n; ++i) {
     const int64_t v = y[i];
-    TORCH_CHECK_VALUE(v == cfg.ignore_index || (v >= 0 && v < cfg.num_classes), "labels[", i,
-                      "] = ", v, " is out of range: class ids must lie in [0, ", cfg.num_classes,
-                      ") or equal ignore_index = ", cfg.ignore_index);
+    if (v != cfg.ignore_index && (v < 0 || v >= cfg.num_classes)) raise_bad_label(i, v, cfg.num_classes, cfg.ignore_index);
   }
 }
 
@@ -195,12 +215,35 @@ void check_class_index_values(const at::Tensor& class_index_cpu, int64_t local_c
   const int64_t* idx = class_index_cpu.data_ptr<int64_t>();
   const int64_t n = class_index_cpu.numel();
   for (int64_t k = 0; k < n; ++k) {
-    TORCH_CHECK_VALUE(idx[k] >= 0 && idx[k] < local_classes, "class_index[", k, "] = ", idx[k],
-                      " is not a class of weight (", local_classes, " classes)");
-    TORCH_CHECK_VALUE(k == 0 || idx[k] > idx[k - 1], "class_index must be strictly increasing: ",
-                      "class_index[", k - 1, "] = ", idx[k - 1], ", class_index[", k,
-                      "] = ", idx[k]);
+    if (idx[k] < 0 || idx[k] >= local_classes) raise_bad_class_index(k, idx[k], local_classes);
+    if (k > 0 && idx[k] <= idx[k - 1]) raise_unsorted_class_index(k, idx[k - 1], idx[k]);
   }
+}
+
+namespace {
+std::atomic<bool> g_sync_checks{false};
+std::mutex g_checkers_mutex;
+std::vector<ErrorChecker>& checkers() {
+  static std::vector<ErrorChecker> list;
+  return list;
+}
+}  // namespace
+
+bool sync_checks() { return g_sync_checks.load(); }
+void set_sync_checks(bool enabled) { g_sync_checks.store(enabled); }
+
+void add_error_checker(ErrorChecker checker) {
+  std::lock_guard<std::mutex> lock(g_checkers_mutex);
+  checkers().push_back(checker);
+}
+
+void run_error_checkers() {
+  std::vector<ErrorChecker> list;
+  {
+    std::lock_guard<std::mutex> lock(g_checkers_mutex);
+    list = checkers();
+  }
+  for (ErrorChecker f : list) f();
 }
 
 at::Tensor target_columns(const at::Tensor& labels_cpu, const at::Tensor& class_index_cpu,

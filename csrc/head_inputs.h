@@ -72,6 +72,25 @@ void check_grad_skip(double grad_skip);
 void check_label_values(const at::Tensor& labels_cpu, const HeadConfig& cfg);
 void check_class_index_values(const at::Tensor& class_index_cpu, int64_t local_classes);
 
+// The ValueErrors of those checks, one message each, for the host check and for a bad value a
+// CUDA kernel recorded (`where` is appended: how it was found).
+[[noreturn]] void raise_bad_label(int64_t index, int64_t value, int64_t num_classes, int64_t ignore_index,
+                                  const char* where = "");
+[[noreturn]] void raise_bad_class_index(int64_t index, int64_t value, int64_t local_classes, const char* where = "");
+[[noreturn]] void raise_unsorted_class_index(int64_t index, int64_t previous, int64_t value, const char* where = "");
+
+// Whether the CUDA ops also check labels and class_index on the host before launching (a copy to
+// the host and a synchronization per call: for debugging). Off by default: the kernels check them
+// and the error is raised at the next call or at check_errors() (marginops.set_sync_checks).
+bool sync_checks();
+void set_sync_checks(bool enabled);
+
+// What check_errors() runs: each registered backend's check of what its kernels recorded
+// (synchronizing first). The CUDA launcher registers one when it loads.
+using ErrorChecker = void (*)();
+void add_error_checker(ErrorChecker checker);
+void run_error_checkers();
+
 // The column of each row's target among the computed classes, or -1 when the row is ignored or
 // its class is not among them (another shard's, or not sampled). Host tensors in and out.
 at::Tensor target_columns(const at::Tensor& labels_cpu, const at::Tensor& class_index_cpu,

@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "head_inputs.h"
+
 extern "C" {
 // Importing marginops._C loads this library, which runs the TORCH_LIBRARY registrations.
 PyObject* PyInit__C(void) {
@@ -45,6 +47,16 @@ TORCH_LIBRARY(marginops, m) {
         "int class_offset, bool normalize_x, bool normalize_w, float s, int subcenters) -> "
         "(Tensor values, Tensor classes)");
   // ψ and its derivatives, elementwise, exactly as the fused kernels apply them (for tests).
+  // Labels and class_index on CUDA are checked by the kernels, without a synchronization; a bad
+  // value raises its ValueError at the next call on that device, or here (after synchronizing
+  // every device that ran the ops). set_sync_checks(True) adds the host check before each CUDA
+  // call (a copy to the host per call, for debugging) and returns the previous setting.
+  m.def("check_errors() -> ()", [] { marginops::run_error_checkers(); });
+  m.def("set_sync_checks(bool enabled) -> bool", [](bool enabled) {
+    const bool old = marginops::sync_checks();
+    marginops::set_sync_checks(enabled);
+    return old;
+  });
   m.def("margin_psi(Tensor cos, Tensor m1, Tensor m2, Tensor m3, int margin_kind, "
         "int theta_policy, float lambda_) -> (Tensor psi, Tensor d_cos, Tensor d_m1, "
         "Tensor d_m2, Tensor d_m3)");

@@ -37,6 +37,26 @@ def backends() -> dict:
     return {d: auto[d] for d in ("cpu", "cuda") if has("marginops::margin_ce_forward", d.upper())}
 
 
+def check_errors() -> None:
+    """Raises the ValueError of a bad label or ``class_index`` entry that the CUDA kernels met
+    since the last check (waiting for the devices to finish first). On CUDA a training step does
+    not copy labels to the host: the kernels check them, a bad one gets a NaN loss and no target
+    in that step, and its ValueError comes at the next call on that device or here. On the CPU
+    labels are checked before each call, so this has nothing to raise."""
+    import torch
+
+    torch.ops.marginops.check_errors()
+
+
+def set_sync_checks(enabled: bool) -> bool:
+    """With ``True``, each CUDA call also checks labels and ``class_index`` on the host before
+    launching: the ValueError comes from the call itself, at the cost of a copy to the host and a
+    synchronization per call (for debugging). Returns the previous setting (default ``False``)."""
+    import torch
+
+    return bool(torch.ops.marginops.set_sync_checks(bool(enabled)))
+
+
 def cuda_available() -> bool:
     """True when the CUDA kernels were built and a CUDA device is present."""
     import torch
@@ -67,6 +87,8 @@ __all__ = [
     "ShardedMarginHead",
     "backends",
     "cuda_available",
+    "check_errors",
+    "set_sync_checks",
     "reference",
     "margins",
     "regularizers",

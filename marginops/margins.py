@@ -150,7 +150,9 @@ def target_cosines(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, 
     ignored rows. O(B·K·D)."""
     wide = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
     with torch.no_grad():
-        y = torch.where(valid, labels, torch.zeros_like(labels))
+        # clamped: on CUDA a bad label is reported by the kernels (check_errors), not by an
+        # out-of-bounds gather's device-side assert here
+        y = torch.where(valid, labels, torch.zeros_like(labels)).clamp(0, max(weight.shape[0] // subcenters - 1, 0))
         rows = (y[:, None] * subcenters + torch.arange(subcenters, device=y.device)).reshape(-1)
         w_hat = torch.nn.functional.normalize(weight[rows].to(wide), dim=1, eps=NORM_EPS).view(len(y), subcenters, -1)
         x_hat = torch.nn.functional.normalize(x.to(wide), dim=1, eps=NORM_EPS)

@@ -297,3 +297,47 @@ def test_float32_tf32_only_when_allowed(allow):
         assert all(f <= 2 * e + 1e-6 for f, e in zip(errs, eager_errs)), f"fused {errs} vs eager TF32 {eager_errs}"
     else:
         assert max(errs) < 2e-5, f"float32 without TF32 must be exact: {errs}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("margin", [mo.ArcFace(), mo.SubCenterArcFace(K=3), mo.Softmax()], ids=lambda m: type(m).__name__)
+def test_training_step_never_synchronizes(backend, margin):
+    """A forward + backward (after a warm-up that allocates the error record) under
+    torch.cuda.set_sync_debug_mode("error"): any copy to the host or synchronization raises."""
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    K = getattr(margin, "K", 1)
+    x = torch.randn(96, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    W = torch.randn(3000 * K, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randint(0, 3000, (96,), device=dev)
+    mo.margin_cross_entropy(x, W, y, margin, backend=backend).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = mo.margin_cross_entropy(x, W, y, margin, backend=backend)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    mo.check_errors()
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_label_on_the_device_raises_at_check_errors(backend):
+    """A label out of range: no device-side assert; that row's loss is NaN, and the host check's
+    ValueError comes from check_errors() (or the next call); with set_sync_checks(True) from the call."""
+    dev = torch.device("cuda")
+    x = torch.randn(8, 32, device=dev)
+    W = torch.randn(500, 32, device=dev)
+    y = torch.tensor([1, 2, 500, 3, 4, 5, 6, 7], device=dev)
+    loss = mo.margin_cross_entropy(x, W, y, mo.ArcFace(), reduction="none", backend=backend)
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3]]).all()
+    with pytest.raises(ValueError, match=r"labels\[2\] = 500 is out of range"):
+        mo.check_errors()
+    mo.check_errors()
+    old = mo.set_sync_checks(True)
+    try:
+        with pytest.raises(ValueError, match=r"labels\[2\] = 500 is out of range"):
+            mo.margin_cross_entropy(x, W, y, mo.ArcFace(), backend=backend)
+    finally:
+        mo.set_sync_checks(old)

@@ -6,7 +6,10 @@ touches; the backward's dW is a real 4 GiB tensor (zeros, as the op returns with
 
 The oracle is the same op on those rows copied into a small weight: the same columns in the same
 order, so every output must be bit-identical. A 32-bit offset anywhere on the way (load_tile's
-src + g·ld, the chunk gather, dW's row writes) reads or writes another row and breaks equality."""
+src + g·ld, the chunk gather, dW's row writes) reads or writes another row and breaks equality.
+
+Two widths: D = 64 (rows of 128 bytes: the 16-byte vector loads) and D = 60 (rows of 120 bytes,
+not 16-byte aligned: every kernel's scalar fallback), one 4 GiB weight alive at a time."""
 
 import pytest
 import torch
@@ -14,32 +17,38 @@ import torch
 import marginops as mo
 
 CHUNKED, FUSED = 1, 2
-D = 64
-C = 2**31 // D + 8  # C·D = 2^31 + 512 elements
 OFFSET = 1000  # a shard's first class: labels are global ids offset + row
 
 
-def sampled_rows():
-    """Rows on both sides of 2^31 / D = 2^25, the last ones included."""
-    edge = 2**31 // D
+def classes(D):
+    return 2**31 // D + 8  # C·D > 2^31 elements
+
+
+def sampled_rows(D):
+    """Rows on both sides of 2^31 / D, the last ones included."""
+    edge, C = 2**31 // D, classes(D)
     return torch.tensor([0, 5, 2**24 + 3, edge - 2, edge - 1, edge, edge + 1, edge + 3, C - 2, C - 1])
 
 
-@pytest.fixture(scope="module")
-def big_weight():
+@pytest.fixture(scope="module", params=[64, 60], ids=["D64-vector", "D60-scalar"])
+def big_weight(request):
     """[C, D] bfloat16 with only the sampled rows written (the rest are untouched pages)."""
+    D = request.param
+    C = classes(D)
     try:
         W = torch.empty(C, D, dtype=torch.bfloat16)
     except RuntimeError as e:  # not a skip: the test needs 4 GiB of address space, not of memory
         raise RuntimeError(f"cannot reserve the 4 GiB weight of the index-width test: {e}") from e
-    rows = sampled_rows()
+    rows = sampled_rows(D)
     g = torch.Generator().manual_seed(0)
     W[rows] = torch.randn(len(rows), D, generator=g).to(torch.bfloat16)
-    return W
+    yield W
+    del W
 
 
 def inputs(W):
-    rows = sampled_rows()
+    D = W.shape[1]
+    rows = sampled_rows(D)
     g = torch.Generator().manual_seed(1)
     B = 12
     pick = torch.tensor([9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 9, 6])  # every sampled row is some row's class
@@ -52,6 +61,7 @@ def inputs(W):
 @pytest.mark.parametrize("backend", [CHUNKED, FUSED], ids=["chunked", "fused"])
 def test_rows_past_2_31_elements_match_a_small_copy(emu, big_weight, backend):
     W = big_weight
+    C = W.shape[0]
     x, y, rows = inputs(W)
     small = W[rows].clone()  # the same rows at offsets < 2^31
     local = torch.arange(len(rows))

@@ -3,6 +3,7 @@
 // its data with warps on rows (coalesced along D or along a chunk row of u); none uses atomics.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -11,6 +12,7 @@
 #include "../margin_math.h"
 #include "chunk_kernels.h"
 #include "head_kernels.h"
+#include "chunk_logits.cuh"
 #include "head_rows.cuh"
 #include "tile_mma.cuh"
 
@@ -19,14 +21,7 @@ namespace {
 
 constexpr int kMaxSegments = 16;   // forward slots per row
 constexpr int kSegmentMin = 256;   // classes per segment at least (small chunks: fewer segments)
-constexpr int kGridRows = 4096;    // row blocks of one launch at most (gridDim.y ≤ 65535); rows loop
 constexpr int64_t kNoKey = std::numeric_limits<int64_t>::max();
-
-// σ: float16 G is stored times 2^12, so that probabilities of 1e-7 (C = 10M) stay normal; its
-// entries are at most 2·3·σ (|g_lse·p + g_sum| ≤ 2 r_i, a hard negative's factor t + 2c ≤ 3, β
-// folded only when the weights are not prescaled), far below float16's 65504.
-template <typename OP>
-constexpr float kGradScale = std::is_same_v<OP, __half> ? 4096.0f : 1.0f;
 
 // The GEMM operand type of a dispatch tuple: cuBLAS rounds float32 to TF32 itself when torch
 // allows it, so tf32_t is plain float here.
@@ -34,7 +29,7 @@ template <typename OP>
 using Operand = std::conditional_t<std::is_same_v<OP, tf32_t>, float, OP>;
 
 __device__ __forceinline__ int64_t source_row(const HeadParams& p, int64_t column, int64_t k) {
-  return (p.class_index ? p.class_index[column] : column) * p.K + k;
+  return local_class(p, column) * p.K + k;
 }
 
 // First index in sorted[0, n) whose key is >= key.
@@ -103,102 +98,21 @@ __global__ void __launch_bounds__(kThreads) chunk_weights_kernel(HeadParams p, C
   const int64_t q = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (q >= c.n * p.K) return;
+  if (lane == 0 && q % p.K == 0) check_class_index(p, c.c0 + q / p.K);
   const TW* w = static_cast<const TW*>(p.w) + source_row(p, c.c0 + q / p.K, q % p.K) * p.D;
   ACC inv = 1;
   if (c.col_norm) {
     const ACC norm = warp_row_norm<ACC>(w, p.D, lane);
-    if (lane == 0) static_cast<ACC*>(c.col_norm)[q] = norm;
     inv = inv_norm(norm);
+    if (lane == 0) {
+      static_cast<ACC*>(c.col_norm)[q] = norm;
+      if (c.col_inv) static_cast<ACC*>(c.col_inv)[q] = inv;
+    }
   }
   if (c.w_copy) {
     OP* dst = static_cast<OP*>(c.w_copy) + q * p.D;
     const ACC f = c.prescale_w ? inv : ACC(1);
     for (int64_t d = lane; d < p.D; d += 32) dst[d] = convert<OP>(f * convert<ACC>(w[d]));
-  }
-}
-
-// The norms the epilogue scales by: none when the copy is prescaled (β = 1 on it).
-template <typename ACC>
-__device__ __forceinline__ const ACC* epilogue_norms(const ChunkParams& c) {
-  return c.prescale_w ? nullptr : static_cast<const ACC*>(c.col_norm);
-}
-
-// Grid (row blocks, segments), a warp per row: the segment's classes folded into the row's
-// running (max, sum-exp, logit sum, best margin-free logit and its column) in slot
-// (segment, row) — p.partial [segments, B, 4] and p.partial_best [segments, B].
-template <typename ACC>
-__global__ void __launch_bounds__(kThreads) chunk_softmax_kernel(HeadParams p, ChunkParams c) {
-  const int lane = threadIdx.x % 32, s = blockIdx.y;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  if (i >= p.B) return;
-  const RowInfo<ACC>& row = static_cast<const RowInfo<ACC>*>(p.rows)[i];
-  const int64_t ldu = c.n * p.K, a = s * c.n / c.segments, b = (s + 1) * c.n / c.segments;
-  const ACC* u = static_cast<const ACC*>(c.logits) + i * ldu;
-  const ACC* wn = epilogue_norms<ACC>(c);
-  ACC m = neg_inf<ACC>(), l = 0, zs = 0, bv = neg_inf<ACC>();
-  int64_t bj = -1;
-  for (int64_t j = a + lane; j < b; j += 32) {
-    const Entry<ACC> e = entry(p, row, u + j * p.K, wn ? wn + j * p.K : nullptr, c.c0 + j);
-    if (e.z > m) {
-      l = (m == neg_inf<ACC>() ? ACC(0) : l * exp(m - e.z)) + ACC(1);
-      m = e.z;
-    } else {
-      l += exp(e.z - m);
-    }
-    zs += e.z;
-    if (e.plain > bv) {
-      bv = e.plain;
-      bj = c.c0 + j;
-    }
-  }
-  const ACC mw = warp_max(m);
-  const ACC lw = warp_sum(m == neg_inf<ACC>() ? ACC(0) : l * exp(m - mw));
-  zs = warp_sum(zs);
-  warp_argmax(bv, bj);
-  if (lane != 0) return;
-  ACC* o = static_cast<ACC*>(p.partial) + (s * p.B + i) * 4;
-  int64_t* ob = p.partial_best + s * p.B + i;
-  if (c.first) {
-    o[0] = mw;
-    o[1] = lw;
-    o[2] = zs;
-    o[3] = bv;
-    *ob = bj;
-    return;
-  }
-  const ACC mn = max(o[0], mw);
-  o[1] = (o[1] > ACC(0) ? o[1] * exp(o[0] - mn) : ACC(0)) + (lw > ACC(0) ? lw * exp(mw - mn) : ACC(0));
-  o[0] = mn;
-  o[2] += zs;
-  if (bv > o[3]) {  // earlier chunks hold smaller columns: they win ties
-    o[3] = bv;
-    *ob = bj;
-  }
-}
-
-// Grid (class blocks of 32, row blocks), a lane per class and a warp per row: Ĝ (see
-// chunk_kernels.h) at each entry's winning sub-center, 0 at the others and at the target.
-template <typename OP, typename ACC>
-__global__ void __launch_bounds__(kThreads) chunk_grad_kernel(HeadParams p, ChunkParams c) {
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x % 32;
-  if (j >= c.n) return;
-  const RowInfo<ACC>* rows = static_cast<const RowInfo<ACC>*>(p.rows);
-  const ACC* wn = epilogue_norms<ACC>(c);
-  const int64_t ldu = c.n * p.K, jg = c.c0 + j;
-  for (int64_t i = static_cast<int64_t>(blockIdx.y) * kWarps + threadIdx.x / 32; i < p.B;
-       i += static_cast<int64_t>(gridDim.y) * kWarps) {
-    const RowInfo<ACC>& row = rows[i];
-    OP* g = static_cast<OP*>(c.grad) + i * ldu + j * p.K;
-    ACC val = 0;
-    int32_t best = -1;
-    if (jg != row.tcol && row.gscale > ACC(0)) {
-      const Entry<ACC> e = entry(p, row, static_cast<const ACC*>(c.logits) + i * ldu + j * p.K,
-                                 wn ? wn + j * p.K : nullptr, jg);
-      const ACC beta = wn ? make_side<ACC>(wn[j * p.K + e.k], p.cfg.normalize_w, ACC(1)).scale : ACC(1);
-      val = ACC(kGradScale<OP>) * (row.gl * exp(e.z - row.lse) + row.gs) / row.gscale * e.factor * beta;
-      best = e.k;
-    }
-    for (int32_t k = 0; k < p.K; ++k) g[k] = convert<OP>(k == best ? val : ACC(0));
   }
 }
 
@@ -240,7 +154,7 @@ __global__ void __launch_bounds__(kThreads) chunk_dw_kernel(HeadParams p, ChunkP
         const RowInfo<ACC>& row = rows[i];
         v += row.side.scale * row.tside.scale * row.tg.tile_grad * convert<ACC>(static_cast<const TX*>(p.x)[i * p.D + d]);
       }
-      out[d] = convert<TW>(v + wcoef * tinv * wv);
+      out[d] = convert<TW>(wcoef != ACC(0) ? v + wcoef * tinv * wv : v);  // no 0·inf where eager has no Ŵ term
     }
   }
   if (p.dbias && k == 0 && lane == 0) {
@@ -299,6 +213,8 @@ cudaError_t typed(const HeadParams& p, F&& f) {
 
 }  // namespace
 
+int64_t chunk_ldu(int64_t classes, int64_t K) { return (classes * K + 7) / 8 * 8; }
+
 DType chunk_operand_dtype(DType x, DType w) { return x == kDouble && w != kDouble ? kFloat : x; }
 
 ChunkPlan plan_chunks(const HeadParams& p, bool backward, bool need_db, size_t budget) {
@@ -318,7 +234,9 @@ ChunkPlan plan_chunks(const HeadParams& p, bool backward, bool need_db, size_t b
   pl.row_keys = backward ? B * sizeof(int64_t) : 0;
   pl.scalar = acc;
   // The sort of the keys allocates its sorted keys and order (2·B int64) besides.
-  const size_t fixed = align256(pl.rows) + align256(pl.slots) + align256(pl.slot_best) + align256(pl.dx_acc) +
+  // u and G rows padded to a multiple of 8 entries (ldu): 16-byte vector loads and stores
+  const size_t pad = 7 * B * (acc + (backward ? ope : 0));
+  const size_t fixed = pad + align256(pl.rows) + align256(pl.slots) + align256(pl.slot_best) + align256(pl.dx_acc) +
                        align256(pl.xs) + align256(pl.row_keys) + align256(pl.scalar) + (backward ? 2 * B * 8 : 0) +
                        4 * 256;  // the per-chunk buffers' alignment
   const size_t per_class = K * (acc * (backward ? (B > ldx ? B : ldx) : B) + (backward ? ope * B : 0) +
@@ -328,17 +246,21 @@ ChunkPlan plan_chunks(const HeadParams& p, bool backward, bool need_db, size_t b
   if (cc >= 64) cc -= cc % 64;
   cc = cc < 1 ? 1 : cc;
   cc = cc < C ? cc : C;
+  // a chunk's u has fewer than 2^31 entries: the per-logit kernels index it in 32 bits
+  const int64_t max_cc = (int64_t(INT32_MAX) / (B > 0 ? static_cast<int64_t>(B) : 1) - 8) / static_cast<int64_t>(K);
+  if (cc > max_cc) cc = max_cc >= 64 ? max_cc - max_cc % 64 : max_cc;
   pl.classes = cc;
   pl.chunks = cc > 0 ? (C + cc - 1) / cc : 0;
   const int64_t seg = (cc + kSegmentMin - 1) / kSegmentMin;
   pl.segments = static_cast<int>(seg < 1 ? 1 : (seg > kMaxSegments ? kMaxSegments : seg));
-  const size_t n = static_cast<size_t>(cc) * K;
-  pl.logits = n * acc * (backward ? (B > ldx ? B : ldx) : B);
-  pl.grad = backward ? n * B * ope : 0;
+  const size_t n = static_cast<size_t>(cc) * K, ldu = chunk_ldu(cc, p.K);
+  pl.logits = acc * (backward ? std::max(B * ldu, n * ldx) : B * ldu);
+  pl.grad = backward ? ldu * B * ope : 0;
   pl.w_copy = pl.copy_w ? n * D * ope : 0;
   pl.col_norm = p.cfg.normalize_w ? n * acc : 0;
+  pl.col_inv = p.cfg.normalize_w && !pl.prescale_w ? n * acc : 0;
   pl.total = align256(pl.rows) + align256(pl.slots) + align256(pl.slot_best) + align256(pl.logits) + align256(pl.grad) +
-             align256(pl.w_copy) + align256(pl.col_norm) + align256(pl.dx_acc) + align256(pl.xs) +
+             align256(pl.w_copy) + align256(pl.col_norm) + align256(pl.col_inv) + align256(pl.dx_acc) + align256(pl.xs) +
              align256(pl.row_keys) + align256(pl.scalar);
   return pl;
 }
@@ -385,8 +307,12 @@ cudaError_t chunk_weights(const HeadParams& p, const ChunkParams& c, cudaStream_
 cudaError_t chunk_softmax(const HeadParams& p, const ChunkParams& c, cudaStream_t stream) {
   if (p.B == 0) return cudaSuccess;
   return typed(p, [&](auto, auto, auto, auto acc) {
-    MO_LAUNCH(chunk_softmax_kernel<decltype(acc)>, dim3(ceil_div(p.B, kWarps), c.segments), kThreads, 0, stream, p, c);
-    return cudaGetLastError();
+    using ACC = decltype(acc);
+    return with_variant(p, c, [&](auto variant) {
+      MO_LAUNCH((chunk_softmax_kernel<ACC, decltype(variant)>), dim3(ceil_div(p.B, kWarps), c.segments), kThreads, 0,
+                stream, p, c);
+      return cudaGetLastError();
+    });
   });
 }
 
@@ -401,10 +327,13 @@ cudaError_t chunk_merge(const HeadParams& p, cudaStream_t stream) {
 cudaError_t chunk_grad(const HeadParams& p, const ChunkParams& c, cudaStream_t stream) {
   if (p.B == 0 || c.n == 0) return cudaSuccess;
   return typed(p, [&](auto, auto, auto op, auto acc) {
-    const unsigned row_blocks = ceil_div(p.B, kWarps);
-    const dim3 grid(ceil_div(c.n, 32), row_blocks < kGridRows ? row_blocks : kGridRows);
-    MO_LAUNCH((chunk_grad_kernel<decltype(op), decltype(acc)>), grid, kThreads, 0, stream, p, c);
-    return cudaGetLastError();
+    using OP = decltype(op);
+    using ACC = decltype(acc);
+    return with_variant(p, c, [&](auto variant) {
+      MO_LAUNCH((chunk_grad_kernel<OP, ACC, decltype(variant)>), dim3(ceil_div(p.B, kWarps), c.segments), kThreads, 0,
+                stream, p, c);
+      return cudaGetLastError();
+    });
   });
 }
 

@@ -7,7 +7,7 @@
 //   weights   norms of the chunk's weight rows; with a copy, the rows gathered (class_index) and
 //             converted to the operand dtype (float32 W with 16-bit x), or scaled to unit norm
 //             (float16 with normalized weights, so that folding β into G cannot overflow).
-//   GEMM      u [B, n·K] = x · Wcᵀ, float32 (float64) out.
+//   GEMM      u [B, n·K] = x · Wcᵀ, float32 (float64) out, rows ldu = chunk_ldu(n, K) apart.
 //   softmax   (forward) the column scales, sub-center max, hard negatives, bias and margin, folded
 //             into per-(segment, row) running (max, sum-exp, logit sum, best) slots.
 //   grad      (backward) G [B, n·K] in the operand dtype: off the target,
@@ -27,7 +27,9 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "head_kernels.h"
 
@@ -42,7 +44,7 @@ struct ChunkPlan {
   bool copy_w = false;  // the chunk's weight rows are copied (gather, conversion or prescale)
   bool prescale_w = false;  // the copy holds W/‖W‖ (float16 operands with normalized weights)
   // Bytes of each buffer, and of all of them 256-aligned (one allocation).
-  size_t rows = 0, slots = 0, slot_best = 0, logits = 0, grad = 0, w_copy = 0, col_norm = 0;
+  size_t rows = 0, slots = 0, slot_best = 0, logits = 0, grad = 0, w_copy = 0, col_norm = 0, col_inv = 0;
   size_t dx_acc = 0, xs = 0, row_keys = 0, scalar = 0;
   size_t total = 0;
 };
@@ -61,8 +63,11 @@ struct ChunkParams {
   const void* wc = nullptr;    // [n·K, D] operand dtype: a view of weight, or w_copy
   void* w_copy = nullptr;      // operand dtype [Cc·K, D], or null (no copy)
   void* col_norm = nullptr;    // acc [Cc·K]: ‖W_q‖, or null when weights are not normalized
-  void* logits = nullptr;      // acc [B, n·K]; in the backward also dw_acc [n·K, ldx]
-  void* grad = nullptr;        // operand dtype [B, n·K]
+  void* col_inv = nullptr;     // acc [Cc·K]: 1 / max(‖W_q‖, eps), where u is scaled by it (else null)
+  int64_t ldu = 0;             // columns of u and G: chunk_ldu(n, K)
+  float filter_f = 0;          // float32 kernels' interclass filter: filter_threshold(cfg) (+inf: off)
+  void* logits = nullptr;      // acc [B, ldu] (u); in the backward also dw_acc [n·K, ldx]
+  void* grad = nullptr;        // operand dtype [B, ldu]
   int64_t ldx = 0;
   void* xs = nullptr;          // operand dtype [B, ldx]
   void* dx_acc = nullptr;      // acc [B, D]
@@ -86,6 +91,17 @@ cudaError_t chunk_scaled_x(const HeadParams& p, const ChunkParams& c, cudaStream
 cudaError_t chunk_grad(const HeadParams& p, const ChunkParams& c, cudaStream_t stream);
 cudaError_t chunk_dw(const HeadParams& p, const ChunkParams& c, cudaStream_t stream);
 cudaError_t chunk_dx_finalize(const HeadParams& p, const ChunkParams& c, cudaStream_t stream);
+
+// The interclass filter's threshold for float32 cosines: the largest float not above t_f, so
+// that c > it exactly when c > t_f in double; +inf when the filter is off.
+inline float filter_threshold(double t) {
+  if (!(t > 0)) return std::numeric_limits<float>::infinity();
+  const float f = static_cast<float>(t);
+  return static_cast<double>(f) > t ? std::nextafter(f, -std::numeric_limits<float>::infinity()) : f;
+}
+
+// Columns of a chunk's u and G rows: n·K rounded up to a multiple of 8 (16-byte vectors).
+int64_t chunk_ldu(int64_t classes, int64_t K);
 
 // The operand dtype of the products for an (x, weight) pair: x's, except float64 only with both.
 DType chunk_operand_dtype(DType x, DType w);

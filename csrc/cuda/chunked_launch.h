@@ -51,6 +51,7 @@ inline ChunkParams carve(const ChunkPlan& plan, HeadParams& p, const at::TensorO
   c.grad = ws.take(plan.grad);
   c.w_copy = ws.take(plan.w_copy);
   c.col_norm = ws.take(plan.col_norm);
+  c.col_inv = ws.take(plan.col_inv);
   c.dx_acc = ws.take(plan.dx_acc);
   c.xs = ws.take(plan.xs);
   c.row_keys = static_cast<int64_t*>(ws.take(plan.row_keys));
@@ -58,6 +59,7 @@ inline ChunkParams carve(const ChunkPlan& plan, HeadParams& p, const at::TensorO
   c.segments = plan.segments;
   c.prescale_w = plan.prescale_w;
   c.ldx = plan.ldx;
+  c.filter_f = filter_threshold(p.cfg.interclass_filter);
   return c;
 }
 
@@ -66,6 +68,7 @@ inline void select_chunk(const ChunkPlan& plan, const HeadParams& p, int64_t t, 
   c.c0 = t * plan.classes;
   c.n = std::min(plan.classes, p.C - c.c0);
   c.first = t == 0;
+  c.ldu = chunk_ldu(c.n, p.K);
   const size_t elt = at::elementSize(scalar_type_of(p.w_dtype));
   c.wc = c.w_copy ? c.w_copy : static_cast<const uint8_t*>(p.w) + static_cast<size_t>(c.c0 * p.K * p.D) * elt;
 }
@@ -94,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_f
     select_chunk(plan, p, t, c);
     Runtime::check(chunk_weights(p, c, stream));
     // u [B, n·K] = x · Wcᵀ
-    Runtime::gemm(op, false, true, p.B, c.n * p.K, p.D, p.x, p.D, c.wc, p.D, 0.0, c.logits, c.n * p.K);
+    Runtime::gemm(op, false, true, p.B, c.n * p.K, p.D, p.x, p.D, c.wc, p.D, 0.0, c.logits, c.ldu);
     Runtime::check(chunk_softmax(p, c, stream));
   }
   if (plan.chunks == 0) {  // no classes here: empty slots
@@ -137,13 +140,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_backward_op(
       select_chunk(plan, p, t, c);
       const int64_t nk = c.n * p.K;
       Runtime::check(chunk_weights(p, c, stream));
-      Runtime::gemm(op, false, true, p.B, nk, p.D, p.x, p.D, c.wc, p.D, 0.0, c.logits, nk);  // u = x · Wcᵀ
+      Runtime::gemm(op, false, true, p.B, nk, p.D, p.x, p.D, c.wc, p.D, 0.0, c.logits, c.ldu);  // u = x · Wcᵀ
       Runtime::check(chunk_grad(p, c, stream));
       // dx_acc [B, D] += Ĝ · Wc
-      if (p.dx) Runtime::gemm(op, false, false, p.B, p.D, nk, c.grad, nk, c.wc, p.D, t == 0 ? 0.0 : 1.0, c.dx_acc, p.D);
+      if (p.dx) Runtime::gemm(op, false, false, p.B, p.D, nk, c.grad, c.ldu, c.wc, p.D, t == 0 ? 0.0 : 1.0, c.dx_acc, p.D);
       if (need_dw) {
         // dw_acc [n·K, ldx] = Ĝᵀ · xs, over u's buffer (u is spent)
-        Runtime::gemm(op, true, false, nk, c.ldx, p.B, c.grad, nk, c.xs, c.ldx, 0.0, c.logits, c.ldx);
+        Runtime::gemm(op, true, false, nk, c.ldx, p.B, c.grad, c.ldu, c.xs, c.ldx, 0.0, c.logits, c.ldx);
         Runtime::check(chunk_dw(p, c, stream));
       }
     }
@@ -156,13 +159,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_backward_op(
 
 // ---- the ops' CUDA entry points ------------------------------------------------------------------
 
+// The backend a call runs. The chunked backend's G carries CurricularFace's factor t + 2c on hard
+// negatives, which the bias's gradient (taken from the same G) must not see: with both, "auto"
+// runs the fused backend and "chunked" is refused.
+inline int64_t chunk_backend(int64_t backend, const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& curricular) {
+  const bool both = bias.has_value() && bias->defined() && curricular.has_value() && curricular->defined();
+  if (!both || backend == kFused) return backend;
+  TORCH_CHECK_VALUE(backend == kAuto, "backend='chunked' does not support a bias together with CurricularFace's ",
+                    "hard negatives (curricular); use backend='auto' or 'fused'");
+  return kFused;
+}
+
 template <typename Runtime>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_any(MO_HEAD_PARAMS, double grad_skip,
                                                                                    int64_t backend,
                                                                                    int64_t workspace_bytes) {
   check_backend(backend, workspace_bytes);
   const size_t budget = workspace_budget(workspace_bytes);
-  if (backend == kFused) return forward_op<Runtime>(MO_HEAD_PARAM_NAMES, grad_skip);
+  if (chunk_backend(backend, bias, curricular) == kFused) return forward_op<Runtime>(MO_HEAD_PARAM_NAMES, grad_skip);
   return chunked_forward_op<Runtime>(check_head_args(MO_HEAD_PARAM_NAMES), budget);
 }
 
@@ -175,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_any(
     std::array<bool, 4> output_mask, double grad_skip, int64_t backend, int64_t workspace_bytes) {
   check_backend(backend, workspace_bytes);
   const size_t budget = workspace_budget(workspace_bytes);
-  if (backend == kFused) {
+  if (chunk_backend(backend, bias, curricular) == kFused) {
     return backward_op<Runtime>(grad_lse, grad_target, grad_sum, lse, MO_HEAD_PARAM_NAMES, output_mask, grad_skip);
   }
   check_grad_skip(grad_skip);

@@ -8,10 +8,37 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <array>
+#include <cstring>
+#include <mutex>
+
 #include "chunked_launch.h"
 
 namespace marginops::cuda {
 namespace {
+
+constexpr int kMaxDevices = 64;
+
+// Per device, a DeviceError in mapped host memory (allocated at the device's first op outside a
+// graph capture; none yet inside one: then the capture runs without device checks).
+DeviceError* device_error_record(bool allocate) {
+  static std::array<DeviceError*, kMaxDevices> records{};
+  static std::mutex mutex;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  TORCH_CHECK(device < kMaxDevices, "marginops: device ", device, " beyond the ", kMaxDevices, " it supports");
+  std::lock_guard<std::mutex> lock(mutex);
+  if (records[device] == nullptr && allocate) {
+    void* host = nullptr;
+    C10_CUDA_CHECK(cudaHostAlloc(&host, sizeof(DeviceError), cudaHostAllocMapped | cudaHostAllocPortable));
+    std::memset(host, 0, sizeof(DeviceError));
+    void* dev = nullptr;
+    C10_CUDA_CHECK(cudaHostGetDevicePointer(&dev, host, 0));
+    TORCH_CHECK(dev == host, "marginops: mapped host memory needs unified addressing");
+    records[device] = static_cast<DeviceError*>(host);
+  }
+  return records[device];
+}
 
 struct CudaRuntime {
   static bool capturing() {
@@ -25,6 +52,11 @@ struct CudaRuntime {
     return count;
   }
   static void check(cudaError_t err) { C10_CUDA_CHECK(err); }
+  static DeviceError* error_record() {
+    return device_error_record(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None);
+  }
+  // The only device-to-host copies of a call (sync_checks() on; topk's class_index).
+  static at::Tensor to_host(const at::Tensor& t) { return t.cpu(); }
   static c10::cuda::CUDAGuard guard(c10::Device device) { return c10::cuda::CUDAGuard(device); }
   // gemm_views' C = op(A) · op(B) + beta · C (beta 0 or 1) by ATen's mm/addmm, which run cuBLAS
   // on torch's handle and current stream: 16-bit operands accumulate and write float32
@@ -41,6 +73,16 @@ struct CudaRuntime {
     }
   }
 };
+
+// check_errors(): after the current device finishes its work, what its kernels recorded.
+void check_device_errors() {
+  if (DeviceError* e = device_error_record(false)) {
+    C10_CUDA_CHECK(cudaDeviceSynchronize());
+    raise_recorded_error(e);
+  }
+}
+
+const bool registered = (add_error_checker(&check_device_errors), true);
 
 }  // namespace
 

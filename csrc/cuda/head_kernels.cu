@@ -49,7 +49,7 @@ __device__ __forceinline__ void fill_weight_rows(const HeadParams& p, int64_t j0
     const int cc = K == 1 ? pos : pos / K, k = K == 1 ? 0 : pos - cc * K;
     const int64_t c = j0 + cc;
     int64_t row = -1;
-    if (cc < NW / K && c < p.C) row = (p.class_index ? p.class_index[c] : c) * K + k;
+    if (cc < NW / K && c < p.C) row = local_class(p, c) * K + k;
     wr[pos] = row;
   }
 }
@@ -108,7 +108,8 @@ __global__ void __launch_bounds__(kThreads) w_norm_kernel(HeadParams p) {
   const int lane = threadIdx.x % 32;
   if (r >= p.C * p.K) return;
   const int64_t c = r / p.K;
-  const int64_t row = (p.class_index ? p.class_index[c] : c) * p.K + r % p.K;
+  if (lane == 0 && r % p.K == 0) check_class_index(p, c);
+  const int64_t row = local_class(p, c) * p.K + r % p.K;
   const TW* w = static_cast<const TW*>(p.w) + row * p.D;
   const ACC norm = warp_row_norm<ACC>(w, p.D, lane);
   if (lane == 0) static_cast<ACC*>(p.w_norm)[r] = norm;

@@ -19,6 +19,20 @@ namespace marginops::cuda {
 
 enum DType : int32_t { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
 
+// The first bad index a kernel met: a label outside [0, num_classes) that is not ignore_index, or
+// a class_index entry outside the weight's classes or out of order. It lives in host memory mapped
+// into the device: row_prep_kernel writes it, the launcher reads it at the next call (or at
+// check_errors()) without synchronizing and raises the ValueError the host check raises. kind is
+// written last; claimed makes the first finder the only writer.
+enum ErrorKind : int32_t { kNoError = 0, kBadLabel = 1, kBadClassIndex = 2, kUnsortedClassIndex = 3 };
+struct DeviceError {
+  int32_t claimed;
+  int32_t kind;
+  int64_t index, value;
+  int64_t limit;   // num_classes (labels), local classes (class_index), class_index[index − 1]
+  int64_t ignore;  // ignore_index (labels)
+};
+
 struct HeadParams {
   int64_t B = 0, D = 0;
   int64_t C = 0;            // classes computed by this call
@@ -35,6 +49,7 @@ struct HeadParams {
   const void* row_margins = nullptr;
   const void* curricular = nullptr;
   HeadConfig cfg{};
+  DeviceError* error = nullptr;  // where row_prep_kernel records a bad label or class_index
 
   // Workspace, sized by workspace_bytes(): per-row prepass data and per-weight-row norms.
   void* rows = nullptr;    // RowInfo<acc>[B]

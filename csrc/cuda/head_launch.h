@@ -1,7 +1,8 @@
-// The ops' bodies for the CUDA kernels: argument checks (shared with the CPU path), label checks
-// on the host (skipped while a CUDA graph is captured), workspace, and the calls into
-// head_kernels.h. Templated on a Runtime (stream, SM count, capture state, error check, device
-// guard) so that tests/cuda_emu can run the same code on its CPU emulation of the kernels.
+// The ops' bodies for the CUDA kernels: argument checks (shared with the CPU path), label and
+// class_index checks (by the kernels, raised at the next call; on the host too with
+// sync_checks()), workspace, and the calls into head_kernels.h. Templated on a Runtime (stream,
+// SM count, capture state, error check, device guard, the device error record, host copies) so
+// that tests/cuda_emu can run the same code on its CPU emulation of the kernels.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -58,16 +59,39 @@ struct WorkspaceCarver {
   }
 };
 
-// The params of checked arguments, without the workspace (each backend carves its own).
+// Raises the ValueError of a bad label or class_index that a kernel recorded in `e` since the
+// last check (an earlier call's, or this one's after a synchronization), clearing the record.
+inline void raise_recorded_error(DeviceError* e) {
+  if (e == nullptr) return;
+  const int32_t kind = *static_cast<volatile int32_t*>(&e->kind);
+  if (kind == kNoError) return;
+  const DeviceError r = *e;
+  *static_cast<volatile int32_t*>(&e->kind) = kNoError;
+  *static_cast<volatile int32_t*>(&e->claimed) = 0;
+  const char* where =
+      " (found by the CUDA kernels of an earlier call, whose results where it was used are NaN or wrong; "
+      "marginops.set_sync_checks(True) checks each call on the host before it runs)";
+  switch (kind) {
+    case kBadLabel: raise_bad_label(r.index, r.value, r.limit, r.ignore, where);
+    case kBadClassIndex: raise_bad_class_index(r.index, r.value, r.limit, where);
+    default: raise_unsorted_class_index(r.index, r.limit, r.value, where);
+  }
+}
+
+// The params of checked arguments, without the workspace (each backend carves its own). Labels
+// and class_index are checked by row_prep_kernel into the runtime's error record, read here at
+// the next call without a synchronization; with sync_checks() also on the host before launching.
 template <typename Runtime>
 Launch prepare_params(const HeadArgs& a) {
   const HeadConfig& cfg = a.cfg;
   // check_head_args enforced the one dtype rule, which is exactly the pairs the kernels have
   TORCH_INTERNAL_ASSERT(supported_dtypes(dtype_of(a.x.scalar_type()), dtype_of(a.weight.scalar_type())));
   TORCH_CHECK_VALUE(cfg.subcenters <= 32, "on CUDA, at most 32 sub-centers per class, got ", cfg.subcenters);
-  if (!Runtime::capturing()) {  // a clear error instead of a device-side assert; skipped inside CUDA graphs
-    check_label_values(a.labels.cpu(), cfg);
-    if (a.class_index.defined()) check_class_index_values(a.class_index.cpu(), a.weight.size(0) / cfg.subcenters);
+  DeviceError* error = Runtime::error_record();
+  raise_recorded_error(error);
+  if (sync_checks() && !Runtime::capturing()) {
+    check_label_values(Runtime::to_host(a.labels), cfg);
+    if (a.class_index.defined()) check_class_index_values(Runtime::to_host(a.class_index), a.weight.size(0) / cfg.subcenters);
   }
   const auto acc = a.acc_dtype();
   Launch l;
@@ -87,6 +111,7 @@ Launch prepare_params(const HeadArgs& a) {
   p.labels = a.labels.data_ptr<int64_t>();
   p.class_index = a.class_index.defined() ? a.class_index.data_ptr<int64_t>() : nullptr;
   p.cfg = cfg;
+  p.error = error;
   const auto keep = [&](at::Tensor t) {
     l.keep.push_back(t);
     return t.data_ptr();
@@ -230,7 +255,8 @@ std::tuple<at::Tensor, at::Tensor> topk_op(const at::Tensor& x, const at::Tensor
   const HeadArgs a = check_head_args(x, weight, no_labels, bias, std::nullopt, std::nullopt, class_index,
                                      class_offset + std::max<int64_t>(local, 1), class_offset, -1, 0, 2,
                                      normalize_x, normalize_w, s, 1.0, 0.0, 0.0, 0.0, subcenters);
-  if (a.class_index.defined() && !Runtime::capturing()) check_class_index_values(a.class_index.cpu(), local);
+  // inference, not a training step: checked on the host (index_select would assert on the device)
+  if (a.class_index.defined() && !Runtime::capturing()) check_class_index_values(Runtime::to_host(a.class_index), local);
   TORCH_CHECK_VALUE(k >= 1 && k <= a.columns, "k = ", k, " must lie in [1, ", a.columns, "] (the number of classes)");
   const auto guard = Runtime::guard(x.device());
   const auto acc = a.acc_dtype();

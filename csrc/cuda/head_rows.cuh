@@ -38,7 +38,7 @@ struct RowInfo {
   Side<ACC> tside;     // of the target's best sub-center
   int64_t tcol;        // target column among the computed classes, or -1
   int32_t tsub;        // the target's best sub-center
-  int32_t pad;
+  int32_t bad;         // the label is out of range (reported): target logit NaN, no target
   ACC tau, t;          // CurricularFace threshold and t (tau = +inf: none)
   // Set by target_grad_kernel for the backward passes.
   ACC gl, gs, gt, lse;
@@ -52,17 +52,52 @@ __device__ __forceinline__ ACC neg_inf() {
   return -std::numeric_limits<ACC>::infinity();
 }
 
+// Records a bad index in p.error (the first one wins; see DeviceError).
+__device__ __forceinline__ void report_error(DeviceError* e, int32_t kind, int64_t index, int64_t value,
+                                             int64_t limit, int64_t ignore) {
+  if (e == nullptr || atomicCAS(&e->claimed, 0, 1) != 0) return;
+  e->index = index;
+  e->value = value;
+  e->limit = limit;
+  e->ignore = ignore;
+  __threadfence_system();
+  *static_cast<volatile int32_t*>(&e->kind) = kind;
+}
+
+// The local class of computed column c, clamped into the weight's classes: a bad class_index
+// entry (reported by row_prep_kernel) never addresses memory outside weight.
+__device__ __forceinline__ int64_t local_class(const HeadParams& p, int64_t c) {
+  if (p.class_index == nullptr) return c;
+  const int64_t v = p.class_index[c], last = p.weight_rows / p.K - 1;
+  return v < 0 ? 0 : (v > last ? last : v);
+}
+
+// Checks class_index[c]: in [0, local classes) and above class_index[c − 1], else recorded in
+// p.error. Called once per computed class by the kernels that gather weight rows (w_norm_kernel,
+// chunk_weights_kernel), which read it through local_class.
+__device__ __forceinline__ void check_class_index(const HeadParams& p, int64_t c) {
+  if (p.class_index == nullptr) return;
+  const int64_t v = p.class_index[c], local = p.weight_rows / p.K;
+  if (v < 0 || v >= local) {
+    report_error(p.error, kBadClassIndex, c, v, local, 0);
+  } else if (c > 0 && p.class_index[c - 1] >= v) {
+    report_error(p.error, kUnsortedClassIndex, c, v, p.class_index[c - 1], 0);
+  }
+}
+
 template <typename ACC>
 __device__ __forceinline__ ACC load_acc(const void* p, int64_t i) {
   return p == nullptr ? ACC(0) : static_cast<const ACC*>(p)[i];
 }
 
+// A warp per row: RowInfo (norms, target column, target logit). Also checks the labels, recording
+// the first bad one in p.error; a row with a bad label gets no target here and a NaN target logit.
 template <typename TX, typename TW, typename ACC>
 __global__ void __launch_bounds__(kThreads) row_prep_kernel(HeadParams p) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  if (i >= p.B) return;
   const HeadConfig& cfg = p.cfg;
+  if (i >= p.B) return;
   const TX* x = static_cast<const TX*>(p.x) + i * p.D;
   RowInfo<ACC> info{};
   info.side = make_side<ACC>(warp_row_norm<ACC>(x, p.D, lane), cfg.normalize_x, ACC(cfg.s));
@@ -73,7 +108,11 @@ __global__ void __launch_bounds__(kThreads) row_prep_kernel(HeadParams p) {
     info.t = static_cast<const ACC*>(p.curricular)[2 * i + 1];
   }
   const int64_t y = p.labels[i];
-  if (y != cfg.ignore_index) {
+  const bool bad_label = y != cfg.ignore_index && (y < 0 || y >= cfg.num_classes);
+  info.bad = bad_label;
+  if (bad_label) {
+    if (lane == 0) report_error(p.error, kBadLabel, i, y, cfg.num_classes, cfg.ignore_index);
+  } else if (y != cfg.ignore_index) {
     const int64_t local = y - cfg.class_offset;
     if (p.class_index) {
       int64_t lo = 0, hi = p.C;  // lower bound of local in class_index
@@ -87,7 +126,7 @@ __global__ void __launch_bounds__(kThreads) row_prep_kernel(HeadParams p) {
     }
   }
   if (info.tcol >= 0) {
-    const int64_t lc = p.class_index ? p.class_index[info.tcol] : info.tcol;
+    const int64_t lc = local_class(p, info.tcol);
     ACC best_u = 0, best_norm = 0, best = neg_inf<ACC>();
     int32_t best_k = 0;
     for (int32_t k = 0; k < p.K; ++k) {  // the sub-center the tiles pick: first largest logit
@@ -192,7 +231,8 @@ __global__ void merge_kernel(HeadParams p) {
   static_cast<ACC*>(p.lse)[i] = m + log(l);
   static_cast<ACC*>(p.logit_sum)[i] = zs;
   static_cast<ACC*>(p.best_logit)[i] = bv;
-  static_cast<ACC*>(p.target_logit)[i] = row.tcol >= 0 ? row.target.logit : ACC(0);
+  static_cast<ACC*>(p.target_logit)[i] =
+      row.bad ? std::numeric_limits<ACC>::quiet_NaN() : (row.tcol >= 0 ? row.target.logit : ACC(0));
   p.best_class[i] = bj < 0 ? -1 : p.cfg.class_offset + (p.class_index ? p.class_index[bj] : bj);
 }
 

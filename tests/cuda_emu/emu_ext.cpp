@@ -12,6 +12,8 @@ namespace {
 
 int g_sm_count = 4;
 int64_t g_gemms = 0;
+int64_t g_host_copies = 0;
+marginops::cuda::DeviceError g_error{};
 
 // cvt.rna.tf32.f32 on a float tensor: round to nearest (ties away) to a 10-bit mantissa.
 at::Tensor round_tf32(const at::Tensor& t) {
@@ -24,6 +26,12 @@ struct EmuRuntime {
   static int sm_count() { return g_sm_count; }
   static void check(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "emulated kernel launch failed: ", err); }
   static int guard(c10::Device) { return 0; }
+  static marginops::cuda::DeviceError* error_record() { return &g_error; }
+  // A device-to-host copy (a synchronization on a GPU), counted.
+  static at::Tensor to_host(const at::Tensor& t) {
+    ++g_host_copies;
+    return t.cpu();
+  }
   // cuBLAS's contract (CudaRuntime::gemm in head_cuda.cpp) on ATen's CPU mm: exact products of
   // the operands, accumulated in float32 (float64 for float64), TF32 operands when torch allows.
   static void gemm(marginops::cuda::DType op, bool ta, bool tb, int64_t M, int64_t N, int64_t K, const void* A,
@@ -64,6 +72,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward_any", &backward_any<EmuRuntime>, "margin_ce_backward's CUDA entry point");
   m.def("psi", &psi_op<EmuRuntime>);
   m.def("topk", &topk_op<EmuRuntime>);
+  m.def("check_errors", [] { marginops::cuda::raise_recorded_error(&g_error); },
+        "raises what the emulated kernels recorded (marginops.check_errors on CUDA)");
+  m.def("set_sync_checks", [](bool on) { marginops::set_sync_checks(on); }, "host checks before each launch");
+  m.def("host_copies", [] { return g_host_copies; }, "device-to-host copies by the launchers so far");
   m.def("set_sm_count", [](int n) { g_sm_count = n; }, "SMs the workspace sizing assumes (it sets the class splits)");
   m.def("last_plan", [] { return plan_dict(last_chunk_plan()); }, "the chunk plan of the last chunked op");
   m.def("launches", [] { return fake_cuda::launches + g_gemms; }, "kernel launches and GEMMs so far");

@@ -148,6 +148,11 @@ T __shfl_xor_sync(unsigned, T v, int lane_mask) {
   return out;
 }
 
+inline int atomicCAS(int* a, int compare, int value) {
+  std::atomic_ref<int>(*a).compare_exchange_strong(compare, value);
+  return compare;
+}
+inline void __threadfence_system() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline float atomicAdd(float* a, float v) { return std::atomic_ref<float>(*a).fetch_add(v); }
 inline double atomicAdd(double* a, double v) { return std::atomic_ref<double>(*a).fetch_add(v); }
 
