@@ -5,6 +5,7 @@ MAX_JOBS (parallel compile jobs, as torch reads it)."""
 
 import glob
 import os
+import re
 
 import torch
 from setuptools import setup
@@ -17,6 +18,15 @@ def _flag(name):
     return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+# The oldest torch whose ATen has the out_dtype overloads of mm_out/addmm_out (torch 2.8) that
+# csrc/cuda/head_cuda.cpp's GEMMs use; verified on a GPU with torch 2.11 (scripts/gpu-check).
+CUDA_TORCH_FLOOR = (2, 8)
+
+
+def torch_version():
+    return tuple(int(v) for v in re.findall(r"\d+", torch.__version__.split("+")[0])[:2])
+
+
 def want_cuda():
     force, skip = _flag("MARGINOPS_FORCE_CUDA"), _flag("MARGINOPS_SKIP_CUDA")
     if force and skip:
@@ -24,6 +34,12 @@ def want_cuda():
     if skip:
         return False
     available = torch.version.cuda is not None and CUDA_HOME is not None
+    if available and torch_version() < CUDA_TORCH_FLOOR:
+        raise RuntimeError(
+            f"the CUDA kernels need torch >= {'.'.join(map(str, CUDA_TORCH_FLOOR))} (the chunked backend's GEMMs "
+            f"call ATen's mm_out/addmm_out with out_dtype, 16-bit operands into float32), found torch "
+            f"{torch.__version__}; upgrade torch, or build the CPU kernels only with MARGINOPS_SKIP_CUDA=1"
+        )
     if force and not available:
         raise RuntimeError(
             "MARGINOPS_FORCE_CUDA=1, but "
