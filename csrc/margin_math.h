@@ -164,7 +164,9 @@ template <typename T>
 struct Target {
   T cos;    // c_iy
   T logit;  // z_iy
+  T z0;     // α_i β_y u: the margin-free logit without bias, as every non-target entry has it
   Psi<T> psi;
+  bool raw;  // ψ = c (kIdentity): z_iy = z0 + bias, no margin
 };
 
 // straight_through: the margin is a constant shift of the logit for the backward, as in
@@ -180,7 +182,13 @@ MO_HD Target<T> target_logit(int32_t kind, int32_t policy, T u, const Side<T>& r
     t.psi.d_c = T(1);
     t.psi.d_m1 = t.psi.d_m2 = t.psi.d_m3 = T(0);
   }
-  t.logit = row.amp * col.amp * t.psi.value + bias;
+  // Without a margin the target is an ordinary logit, α_i β_y u + bias, computed from the raw
+  // product as the tiles compute every other one: a·b·(u / (‖x‖‖W‖)) would round differently (a
+  // confident row's lse − z_iy then goes negative) and turns ‖W_y‖ = inf (a norm that overflows
+  // while u does not) into NaN.
+  t.raw = kind == kIdentity;
+  t.z0 = row.scale * col.scale * u;
+  t.logit = t.raw ? t.z0 + bias : row.amp * col.amp * t.psi.value + bias;
   return t;
 }
 
@@ -205,8 +213,15 @@ struct TargetGrad {
 template <typename T>
 MO_HD TargetGrad<T> target_grad(const Target<T>& t, const Side<T>& row, const Side<T>& col, T g) {
   const T eps = T(kNormEps);
-  const T gc = g * row.amp * col.amp * t.psi.d_c;  // ∂L/∂c
   TargetGrad<T> r;
+  if (t.raw) {  // z = α β u as any other entry: only the normalizations' radial terms
+    r.tile_grad = g;
+    r.x_coef = row.normalized && row.norm > eps ? -g * t.z0 * row.inv : T(0);
+    r.w_coef = col.normalized && col.norm > eps ? -g * t.z0 * col.inv : T(0);
+    r.d_m1 = r.d_m2 = r.d_m3 = T(0);
+    return r;
+  }
+  const T gc = g * row.amp * col.amp * t.psi.d_c;  // ∂L/∂c
   r.tile_grad = gc * row.inv * col.inv / (row.scale * col.scale);
   // c = u / (‖x‖‖W‖) and a = ‖x‖ (b = ‖W‖) when not normalized; both norms are flat below eps.
   r.x_coef = (row.norm > eps ? -gc * t.cos * row.inv : T(0)) +

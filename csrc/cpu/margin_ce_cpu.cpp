@@ -120,7 +120,7 @@ RowData<T> prepare_rows(const HeadArgs& a, const at::Tensor& bias_cols) {
     for (int64_t k = 0; k < K; ++k) {  // the sub-center the tiles will pick: first largest logit
       const Side<T> col = make_side<T>(ptr<T>(wnorm)[n * K + k], cfg.normalize_w, T(1));
       const T logit = r.row[i].scale * col.scale * ptr<T>(u)[n * K + k];
-      if (logit > best_logit) {
+      if (logit > best_logit || (logit != logit && best_logit == best_logit)) {  // a NaN sticks, as in max
         best_logit = logit;
         best = k;
       }
@@ -254,6 +254,13 @@ at::Tensor filtered_entries(const RowData<T>& rd, const HeadConfig& cfg, const a
   return f;
 }
 
+// The larger of a and b, NaN when either is: std::max and a comparison drop a NaN, and a NaN
+// logit must reach the row's lse as it does through eager logits (DESIGN.md §2b).
+template <typename T>
+T max_nan(T a, T b) {
+  return a > b || a != a ? a : b;
+}
+
 int64_t num_chunks(int64_t ntiles) {
   return std::max<int64_t>(1, std::min<int64_t>(ntiles, at::get_num_threads()));
 }
@@ -293,6 +300,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_t
   const int64_t ntiles = (C + kClassTile - 1) / kClassTile;
   std::vector<RowStats<T>> stats;
   for (int64_t c = 0; c < num_chunks(ntiles); ++c) stats.emplace_back(B);
+  // Without a margin the target logit is the tile's own entry (written by the one chunk that holds
+  // it), so that lse ≥ z_iy exactly and the loss of a confident row is never negative.
+  std::vector<T> tile_target(B, T(0));
 
   if (B > 0 && C > 0) {
     for_each_chunk(ntiles, [&](int64_t chunk, int64_t t0, int64_t t1) {
@@ -328,23 +338,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_t
           }
           if (hard.defined()) z.add_(hard);
           if (filt.defined()) z.masked_fill_(filt, T(0));
-          if (rd.has_margin) {
-            for (int64_t i = 0; i < rb; ++i) {
-              const int64_t c = rd.tcol[i0 + i] - j0;
-              if (c >= 0 && c < tc) zp[i * tc + c] = rd.target[i0 + i].logit;
+          for (int64_t i = 0; i < rb; ++i) {
+            const int64_t c = rd.tcol[i0 + i] - j0;
+            if (c < 0 || c >= tc) continue;
+            if (rd.has_margin) {
+              zp[i * tc + c] = rd.target[i0 + i].logit;
+            } else {
+              tile_target[i0 + i] = zp[i * tc + c];
             }
           }
           const at::Tensor zsum = z.sum(1);
-          const at::Tensor zmax = z.amax(1);
+          const at::Tensor zmax = z.amax(1);  // NaN if any entry is
           for (int64_t i = 0; i < rb; ++i) {
             st.logit_sum[i0 + i] += ptr<T>(zsum)[i];
-            ptr<T>(m_new)[i] = std::max(st.max[i0 + i], ptr<T>(zmax)[i]);
+            ptr<T>(m_new)[i] = max_nan(st.max[i0 + i], ptr<T>(zmax)[i]);
           }
           z.sub_(m_new.narrow(0, 0, rb).unsqueeze(1)).exp_();
           const at::Tensor esum = z.sum(1);
+          // The running sum stays 0 while every entry so far is −inf (exp(−inf − (−inf)) is NaN);
+          // a NaN or an Inf − Inf sticks in it from then on.
           for (int64_t i = 0; i < rb; ++i) {
-            const T mn = ptr<T>(m_new)[i];
-            st.sum[i0 + i] = st.sum[i0 + i] * std::exp(st.max[i0 + i] - mn) + ptr<T>(esum)[i];
+            const T mn = ptr<T>(m_new)[i], mo = st.max[i0 + i];
+            if (mn == -std::numeric_limits<T>::infinity()) continue;
+            st.sum[i0 + i] = (mo == -std::numeric_limits<T>::infinity() ? T(0) : st.sum[i0 + i] * std::exp(mo - mn)) +
+                             ptr<T>(esum)[i];
             st.max[i0 + i] = mn;
           }
         }
@@ -358,9 +375,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_t
   for (int64_t i = 0; i < B; ++i) {
     T m = -std::numeric_limits<T>::infinity(), l = 0, s = 0, bv = m;
     int64_t bc = -1;
-    for (const RowStats<T>& st : stats) m = std::max(m, st.max[i]);
+    // A chunk whose entries are all −inf holds sum 0 and adds nothing; a NaN sum (a NaN logit, or
+    // exp(inf − inf)) is never dropped, and a NaN max is the row's max.
+    for (const RowStats<T>& st : stats) m = max_nan(m, st.max[i]);
     for (const RowStats<T>& st : stats) {
-      if (st.sum[i] > 0) l += st.sum[i] * std::exp(st.max[i] - m);
+      if (st.sum[i] != T(0)) l += st.sum[i] * std::exp(st.max[i] - m);
       s += st.logit_sum[i];
       if (st.best[i] > bv) {
         bv = st.best[i];
@@ -371,9 +390,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_t
     ptr<T>(zsum)[i] = s;
     ptr<T>(best)[i] = bv;
     ptr<int64_t>(best_class)[i] = bc < 0 ? -1 : a.cfg.class_offset + (ci ? ci[bc] : bc);
-    if (rd.tcol[i] >= 0) ptr<T>(zt)[i] = rd.target[i].logit;
+    if (rd.tcol[i] >= 0) ptr<T>(zt)[i] = rd.has_margin ? rd.target[i].logit : tile_target[i];
   }
   return {lse, zt, zsum, best, best_class};
+}
+
+// out += rows of src scaled by coef [n] (src_r · coef_r), skipping the rows whose coefficient is 0:
+// 0 · an infinite entry would be NaN where eager's gradient has no such term at all (dW = Gᵀx of an
+// unnormalized weight, dx = G W of unnormalized features).
+template <typename T>
+void add_scaled_rows(at::Tensor& out, const at::Tensor& src, const at::Tensor& coef) {
+  const int64_t n = coef.size(0);
+  int64_t live = 0;
+  for (int64_t r = 0; r < n; ++r) live += ptr<T>(coef)[r] != T(0);
+  if (live == n) {
+    out.addcmul_(src, coef.unsqueeze(1));
+  } else if (live > 0) {
+    const at::Tensor rows = coef.ne(0).nonzero().squeeze(1);
+    out.index_add_(0, rows, src.index_select(0, rows) * coef.index_select(0, rows).unsqueeze(1));
+  }
 }
 
 // Per-row gradient inputs as host pointers of the accumulation dtype (nullptr = zero).
@@ -570,7 +605,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_typed(
             ptr<T>(beta)[j] = col.scale;
             ptr<T>(what)[j] = coef * (col.normalized ? T(1) : col.inv);  // tile.ws_j · this = coef·Ŵ_j
           }
-          dws_t.mul_(beta.unsqueeze(1)).addcmul_(tile.ws, what.unsqueeze(1));
+          dws_t.mul_(beta.unsqueeze(1));
+          add_scaled_rows<T>(dws_t, tile.ws, what);
           loader.store(tile, dw, dws_t);
         }
         if (need_db) {
@@ -597,7 +633,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_typed(
       ptr<T>(xcoef)[i] = coef * row.inv;
       ptr<T>(alpha)[i] = row.scale;
     }
-    dx = dxs.sum(0).mul_(alpha.unsqueeze(1)).addcmul_(rd.xa, xcoef.unsqueeze(1)).to(a.x.scalar_type());
+    dx = dxs.sum(0).mul_(alpha.unsqueeze(1));
+    add_scaled_rows<T>(dx, rd.xa, xcoef);
+    dx = dx.to(a.x.scalar_type());
   }
   if (!need_dw) dw = at::empty({0}, a.weight.options());
   if (!need_db) db = at::empty({0}, a.x.options());

@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(HeadParams p) {
   OP *As = sm.As, *Bs = sm.Bs;
   ACC* Ss = sm.Ss;
   int64_t* wr = sm.wr;
-  const RowInfo<ACC>* rows = static_cast<const RowInfo<ACC>*>(p.rows);
+  RowInfo<ACC>* rows = static_cast<RowInfo<ACC>*>(p.rows);
   const ACC* wnorm = static_cast<const ACC*>(p.w_norm);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int cpt = kTileW / static_cast<int>(p.K);
@@ -182,14 +182,17 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(HeadParams p) {
         valid[h] = cc < cpt && j < p.C;
         if (!valid[h]) continue;
         es[h] = entry(p, row, Ss + r * lds + cc * p.K, wnorm + j * p.K, j);
-        zmax = max(zmax, es[h].z);
+        // Without a margin the target logit is this entry itself (merge_kernel reports it), so
+        // that lse ≥ z_iy exactly: only this block's lane touches the field, nothing else reads it.
+        if (j == row.tcol && p.cfg.kind == kIdentity) rows[i].target.logit = es[h].z;
+        zmax = max_nan(zmax, es[h].z);
         zsum += es[h].z;
         if (es[h].plain > pbest) {
           pbest = es[h].plain;
           pj = j;
         }
       }
-      zmax = warp_max(zmax);
+      zmax = warp_max_nan(zmax);
       zsum = warp_sum(zsum);
       for (int o = 16; o > 0; o >>= 1) {  // argmax, first column on ties
         const ACC ov = __shfl_xor_sync(0xffffffffu, pbest, o);
@@ -199,14 +202,18 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(HeadParams p) {
           pj = oj;
         }
       }
-      const ACC mnew = max(m[q], zmax);
+      const ACC mnew = max_nan(m[q], zmax);
       ACC e = 0;
       for (int h = 0; h < 2; ++h) {
         if (valid[h]) e += exp(es[h].z - mnew);
       }
       e = warp_sum(e);
-      l[q] = (m[q] == neg_inf<ACC>() ? ACC(0) : l[q] * exp(m[q] - mnew)) + e;
-      m[q] = mnew;
+      // l stays 0 while every entry so far is −inf (exp(−inf − (−inf)) is NaN); a NaN or an
+      // Inf − Inf sticks in it from then on.
+      if (mnew != neg_inf<ACC>()) {
+        l[q] = (m[q] == neg_inf<ACC>() ? ACC(0) : l[q] * exp(m[q] - mnew)) + e;
+        m[q] = mnew;
+      }
       zs[q] += zsum;
       if (pbest > bv[q]) {
         bv[q] = pbest;
@@ -361,7 +368,9 @@ __global__ void dx_finalize_kernel(HeadParams p) {
   ACC coef = live ? -row.side.inv * rsum : ACC(0);
   if (p.cfg.kind != kIdentity && row.tcol >= 0) coef += row.tg.x_coef;
   const ACC xv = convert<ACC>(static_cast<const TX*>(p.x)[e]);
-  static_cast<TX*>(p.dx)[e] = convert<TX>(row.side.scale * sum + xv * row.side.inv * coef);
+  // x̂'s term only where it has a coefficient: 0·x would make an infinite entry NaN where eager's
+  // gradient has no such term.
+  static_cast<TX*>(p.dx)[e] = convert<TX>(row.side.scale * sum + (coef != ACC(0) ? xv * row.side.inv * coef : ACC(0)));
 }
 
 template <typename TX, typename TW, typename OP, typename ACC>
@@ -471,7 +480,9 @@ __global__ void __launch_bounds__(kThreads, 1) dw_kernel(HeadParams p) {
     const bool live = col.normalized && col.norm > ACC(kNormEps);
     const ACC coef = (live ? -col.inv * qsum[pos] : ACC(0)) + qt[pos];
     const ACC wv = convert<ACC>(w[r * p.D + d]);
-    dw[r * p.D + d] = convert<TW>(col.scale * acc[pos * lacc + e % SLAB] + wv * col.inv * coef);
+    // Ŵ's term only where it has a coefficient: 0·W would make an infinite weight entry NaN where
+    // eager's dW = Gᵀx (unnormalized weights) has none.
+    dw[r * p.D + d] = convert<TW>(col.scale * acc[pos * lacc + e % SLAB] + (coef != ACC(0) ? wv * col.inv * coef : ACC(0)));
   }
   if (p.dbias && blockIdx.y == 0) {
     for (int c = threadIdx.x; c < cpt; c += blockDim.x) {

@@ -52,6 +52,20 @@ __device__ __forceinline__ ACC neg_inf() {
   return -std::numeric_limits<ACC>::infinity();
 }
 
+// The larger of a and b, NaN when either is. CUDA's max/fmax return the other operand of a NaN
+// (the emulation's max keeps its first): a NaN logit must reach the row's lse as through eager
+// logits (DESIGN.md §2b), so the online log-sum-exp and its merges take this one.
+template <typename ACC>
+__device__ __forceinline__ ACC max_nan(ACC a, ACC b) {
+  return a > b || a != a ? a : b;
+}
+
+template <typename ACC>
+__device__ __forceinline__ ACC warp_max_nan(ACC v) {
+  for (int o = 16; o > 0; o >>= 1) v = max_nan(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
 // Records a bad index in p.error (the first one wins; see DeviceError).
 __device__ __forceinline__ void report_error(DeviceError* e, int32_t kind, int64_t index, int64_t value,
                                              int64_t limit, int64_t ignore) {
@@ -140,7 +154,7 @@ __global__ void __launch_bounds__(kThreads) row_prep_kernel(HeadParams p) {
       u = warp_sum(u);
       wn = sqrt(warp_sum(wn));
       const ACC logit = info.side.scale * make_side<ACC>(wn, cfg.normalize_w, ACC(1)).scale * u;
-      if (logit > best) {
+      if (logit > best || (logit != logit && best == best)) {  // a NaN sticks, as in the tiles
         best = logit;
         best_k = k;
         best_u = u;
@@ -180,7 +194,7 @@ __device__ __forceinline__ Entry<ACC> entry(const HeadParams& p, const RowInfo<A
   for (int32_t k = 0; k < p.K; ++k) {
     const ACC beta = wn ? make_side<ACC>(wn[k], p.cfg.normalize_w, ACC(1)).scale : ACC(1);
     const ACC v = row.side.scale * beta * u[k];
-    if (v > e.z0) {
+    if (v > e.z0 || (v != v && e.z0 == e.z0)) {  // the first largest; a NaN sticks, as torch's max
       e.z0 = v;
       e.k = k;
     }
@@ -216,10 +230,12 @@ __global__ void merge_kernel(HeadParams p) {
   const ACC* part = static_cast<const ACC*>(p.partial);
   ACC m = neg_inf<ACC>(), l = 0, zs = 0, bv = neg_inf<ACC>();
   int64_t bj = -1;
-  for (int s = 0; s < p.splits; ++s) m = max(m, part[(s * p.B + i) * 4]);
+  // A split with sum 0 (no classes, or all −inf) adds nothing; a NaN sum (a NaN logit, or
+  // exp(inf − inf)) or a NaN max is never dropped.
+  for (int s = 0; s < p.splits; ++s) m = max_nan(m, part[(s * p.B + i) * 4]);
   for (int s = 0; s < p.splits; ++s) {
     const ACC* o = part + (s * p.B + i) * 4;
-    if (o[1] > 0) l += o[1] * exp(o[0] - m);
+    if (o[1] != ACC(0)) l += o[1] * exp(o[0] - m);
     zs += o[2];
     const int64_t oj = p.partial_best[s * p.B + i];
     if (o[3] > bv || (o[3] == bv && oj >= 0 && (bj < 0 || oj < bj))) {  // first column on ties
