@@ -245,3 +245,11 @@ def pytest_sessionfinish(session, exitstatus):
             reporter.write_line(f"  {node}: {reason}", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
+
+@pytest.fixture(params=[1, 2], ids=["threads1", "threads2"])
+def threads(request):
+    """torch's CPU thread count set to 1, then 2, for the test (restored after)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)

@@ -29,14 +29,6 @@ D = 16
 TOL = 1e-10
 
 
-@pytest.fixture(params=[1, 2], ids=["threads1", "threads2"])
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
-
-
 def boundary_inputs(K=1, seed=0, bias=False):
     """x [B, D], W [C·K, D], labels [B] and an optional bias, float64, requiring grad. Labels
     hit the first and last class of every tile; two rows per row block are ignored (-100);

@@ -24,14 +24,6 @@ EPS32 = torch.finfo(f32).eps
 ROW_BLOCK, CLASS_TILE = 256, 256  # csrc/cpu/margin_ce_cpu.cpp: kRowBlock, kClassTile
 
 
-@pytest.fixture(params=[1, 2], ids=["threads1", "threads2"])
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
-
-
 def confident_inputs(B, C, D, seed=0, top_gap=1e4):
     """float32 x, W and labels whose target logit (Softmax) lies gap_i above every other logit of
     row i, gap_i spread log-uniformly over [1e-2, top_gap] (the last rows exactly top_gap), so the

@@ -29,14 +29,6 @@ BAD = 3 * CLASS_TILE + 10  # a class of the fourth tile, no row's label
 NAN, INF = float("nan"), float("inf")
 
 
-@pytest.fixture(params=[1, 2], ids=["threads1", "threads2"])
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
-
-
 def inputs(B, C, D, bad, dtype=f64, seed=0):
     """x, W, labels (none in [bad − 4, bad + 12), two ignored rows) and a bias; finite, drawn in
     float64."""

@@ -209,6 +209,25 @@ struct Fold {
   }
 };
 
+// The loop shape of both kernels: lane `lane` of a row's warp takes units lo + lane, + 32, ... of
+// [lo, hi); hot(v) for whole units (v < full) other than the target's unit tu, cold(v) for tu and
+// for the partial last unit. Straight-line hot loops: the checks live in cold, run at most twice.
+template <typename Hot, typename Cold>
+__device__ __forceinline__ void walk_units(int lo, int hi, int full, int tu, int lane, Hot&& hot, Cold&& cold) {
+  const int full_hi = full < hi ? full : hi;
+  const int split = tu >= lo && tu < full_hi ? tu : full_hi;
+  int v = lo + lane;
+#pragma unroll 1
+  for (; v < split; v += 32) hot(v);
+  if (v == tu && v < full_hi) {
+    cold(v);
+    v += 32;
+  }
+#pragma unroll 1
+  for (; v < full_hi; v += 32) hot(v);
+  if (v < hi) cold(v);
+}
+
 // ---- forward ------------------------------------------------------------------------------------
 
 // Checked path of one class (the target's unit, the partial unit, every sub-center class but the
@@ -298,28 +317,18 @@ __global__ void __launch_bounds__(kThreads, 1) chunk_softmax_kernel(HeadParams p
   const ACC* bias = V::kBias ? static_cast<const ACC*>(p.bias) + c.c0 : nullptr;
   Fold<ACC> f{lowest<ACC>(), ACC(0), ACC(0), -std::numeric_limits<ACC>::infinity(), -1};
   const int tu = r.tcol >= 0 ? r.tcol / per : -1;
-  const int full_hi = full < hi ? full : hi;
-  const int split = tu >= lo && tu < full_hi ? tu : full_hi;
-  const auto hot = [&](int v) {
-    if constexpr (V::kSub == 1) {
-      fold_vector<ACC, V>(f, r, u, inv, bias, v);
-    } else {
-      fold_class<ACC, V>(f, p, r, u, inv, bias, v, K, v);
-    }
-  };
-  const auto cold = [&](int v) {
-    for (int j = v * per; j < v * per + per && j < n; ++j) fold_class<ACC, V>(f, p, r, u, inv, bias, j, K, v);
-  };
-  int v = lo + lane;
-#pragma unroll 1
-  for (; v < split; v += 32) hot(v);
-  if (v == tu && v < full_hi) {
-    cold(v);
-    v += 32;
-  }
-#pragma unroll 1
-  for (; v < full_hi; v += 32) hot(v);
-  if (v < hi) cold(v);
+  walk_units(
+      lo, hi, full, tu, lane,
+      [&](int v) {
+        if constexpr (V::kSub == 1) {
+          fold_vector<ACC, V>(f, r, u, inv, bias, v);
+        } else {
+          fold_class<ACC, V>(f, p, r, u, inv, bias, v, K, v);
+        }
+      },
+      [&](int v) {
+        for (int j = v * per; j < v * per + per && j < n; ++j) fold_class<ACC, V>(f, p, r, u, inv, bias, j, K, v);
+      });
   // the lane's best column, then the warp's
   int64_t bj = f.bu >= 0 ? c.c0 + best_column<ACC, V>(u, inv, bias, r, f.bu, per, n, K, f.bw) : -1;
   ACC bw = f.bw;
@@ -438,28 +447,18 @@ __global__ void __launch_bounds__(kThreads, 1) chunk_grad_kernel(HeadParams p, C
   const ACC sigma = ACC(kGradScale<OP>) / row.gscale;
   const GradConsts<ACC> gc{sigma * row.gl, sigma * row.gs, row.lse};
   const int tu = r.tcol >= 0 ? r.tcol / per : -1;
-  const int full_hi = full < hi ? full : hi;
-  const int split = tu >= lo && tu < full_hi ? tu : full_hi;
-  const auto hot = [&](int v) {
-    if constexpr (V::kSub == 1) {
-      grad_vector<OP, ACC, V>(g, r, gc, u, inv, bias, v);
-    } else {
-      grad_class<OP, ACC, V>(g, r, gc, u, inv, bias, v, K);
-    }
-  };
-  const auto cold = [&](int v) {
-    for (int j = v * per; j < v * per + per && j < n; ++j) grad_class<OP, ACC, V>(g, r, gc, u, inv, bias, j, K);
-  };
-  int v = lo + lane;
-#pragma unroll 1
-  for (; v < split; v += 32) hot(v);
-  if (v == tu && v < full_hi) {
-    cold(v);
-    v += 32;
-  }
-#pragma unroll 1
-  for (; v < full_hi; v += 32) hot(v);
-  if (v < hi) cold(v);
+  walk_units(
+      lo, hi, full, tu, lane,
+      [&](int v) {
+        if constexpr (V::kSub == 1) {
+          grad_vector<OP, ACC, V>(g, r, gc, u, inv, bias, v);
+        } else {
+          grad_class<OP, ACC, V>(g, r, gc, u, inv, bias, v, K);
+        }
+      },
+      [&](int v) {
+        for (int j = v * per; j < v * per + per && j < n; ++j) grad_class<OP, ACC, V>(g, r, gc, u, inv, bias, j, K);
+      });
 }
 
 // f(Variant) for the chunk: its sub-centers, whether u is scaled by inverse norms, bias, hard
