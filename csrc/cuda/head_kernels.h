@@ -19,7 +19,7 @@ namespace marginops::cuda {
 
 enum DType : int32_t { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
 
-// The first bad index a kernel met: a label outside [0, num_classes) that is not ignore_index, or
+// A bad index a kernel met (the one recorded first, not necessarily the lowest): a label outside [0, num_classes) that is not ignore_index, or
 // a class_index entry outside the weight's classes or out of order. It lives in host memory mapped
 // into the device: row_prep_kernel writes it, the launcher reads it at the next call (or at
 // check_errors()) without synchronizing and raises the ValueError the host check raises. kind is

@@ -66,7 +66,7 @@ __device__ __forceinline__ ACC warp_max_nan(ACC v) {
   return v;
 }
 
-// Records a bad index in p.error (the first one wins; see DeviceError).
+// Records a bad index in p.error (the first recorded wins; see DeviceError).
 __device__ __forceinline__ void report_error(DeviceError* e, int32_t kind, int64_t index, int64_t value,
                                              int64_t limit, int64_t ignore) {
   if (e == nullptr || atomicCAS(&e->claimed, 0, 1) != 0) return;
@@ -105,7 +105,7 @@ __device__ __forceinline__ ACC load_acc(const void* p, int64_t i) {
 }
 
 // A warp per row: RowInfo (norms, target column, target logit). Also checks the labels, recording
-// the first bad one in p.error; a row with a bad label gets no target here and a NaN target logit.
+// a bad one in p.error; a row with a bad label gets no target here and a NaN target logit.
 template <typename TX, typename TW, typename ACC>
 __global__ void __launch_bounds__(kThreads) row_prep_kernel(HeadParams p) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
