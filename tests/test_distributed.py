@@ -33,11 +33,25 @@ def _entry(rank, world, init_file, timeout, fn, args):
         dist.destroy_process_group()
 
 
-def spawn(fn, world, *args, timeout=120):
-    """Runs fn(rank, world, *args) on `world` gloo processes; a failed assertion in any of them
-    fails the test with its traceback."""
+def spawn(fn, world, *args, timeout=120, deadline=None):
+    """Runs fn(rank, world, *args) on `world` gloo processes whose collectives give up after
+    `timeout` seconds; a failed assertion in any of them fails the test with its traceback.
+    Processes still running after `deadline` seconds (default timeout + 60) are killed and the test
+    fails: nothing in CI can hang."""
+    deadline = timeout + 60 if deadline is None else deadline
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_entry, args=(world, os.path.join(tmp, "init"), timeout, fn, args), nprocs=world, join=True)
+        ctx = mp.start_processes(
+            _entry, args=(world, os.path.join(tmp, "init"), timeout, fn, args), nprocs=world, join=False, start_method="spawn"
+        )
+        end = time.monotonic() + deadline
+        while not ctx.join(timeout=max(0.1, end - time.monotonic())):
+            if time.monotonic() >= end:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                for p in ctx.processes:
+                    p.join()
+                pytest.fail(f"{fn.__name__} on {world} ranks did not finish within {deadline} s")
 
 
 def global_batch(world, C, K=1, seed=0, scale=1.0, skip_last_rank=False):

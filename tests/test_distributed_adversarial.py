@@ -11,22 +11,19 @@ import json
 import os
 import re
 import shutil
-import tempfile
-import time
 import traceback
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import marginops as mo
 from marginops import distributed as mdist
 from marginops import insightface
 
-from test_distributed import _entry, expect_error
+from test_distributed import expect_error, spawn
 
 f64 = torch.float64
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -34,22 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def spawn_within(fn, world, *args, pg_timeout=5, deadline=90):
-    """test_distributed.spawn with a deadline: fn(rank, world, *args) on `world` gloo processes
-    whose collectives give up after pg_timeout seconds; processes still running after `deadline`
-    seconds are killed and the test fails (nothing in CI can hang)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(
-            _entry, args=(world, os.path.join(tmp, "init"), pg_timeout, fn, args), nprocs=world, join=False, start_method="spawn"
-        )
-        end = time.monotonic() + deadline
-        while not ctx.join(timeout=max(0.1, end - time.monotonic())):
-            if time.monotonic() >= end:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.kill()
-                for p in ctx.processes:
-                    p.join()
-                pytest.fail(f"{fn.__name__} on {world} ranks did not finish within {deadline} s")
+    """test_distributed.spawn with a short process-group timeout and deadline."""
+    spawn(fn, world, *args, timeout=pg_timeout, deadline=deadline)
 
 
 # ---- item 4: checkpoints ---------------------------------------------------------------------------
