@@ -79,8 +79,9 @@ inline void raise_recorded_error(DeviceError* e) {
 }
 
 // The params of checked arguments, without the workspace (each backend carves its own). Labels
-// and class_index are checked by row_prep_kernel into the runtime's error record, read here at
-// the next call without a synchronization; with sync_checks() also on the host before launching.
+// (row_prep_kernel) and class_index (the weight-row gathers) are checked by the kernels into the
+// runtime's error record, read here at the next call without a synchronization; with
+// sync_checks() also on the host before launching.
 template <typename Runtime>
 Launch prepare_params(const HeadArgs& a) {
   const HeadConfig& cfg = a.cfg;
