@@ -209,6 +209,26 @@ struct Fold {
   }
 };
 
+// A row warp's share of a chunk in both kernels: K weight rows per class, n classes, `per` classes
+// per unit (a 16-byte vector of u with one row per class, else one class), `full` whole units,
+// and segment s's units [lo, hi).
+struct Segment {
+  int K, n, per, full, lo, hi;
+};
+
+template <typename ACC, typename V>
+__device__ __forceinline__ Segment segment_of(const HeadParams& p, const ChunkParams& c, int s) {
+  Segment g;
+  g.K = V::kSub ? V::kSub : static_cast<int>(p.K);
+  g.n = static_cast<int>(c.n);
+  g.per = V::kSub == 1 ? kVec<ACC> : 1;
+  const int units = (g.n + g.per - 1) / g.per;
+  g.full = g.n / g.per;
+  g.lo = static_cast<int>(int64_t(s) * units / c.segments);
+  g.hi = static_cast<int>(int64_t(s + 1) * units / c.segments);
+  return g;
+}
+
 // The loop shape of both kernels: lane `lane` of a row's warp takes units lo + lane, + 32, ... of
 // [lo, hi); hot(v) for whole units (v < full) other than the target's unit tu, cold(v) for tu and
 // for the partial last unit. Straight-line hot loops: the checks live in cold, run at most twice.
@@ -308,10 +328,8 @@ __global__ void __launch_bounds__(kThreads, 1) chunk_softmax_kernel(HeadParams p
   if (i >= p.B) return;
   const RowInfo<ACC>& row = static_cast<const RowInfo<ACC>*>(p.rows)[i];
   const RowConsts<ACC> r = row_consts<ACC, V>(p, c, row);
-  const int K = V::kSub ? V::kSub : static_cast<int>(p.K), n = static_cast<int>(c.n);
-  const int per = V::kSub == 1 ? kVec<ACC> : 1;  // classes per unit
-  const int units = (n + per - 1) / per, full = n / per;
-  const int lo = static_cast<int>(int64_t(s) * units / c.segments), hi = static_cast<int>(int64_t(s + 1) * units / c.segments);
+  const Segment sg = segment_of<ACC, V>(p, c, s);
+  const int K = sg.K, n = sg.n, per = sg.per, full = sg.full, lo = sg.lo, hi = sg.hi;
   const ACC* u = static_cast<const ACC*>(c.logits) + i * c.ldu;
   const ACC* inv = static_cast<const ACC*>(c.col_inv);
   const ACC* bias = V::kBias ? static_cast<const ACC*>(p.bias) + c.c0 : nullptr;
@@ -427,10 +445,8 @@ __global__ void __launch_bounds__(kThreads, 1) chunk_grad_kernel(HeadParams p, C
   if (i >= p.B) return;
   const RowInfo<ACC>& row = static_cast<const RowInfo<ACC>*>(p.rows)[i];
   const RowConsts<ACC> r = row_consts<ACC, V>(p, c, row);
-  const int K = V::kSub ? V::kSub : static_cast<int>(p.K), n = static_cast<int>(c.n);
-  const int per = V::kSub == 1 ? kVec<ACC> : 1;
-  const int units = (n + per - 1) / per, full = n / per;
-  const int lo = static_cast<int>(int64_t(s) * units / c.segments), hi = static_cast<int>(int64_t(s + 1) * units / c.segments);
+  const Segment sg = segment_of<ACC, V>(p, c, s);
+  const int K = sg.K, n = sg.n, per = sg.per, full = sg.full, lo = sg.lo, hi = sg.hi;
   const ACC* u = static_cast<const ACC*>(c.logits) + i * c.ldu;
   OP* g = static_cast<OP*>(c.grad) + i * c.ldu;
   const ACC* inv = static_cast<const ACC*>(c.col_inv);
