@@ -43,7 +43,11 @@ def want_cuda():
     if force and not available:
         raise RuntimeError(
             "MARGINOPS_FORCE_CUDA=1, but "
-            + ("the installed torch has no CUDA" if torch.version.cuda is None else "nvcc was not found (set CUDA_HOME)")
+            + (
+                "the installed torch has no CUDA"
+                if torch.version.cuda is None
+                else "nvcc was not found (set CUDA_HOME)"
+            )
         )
     return available
 
@@ -62,7 +66,11 @@ def cuda_library_includes():
         import nvidia
     except ImportError:
         return []
-    found = [os.path.dirname(h) for base in nvidia.__path__ for h in glob.glob(os.path.join(base, "**", "include", "cusparse.h"), recursive=True)]
+    found = [
+        os.path.dirname(h)
+        for base in nvidia.__path__
+        for h in glob.glob(os.path.join(base, "**", "include", "cusparse.h"), recursive=True)
+    ]
     return sorted(set(found))
 
 

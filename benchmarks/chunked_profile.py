@@ -87,11 +87,18 @@ def profile_step(fn, x, W, y, device):
 
 # marginops' kernels by the name torch.profiler shows ("void marginops::cuda::(anonymous
 # namespace)::chunk_softmax_kernel<float, ...>(...)"), as gpu_model.py's rows name them.
-KERNEL_ROWS = (("chunk_softmax_kernel", "chunk_softmax"), ("chunk_grad_kernel", "chunk_grad"),
-               ("chunk_weights_kernel", "chunk_weights"), ("chunk_dw_kernel", "chunk_dw"),
-               ("chunk_dx_finalize_kernel", "chunk_dx_finalize"), ("chunk_scaled_x_kernel", "chunk_scaled_x"),
-               ("chunk_row_scale_kernel", "row_prep"), ("target_grad_kernel", "row_prep"), ("row_prep_kernel", "row_prep"),
-               ("merge_kernel", "merge"))
+KERNEL_ROWS = (
+    ("chunk_softmax_kernel", "chunk_softmax"),
+    ("chunk_grad_kernel", "chunk_grad"),
+    ("chunk_weights_kernel", "chunk_weights"),
+    ("chunk_dw_kernel", "chunk_dw"),
+    ("chunk_dx_finalize_kernel", "chunk_dx_finalize"),
+    ("chunk_scaled_x_kernel", "chunk_scaled_x"),
+    ("chunk_row_scale_kernel", "row_prep"),
+    ("target_grad_kernel", "row_prep"),
+    ("row_prep_kernel", "row_prep"),
+    ("merge_kernel", "merge"),
+)
 
 
 def kernel_row(name: str) -> str:
@@ -190,18 +197,33 @@ def compare(measured: dict, walls: dict, model: dict) -> dict:
         names = [k for (p, k) in mod if p == pass_] + [k for k in measured.get(pass_, {}) if (pass_, k) not in mod]
         for k in names:
             m, g = measured.get(pass_, {}).get(k), mod.get((pass_, k))
-            rows.append(dict(pass_=pass_, kernel=k, measured_ms=m["ms"] if m else None, model_ms=g["ms"] if g else None,
-                             measured_launches=m["launches"] if m else 0, model_launches=g["launches"] if g else 0,
-                             ratio=_ratio(m["ms"] if m else None, g["ms"] if g else None)))
+            rows.append(
+                dict(
+                    pass_=pass_,
+                    kernel=k,
+                    measured_ms=m["ms"] if m else None,
+                    model_ms=g["ms"] if g else None,
+                    measured_launches=m["launches"] if m else 0,
+                    model_launches=g["launches"] if g else 0,
+                    ratio=_ratio(m["ms"] if m else None, g["ms"] if g else None),
+                )
+            )
         kernels = sum(r["ms"] for r in measured.get(pass_, {}).values())
         gaps_model = sum(r["launch_ms"] for r in model["rows"] if r["pass_"] == pass_)
         if pass_ == "bwd":
             gaps_model += sum(r["ms"] for r in model["rows"] if r["pass_"] == "host")
         gaps = walls[pass_] - kernels if walls.get(pass_) is not None else None
-        rows.append(dict(pass_=pass_, kernel="launch gaps (wall - kernels)", measured_ms=gaps, model_ms=gaps_model,
-                         measured_launches=sum(r["launches"] for r in measured.get(pass_, {}).values()),
-                         model_launches=sum(r["launches"] for r in model["rows"] if r["pass_"] == pass_),
-                         ratio=_ratio(gaps, gaps_model)))
+        rows.append(
+            dict(
+                pass_=pass_,
+                kernel="launch gaps (wall - kernels)",
+                measured_ms=gaps,
+                model_ms=gaps_model,
+                measured_launches=sum(r["launches"] for r in measured.get(pass_, {}).values()),
+                model_launches=sum(r["launches"] for r in model["rows"] if r["pass_"] == pass_),
+                ratio=_ratio(gaps, gaps_model),
+            )
+        )
     return dict(rows=rows)
 
 
@@ -211,11 +233,15 @@ def _fmt(v, spec: str) -> str:
 
 
 def compare_text(cmp: dict) -> str:
-    lines = [f"  {'pass':4s} {'kernel':30s} {'launches':>13s} {'measured ms':>11s} {'model ms':>9s} {'meas/model':>10s}"]
+    lines = [
+        f"  {'pass':4s} {'kernel':30s} {'launches':>13s} {'measured ms':>11s} {'model ms':>9s} {'meas/model':>10s}"
+    ]
     fmt = _fmt
     for r in cmp["rows"]:
-        lines.append(f"  {r['pass_']:4s} {r['kernel']:30s} {r['measured_launches']:>6d}/{r['model_launches']:<6d} "
-                     f"{fmt(r['measured_ms'], '11.3f')} {fmt(r['model_ms'], '9.3f')} {fmt(r['ratio'], '10.2f')}")
+        lines.append(
+            f"  {r['pass_']:4s} {r['kernel']:30s} {r['measured_launches']:>6d}/{r['model_launches']:<6d} "
+            f"{fmt(r['measured_ms'], '11.3f')} {fmt(r['model_ms'], '9.3f')} {fmt(r['ratio'], '10.2f')}"
+        )
     return "\n".join(lines)
 
 
@@ -244,8 +270,10 @@ def model_beside_measured(a, case, device, x, W, y, margin, sweep_rows) -> dict:
     measured = profile_passes(fn, x, W, y, device)
     walls = time_passes(fn, x, W, y, device, a.repeat)
     cmp = compare(measured, walls, res)
-    chunks = dict(fwd=measured["fwd"].get("chunk_softmax", {}).get("launches"),
-                  bwd=measured["bwd"].get("chunk_grad", {}).get("launches"))
+    chunks = dict(
+        fwd=measured["fwd"].get("chunk_softmax", {}).get("launches"),
+        bwd=measured["bwd"].get("chunk_grad", {}).get("launches"),
+    )
     model_chunks = dict(fwd=res["plan"]["fwd"]["chunks"], bwd=res["plan"]["bwd"]["chunks"])
     step = sum(walls.values())
     sweep = []
@@ -253,8 +281,15 @@ def model_beside_measured(a, case, device, x, W, y, margin, sweep_rows) -> dict:
         if r["workspace_mib"] is None:
             continue
         m = gpu_model.model(shape, spec, counts, r["workspace_mib"])
-        sweep.append(dict(workspace_mib=r["workspace_mib"], measured_ms=r["time_ms"], model_ms=m["step_ms"],
-                          ratio=_ratio(r["time_ms"], m["step_ms"]), u_from_l2=m["u_from_l2"]))
+        sweep.append(
+            dict(
+                workspace_mib=r["workspace_mib"],
+                measured_ms=r["time_ms"],
+                model_ms=m["step_ms"],
+                ratio=_ratio(r["time_ms"], m["step_ms"]),
+                u_from_l2=m["u_from_l2"],
+            )
+        )
     eager_ms = None
     if not a.no_eager:
         ref = lambda x, W, y: unchecked_margin_cross_entropy(x, W, y, margin)  # noqa: E731
@@ -267,37 +302,62 @@ def model_beside_measured(a, case, device, x, W, y, margin, sweep_rows) -> dict:
             note = (note + "; " if note else "") + f"eager not measured: {e}".splitlines()[0]
         x.grad = W.grad = None
     ratios = [r["ratio"] for r in cmp["rows"] if r["ratio"] is not None and r["model_ms"] and r["model_ms"] >= 0.05]
-    return dict(device=name, model_gpu=spec.key, note=note, case=dict(batch=case.batch, dim=case.dim, classes=case.classes,
-                dtype=dtype, margin=case.margin), workspace_mib=DEFAULT_WORKSPACE_MIB, sass=a.sass,
-                assumptions={k: getattr(gpu_model, k) for k in ("HBM_EFFICIENCY", "GEMM_EFFICIENCY", "L2_EFFECTIVE_FRACTION",
-                                                                 "LAUNCH_GAP_S", "ROW_SETUP_INSTR")},
-                kernels=cmp["rows"], chunks_measured=chunks, chunks_model=model_chunks,
-                step=dict(measured_ms=step, model_ms=res["step_ms"], ratio=_ratio(step, res["step_ms"]),
-                          passes_measured_ms=walls),
-                eager=dict(measured_ms=eager_ms, model_ms=eager["step_ms"], ratio=_ratio(eager_ms, eager["step_ms"])),
-                sweep=sweep, within_30pct=bool(ratios) and all(0.7 <= q <= 1.3 for q in ratios),
-                model_summary=gpu_model.summary_line(spec, shape, res["step_ms"], res["tflops"], res["step_ms"] / eager["step_ms"]))
+    return dict(
+        device=name,
+        model_gpu=spec.key,
+        note=note,
+        case=dict(batch=case.batch, dim=case.dim, classes=case.classes, dtype=dtype, margin=case.margin),
+        workspace_mib=DEFAULT_WORKSPACE_MIB,
+        sass=a.sass,
+        assumptions={
+            k: getattr(gpu_model, k)
+            for k in ("HBM_EFFICIENCY", "GEMM_EFFICIENCY", "L2_EFFECTIVE_FRACTION", "LAUNCH_GAP_S", "ROW_SETUP_INSTR")
+        },
+        kernels=cmp["rows"],
+        chunks_measured=chunks,
+        chunks_model=model_chunks,
+        step=dict(
+            measured_ms=step, model_ms=res["step_ms"], ratio=_ratio(step, res["step_ms"]), passes_measured_ms=walls
+        ),
+        eager=dict(measured_ms=eager_ms, model_ms=eager["step_ms"], ratio=_ratio(eager_ms, eager["step_ms"])),
+        sweep=sweep,
+        within_30pct=bool(ratios) and all(0.7 <= q <= 1.3 for q in ratios),
+        model_summary=gpu_model.summary_line(
+            spec, shape, res["step_ms"], res["tflops"], res["step_ms"] / eager["step_ms"]
+        ),
+    )
 
 
 def print_comparison(c: dict) -> None:
     if "kernels" not in c:
         print(f"model beside measured: {c['note']}")
         return
-    print(f"\nmodel (benchmarks/gpu_model.py, {c['model_gpu']} constants) beside measured on {c['device']}, workspace "
-          f"{c['workspace_mib']} MiB" + (f" [{c['note']}]" if c["note"] else ""))
+    print(
+        f"\nmodel (benchmarks/gpu_model.py, {c['model_gpu']} constants) beside measured on {c['device']}, workspace "
+        f"{c['workspace_mib']} MiB" + (f" [{c['note']}]" if c["note"] else "")
+    )
     print(compare_text(dict(rows=c["kernels"])))
     if c["chunks_measured"]["fwd"] is not None and c["chunks_measured"] != c["chunks_model"]:
-        print(f"  chunks measured {c['chunks_measured']} differ from the model's plan {c['chunks_model']}: "
-              "gpu_model.plan_chunks no longer matches the op's")
+        print(
+            f"  chunks measured {c['chunks_measured']} differ from the model's plan {c['chunks_model']}: "
+            "gpu_model.plan_chunks no longer matches the op's"
+        )
     st, ea = c["step"], c["eager"]
     fmt = _fmt
-    print(f"  step (wall: CUDA events on a GPU; fwd + bwd): measured {st['measured_ms']:.3f} ms, model {st['model_ms']:.3f} ms, "
-          f"measured/model {fmt(st['ratio'], '.2f')}")
-    print(f"  eager reference step: measured {fmt(ea['measured_ms'], '.3f')} ms, model {ea['model_ms']:.3f} ms, "
-          f"measured/model {fmt(ea['ratio'], '.2f')}")
+    print(
+        f"  step (wall: CUDA events on a GPU; fwd + bwd): measured {st['measured_ms']:.3f} ms, model "
+        f"{st['model_ms']:.3f} ms, "
+        f"measured/model {fmt(st['ratio'], '.2f')}"
+    )
+    print(
+        f"  eager reference step: measured {fmt(ea['measured_ms'], '.3f')} ms, model {ea['model_ms']:.3f} ms, "
+        f"measured/model {fmt(ea['ratio'], '.2f')}"
+    )
     for r in c["sweep"]:
-        print(f"  workspace {r['workspace_mib']} MiB: measured {r['measured_ms']:.3f} ms, "
-              f"model {r['model_ms']:.3f} ms, measured/model {fmt(r['ratio'], '.2f')}")
+        print(
+            f"  workspace {r['workspace_mib']} MiB: measured {r['measured_ms']:.3f} ms, "
+            f"model {r['model_ms']:.3f} ms, measured/model {fmt(r['ratio'], '.2f')}"
+        )
     print(f"  every kernel row of >= 0.05 ms within 30% of the model: {c['within_30pct']}; model: {c['model_summary']}")
 
 
@@ -308,20 +368,33 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=None, help="default: 512 on a GPU, 32 on the CPU")
     p.add_argument("--classes", type=int, default=None, help="default: 1000000 on a GPU, 20000 on the CPU")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on the CPU")
-    p.add_argument("--workspaces-mib", default="8,16,32,64,128", help="chunked backend sweep (GPU only) (default: %(default)s)")
+    p.add_argument(
+        "--workspaces-mib", default="8,16,32,64,128", help="chunked backend sweep (GPU only) (default: %(default)s)"
+    )
     p.add_argument("--repeat", type=int, default=5, help="timed steps per setting (default: %(default)s)")
     p.add_argument("--out", default="chunked-profile", help="directory for JSON and Markdown (default: %(default)s)")
-    p.add_argument("--model-gpu", choices=sorted(gpu_model.GPUS), default=None,
-                   help="the model's GPU constants (default: from torch.cuda.get_device_name(); H100 on the CPU)")
-    p.add_argument("--sass", default=gpu_model.DEFAULT_SASS, help="per-logit counts for the model (default: %(default)s)")
+    p.add_argument(
+        "--model-gpu",
+        choices=sorted(gpu_model.GPUS),
+        default=None,
+        help="the model's GPU constants (default: from torch.cuda.get_device_name(); H100 on the CPU)",
+    )
+    p.add_argument(
+        "--sass", default=gpu_model.DEFAULT_SASS, help="per-logit counts for the model (default: %(default)s)"
+    )
     p.add_argument("--no-eager", action="store_true", help="do not time the eager reference for the comparison")
     a = p.parse_args(argv)
     if a.device == "cpu" and a.model_gpu is None:
         a.model_gpu = "H100"
     device = torch.device(a.device)
     gpu = device.type == "cuda"
-    case = Case(a.batch or (1024 if gpu else 64), a.dim or (512 if gpu else 32), a.classes or (1_000_000 if gpu else 20_000),
-                a.dtype or ("bfloat16" if gpu else "float32"), "arcface")
+    case = Case(
+        a.batch or (1024 if gpu else 64),
+        a.dim or (512 if gpu else 32),
+        a.classes or (1_000_000 if gpu else 20_000),
+        a.dtype or ("bfloat16" if gpu else "float32"),
+        "arcface",
+    )
     x, W, y = make_inputs(case, device)
     margin = mo.ArcFace()
 
@@ -334,17 +407,28 @@ def main(argv=None):
         times = _time(fn, x, W, y, device, a.repeat)
         peak = _peak_extra(fn, x, W, y, device)
         ms = 1e3 * statistics.median(times)
-        rows.append({"workspace_mib": mib, "time_ms": ms, "tflops": case.flops / (ms / 1e3) / 1e12,
-                     "peak_extra_mib": None if peak is None else peak / MiB})
-        print(f"workspace {mib or 'auto'} MiB: {ms:.2f} ms, {rows[-1]['tflops']:.1f} TFLOP/s (6BDC), "
-              f"peak {rows[-1]['peak_extra_mib'] or float('nan'):.1f} MiB", flush=True)
+        rows.append(
+            {
+                "workspace_mib": mib,
+                "time_ms": ms,
+                "tflops": case.flops / (ms / 1e3) / 1e12,
+                "peak_extra_mib": None if peak is None else peak / MiB,
+            }
+        )
+        print(
+            f"workspace {mib or 'auto'} MiB: {ms:.2f} ms, {rows[-1]['tflops']:.1f} TFLOP/s (6BDC), "
+            f"peak {rows[-1]['peak_extra_mib'] or float('nan'):.1f} MiB",
+            flush=True,
+        )
     gemm = gemm_floor(case, device, a.repeat)
     default_kw = dict(backend="chunked") if gpu else {}
     prof = profile_step(lambda x, W, y: mo.margin_cross_entropy(x, W, y, margin, **default_kw), x, W, y, device)
     total = sum(prof["ms_by_kind"].values())
     print(f"3 GEMMs of the head's shape: {gemm.time_ms:.2f} ms" if gemm.time_ms else f"3 GEMMs: {gemm.status}")
-    print(f"one step, default workspace: {total:.2f} ms of kernels, {prof['launches']} launches: "
-          + ", ".join(f"{k} {v:.2f} ms ({100 * v / total:.0f}%)" for k, v in sorted(prof["ms_by_kind"].items())))
+    print(
+        f"one step, default workspace: {total:.2f} ms of kernels, {prof['launches']} launches: "
+        + ", ".join(f"{k} {v:.2f} ms ({100 * v / total:.0f}%)" for k, v in sorted(prof["ms_by_kind"].items()))
+    )
     for t in prof["top"]:
         print(f"  {t['ms']:8.3f} ms  x{t['count']:<4d} {t['kernel'][:100]}")
 
@@ -358,19 +442,31 @@ def main(argv=None):
     with open(os.path.join(a.out, f"{device.type}-model-vs-measured.json"), "w") as f:
         json.dump(comparison, f, indent=1, default=str)
     prefix = os.path.join(a.out, f"{device.type}-chunked-profile")
-    data = {"environment": environment(device), "case": vars(case) if hasattr(case, "__dict__") else case.__repr__(),
-            "sweep": rows, "gemm3_ms": gemm.time_ms, "profile": prof}
+    data = {
+        "environment": environment(device),
+        "case": vars(case) if hasattr(case, "__dict__") else case.__repr__(),
+        "sweep": rows,
+        "gemm3_ms": gemm.time_ms,
+        "profile": prof,
+    }
     with open(prefix + ".json", "w") as f:
         json.dump(data, f, indent=1, default=str)
     with open(prefix + ".md", "w") as f:
-        f.write(f"# chunked backend: B={case.batch} D={case.dim} C={case.classes} {case.dtype} ArcFace, {device.type}\n\n")
+        f.write(
+            f"# chunked backend: B={case.batch} D={case.dim} C={case.classes} {case.dtype} ArcFace, {device.type}\n\n"
+        )
         f.write("| workspace MiB | time ms | x 3 GEMMs | TFLOP/s (6BDC) | peak MiB |\n|---|---|---|---|---|\n")
         for r in rows:
             ratio = f"{r['time_ms'] / gemm.time_ms:.2f}" if gemm.time_ms else "-"
-            f.write(f"| {r['workspace_mib'] or 'auto'} | {r['time_ms']:.2f} | {ratio} | {r['tflops']:.1f} | "
-                    f"{'-' if r['peak_extra_mib'] is None else format(r['peak_extra_mib'], '.1f')} |\n")
-        f.write(f"\nKernel time of one step at the default workspace: {total:.2f} ms, {prof['launches']} launches; "
-                + ", ".join(f"{k} {v:.2f} ms" for k, v in sorted(prof["ms_by_kind"].items())) + "\n")
+            f.write(
+                f"| {r['workspace_mib'] or 'auto'} | {r['time_ms']:.2f} | {ratio} | {r['tflops']:.1f} | "
+                f"{'-' if r['peak_extra_mib'] is None else format(r['peak_extra_mib'], '.1f')} |\n"
+            )
+        f.write(
+            f"\nKernel time of one step at the default workspace: {total:.2f} ms, {prof['launches']} launches; "
+            + ", ".join(f"{k} {v:.2f} ms" for k, v in sorted(prof["ms_by_kind"].items()))
+            + "\n"
+        )
     print(f"wrote {prefix}.json and .md, {device.type}-model-vs-measured.json")
 
 

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections import OrderedDict, defaultdict
@@ -75,18 +74,19 @@ MiB = 2**20
 
 # ---- the GPUs: peak figures from the vendor's public documents ----------------------------------
 
+
 @dataclass(frozen=True)
 class GPU:
     key: str
     name: str
-    hbm_tbps: float         # peak HBM bandwidth, TB/s (10^12 B/s)
-    bf16_tflops: float      # dense bf16/fp16 tensor-core peak, TFLOP/s (no sparsity)
-    tf32_tflops: float      # dense TF32 tensor-core peak, TFLOP/s (float32 operands)
+    hbm_tbps: float  # peak HBM bandwidth, TB/s (10^12 B/s)
+    bf16_tflops: float  # dense bf16/fp16 tensor-core peak, TFLOP/s (no sparsity)
+    tf32_tflops: float  # dense TF32 tensor-core peak, TFLOP/s (float32 operands)
     sms: int
-    boost_ghz: float        # the clock of the datasheet's tensor-core peak
-    sustained_ghz: float    # assumed clock under this load (instruction and MUFU rates)
-    l2_mb: float            # L2 size, 10^6 bytes
-    arch: str               # which sass-cost.json counts apply
+    boost_ghz: float  # the clock of the datasheet's tensor-core peak
+    sustained_ghz: float  # assumed clock under this load (instruction and MUFU rates)
+    l2_mb: float  # L2 size, 10^6 bytes
+    arch: str  # which sass-cost.json counts apply
 
     @property
     def issue_rate(self) -> float:
@@ -124,27 +124,27 @@ GPUS: Dict[str, GPU] = {
 
 # ---- assumptions (what a GPU run calibrates: gpu-check's profile stage) -------------------------
 
-HBM_EFFICIENCY = 0.90         # achievable share of peak HBM bandwidth (ANCHORS.md: ~3.0 of 3.35 TB/s measured)
-GEMM_EFFICIENCY = 0.75        # achievable share of dense tensor-core peak for the step's GEMMs: ANCHORS.md
+HBM_EFFICIENCY = 0.90  # achievable share of peak HBM bandwidth (ANCHORS.md: ~3.0 of 3.35 TB/s measured)
+GEMM_EFFICIENCY = 0.75  # achievable share of dense tensor-core peak for the step's GEMMs: ANCHORS.md
 #                               measures ~800 of 989 TFLOP/s (0.81) on large GEMMs; these have K = 512
 #                               (u, dw_acc) or a [B, D] output (dx), and a float32 output, so a bit less
 #                               (issue 18: "the four cuBLAS GEMMs are about 6 ms" at C = 1M: 0.72)
-L2_EFFECTIVE_FRACTION = 0.5   # the share of L2 that holds a chunk's buffers (see the module docstring)
-LAUNCH_GAP_S = 2.0e-6         # per kernel on one stream: the gap between dependent kernels + grid ramp/tail
-LAUNCH_GAP_GRAPH_S = 1.0e-6   # the same inside a CUDA graph
-HOST_KERNEL_S = 3.0e-6        # host time to issue one of our kernels (cudaLaunchKernel + dispatch)
-HOST_GEMM_S = 6.0e-6          # host time to issue one cuBLAS GEMM through torch's handle
-HOST_ATEN_S = 8.0e-6          # host time of one ATen op (the sort of the row keys; the eager step's ops)
-L2_HIT_GOAL = 0.95            # "L2-resident chunks": at least this share of u's reads served by the L2
-ROW_SETUP_INSTR = 64          # instructions per thread of a (row, segment) warp outside the per-logit loop
-SORT_LAUNCHES = 2             # kernels of torch's sort of B int64 keys (not in plan's launch count)
+L2_EFFECTIVE_FRACTION = 0.5  # the share of L2 that holds a chunk's buffers (see the module docstring)
+LAUNCH_GAP_S = 2.0e-6  # per kernel on one stream: the gap between dependent kernels + grid ramp/tail
+LAUNCH_GAP_GRAPH_S = 1.0e-6  # the same inside a CUDA graph
+HOST_KERNEL_S = 3.0e-6  # host time to issue one of our kernels (cudaLaunchKernel + dispatch)
+HOST_GEMM_S = 6.0e-6  # host time to issue one cuBLAS GEMM through torch's handle
+HOST_ATEN_S = 8.0e-6  # host time of one ATen op (the sort of the row keys; the eager step's ops)
+L2_HIT_GOAL = 0.95  # "L2-resident chunks": at least this share of u's reads served by the L2
+ROW_SETUP_INSTR = 64  # instructions per thread of a (row, segment) warp outside the per-logit loop
+SORT_LAUNCHES = 2  # kernels of torch's sort of B int64 keys (not in plan's launch count)
 # Instructions per element of the kernels sass-cost does not count (estimates, not from SASS;
 # each is far below its memory-bound threshold of ~35 per 4-byte element):
 EST_INSTR = {
-    "chunk_weights": 4.0,      # per weight element: 16-byte loads, converts, FMAs, warp reduction
+    "chunk_weights": 4.0,  # per weight element: 16-byte loads, converts, FMAs, warp reduction
     "chunk_weights_copy": 3.0,  # per weight element copied (gather, conversion, prescale)
-    "chunk_dw": 20.0,          # per dW element: scalar loads of dw_acc and W, projection dot and write loops
-    "row": 16.0,               # per [B, D] element: row_prep, chunk_scaled_x, chunk_dx_finalize
+    "chunk_dw": 20.0,  # per dW element: scalar loads of dw_acc and W, projection dot and write loops
+    "row": 16.0,  # per [B, D] element: row_prep, chunk_scaled_x, chunk_dx_finalize
 }
 # The kernels before the specialization (issue 18: "about 139" and "about 264" per logit, sm_90a,
 # bf16, K = 1, ArcFace); ex2 per logit taken as 1 (accurate expf: one MUFU.EX2 and its range
@@ -156,10 +156,14 @@ ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp
 # margin → (sub-centers K, weights normalized, CurricularFace hard negatives, features normalized,
 # a margin on the target logit)
 MARGINS = {
-    "arcface": (1, True, False, True, True), "cosface": (1, True, False, True, True),
-    "normface": (1, True, False, True, False), "combined": (1, True, False, True, True),
-    "sphereface": (1, True, False, False, True), "softmax": (1, False, False, False, False),
-    "l2softmax": (1, False, False, True, False), "subcenter": (3, True, False, True, True),
+    "arcface": (1, True, False, True, True),
+    "cosface": (1, True, False, True, True),
+    "normface": (1, True, False, True, False),
+    "combined": (1, True, False, True, True),
+    "sphereface": (1, True, False, False, True),
+    "softmax": (1, False, False, False, False),
+    "l2softmax": (1, False, False, True, False),
+    "subcenter": (3, True, False, True, True),
     "curricular": (1, True, True, True, True),
 }
 
@@ -182,8 +186,19 @@ def chunk_ldu(classes: int, K: int) -> int:
     return (classes * K + 7) // 8 * 8
 
 
-def plan_chunks(B: int, D: int, C: int, K: int, dtype: str, normalize_w: bool, backward: bool, need_db: bool = False,
-                budget: int = 64 * MiB, class_index: bool = False, w_dtype: Optional[str] = None) -> dict:
+def plan_chunks(
+    B: int,
+    D: int,
+    C: int,
+    K: int,
+    dtype: str,
+    normalize_w: bool,
+    backward: bool,
+    need_db: bool = False,
+    budget: int = 64 * MiB,
+    class_index: bool = False,
+    w_dtype: Optional[str] = None,
+) -> dict:
     """plan_chunks() of csrc/cuda/chunk_kernels.cu, line for line, for x in `dtype` and W in
     `w_dtype` (default the same); float64 is not modelled (acc float32)."""
     w_dtype = w_dtype or dtype
@@ -200,10 +215,24 @@ def plan_chunks(B: int, D: int, C: int, K: int, dtype: str, normalize_w: bool, b
     row_keys = B * 8 if backward else 0
     scalar = acc
     pad = 7 * B * (acc + (ope if backward else 0))
-    fixed = (pad + align256(rows) + align256(slots) + align256(slot_best) + align256(dx_acc) + align256(xs)
-             + align256(row_keys) + align256(scalar) + (2 * B * 8 if backward else 0) + 4 * 256)
-    per_class = K * (acc * (max(B, ldx) if backward else B) + (ope * B if backward else 0)
-                     + (ope * D if pl["copy_w"] else 0) + (acc if normalize_w else 0))
+    fixed = (
+        pad
+        + align256(rows)
+        + align256(slots)
+        + align256(slot_best)
+        + align256(dx_acc)
+        + align256(xs)
+        + align256(row_keys)
+        + align256(scalar)
+        + (2 * B * 8 if backward else 0)
+        + 4 * 256
+    )
+    per_class = K * (
+        acc * (max(B, ldx) if backward else B)
+        + (ope * B if backward else 0)
+        + (ope * D if pl["copy_w"] else 0)
+        + (acc if normalize_w else 0)
+    )
     cc = (budget - fixed) // max(per_class, 1) if budget > fixed else 0
     if cc >= 64:
         cc -= cc % 64
@@ -219,10 +248,19 @@ def plan_chunks(B: int, D: int, C: int, K: int, dtype: str, normalize_w: bool, b
     w_copy = n * D * ope if pl["copy_w"] else 0
     col_norm = n * acc if normalize_w else 0
     col_inv = n * acc if normalize_w and not pl["prescale_w"] else 0
-    total = sum(align256(v) for v in (rows, slots, slot_best, logits, grad, w_copy, col_norm, col_inv, dx_acc, xs,
-                                      row_keys, scalar))
-    pl.update(classes=cc, chunks=chunks, segments=max(1, min(seg, K_MAX_SEGMENTS)), logits=logits, grad=grad,
-              w_copy=w_copy, total=total)
+    total = sum(
+        align256(v)
+        for v in (rows, slots, slot_best, logits, grad, w_copy, col_norm, col_inv, dx_acc, xs, row_keys, scalar)
+    )
+    pl.update(
+        classes=cc,
+        chunks=chunks,
+        segments=max(1, min(seg, K_MAX_SEGMENTS)),
+        logits=logits,
+        grad=grad,
+        w_copy=w_copy,
+        total=total,
+    )
     return pl
 
 
@@ -231,46 +269,60 @@ def chunk_launches(plan: dict, normalize_w: bool, backward: bool, dx: bool = Tru
     weights = 1 if plan["copy_w"] or normalize_w else 0
     if not backward:
         return 2 + plan["chunks"] * (weights + 2) + (1 if plan["chunks"] == 0 else 0)
-    return 3 + (1 if dw else 0) + plan["chunks"] * (weights + 2 + (1 if dx else 0) + (2 if dw else 0)) + (1 if dx else 0)
+    return (
+        3 + (1 if dw else 0) + plan["chunks"] * (weights + 2 + (1 if dx else 0) + (2 if dw else 0)) + (1 if dx else 0)
+    )
 
 
 # ---- per-logit instruction counts -----------------------------------------------------------------
+
 
 def load_counts(path: str) -> List[dict]:
     with open(path) as f:
         return json.load(f)["kernels"]
 
 
-def per_logit(counts: List[dict], kernel: str, arch: str, dtype: str, K: int, normalize_w: bool, bias: bool,
-              hard: bool) -> Tuple[float, float]:
+def per_logit(
+    counts: List[dict], kernel: str, arch: str, dtype: str, K: int, normalize_w: bool, bias: bool, hard: bool
+) -> Tuple[float, float]:
     """(instructions, ex2) per logit of the variant a step runs, from sass-cost.json."""
     op = DTYPES[dtype][0] if kernel == "chunk_grad" else None
     for k in counts:
         c = k["config"]
-        if (k["kernel"] == kernel and k["arch"] == arch and k["acc"] == "float" and k["op"] == op and c["K"] == K
-                and c["normalize_w"] == normalize_w and c["bias"] == bias and c["hard_negatives"] == hard):
+        if (
+            k["kernel"] == kernel
+            and k["arch"] == arch
+            and k["acc"] == "float"
+            and k["op"] == op
+            and c["K"] == K
+            and c["normalize_w"] == normalize_w
+            and c["bias"] == bias
+            and c["hard_negatives"] == hard
+        ):
             if k["instr_per_logit"] is None:
                 raise ValueError(f"sass-cost has no count for {k['name']} on {arch}")
             return float(k["instr_per_logit"]), float(k.get("ex2_per_logit") or 0.0)
-    raise ValueError(f"sass-cost.json has no {kernel} {arch} op={op} K={K} normalize_w={normalize_w} bias={bias} "
-                     f"hard={hard}")
+    raise ValueError(
+        f"sass-cost.json has no {kernel} {arch} op={op} K={K} normalize_w={normalize_w} bias={bias} hard={hard}"
+    )
 
 
 # ---- the launch sequence and the L2 -------------------------------------------------------------
 
+
 @dataclass
 class Launch:
-    pass_: str                 # "fwd" or "bwd"
-    kernel: str                # the row it adds to ("gemm_u", "chunk_softmax", ...)
-    reads: List[Tuple[str, int, int]] = field(default_factory=list)   # (buffer, bytes, buffer size)
+    pass_: str  # "fwd" or "bwd"
+    kernel: str  # the row it adds to ("gemm_u", "chunk_softmax", ...)
+    reads: List[Tuple[str, int, int]] = field(default_factory=list)  # (buffer, bytes, buffer size)
     writes: List[Tuple[str, int, int]] = field(default_factory=list)
     flops: float = 0.0
-    tensor: bool = False       # flops on tensor cores (a GEMM)
-    tf32: bool = False         # float32 operands: the TF32 peak
+    tensor: bool = False  # flops on tensor cores (a GEMM)
+    tf32: bool = False  # float32 operands: the TF32 peak
     instr: float = 0.0
     ex2: float = 0.0
     host_s: float = HOST_KERNEL_S
-    hbm: float = 0.0           # filled by the L2 model
+    hbm: float = 0.0  # filled by the L2 model
     misses: Dict[str, float] = field(default_factory=dict)  # HBM bytes read, by buffer
 
 
@@ -400,8 +452,13 @@ def chunked_launches(s: Shape, fplan: dict, bplan: dict, counts: Dict[str, Tuple
 
     def weights(pass_, t, plan, n):
         wb = n * K * D * e
-        l = Launch(pass_, "chunk_weights", [(f"W[{t}]", wb, wb)], [("col", 2 * n * K * acc, 2 * plan["classes"] * K * acc)],
-                   instr=EST_INSTR["chunk_weights"] * n * K * D)
+        l = Launch(
+            pass_,
+            "chunk_weights",
+            [(f"W[{t}]", wb, wb)],
+            [("col", 2 * n * K * acc, 2 * plan["classes"] * K * acc)],
+            instr=EST_INSTR["chunk_weights"] * n * K * D,
+        )
         if plan["copy_w"]:
             cb = n * K * D * ope
             l.writes.append(("wcopy", cb, plan["w_copy"]))
@@ -410,17 +467,31 @@ def chunked_launches(s: Shape, fplan: dict, bplan: dict, counts: Dict[str, Tuple
             L.append(l)
 
     def wc(t, plan, n):  # the GEMMs' weight operand: the copy or a view of W
-        return ("wcopy", n * K * D * ope, plan["w_copy"]) if plan["copy_w"] else (f"W[{t}]", n * K * D * e, n * K * D * e)
+        return (
+            ("wcopy", n * K * D * ope, plan["w_copy"]) if plan["copy_w"] else (f"W[{t}]", n * K * D * e, n * K * D * e)
+        )
 
     def gemm_u(pass_, t, plan, n):
         ldu = chunk_ldu(n, K)
-        L.append(Launch(pass_, "gemm_u", [("x", xb, xb), wc(t, plan, n)], [("u", 4 * B * ldu, plan["logits"])],
-                        flops=2.0 * B * D * n * K, tensor=True, host_s=HOST_GEMM_S))
+        L.append(
+            Launch(
+                pass_,
+                "gemm_u",
+                [("x", xb, xb), wc(t, plan, n)],
+                [("u", 4 * B * ldu, plan["logits"])],
+                flops=2.0 * B * D * n * K,
+                tensor=True,
+                host_s=HOST_GEMM_S,
+            )
+        )
 
     def per_logit_kernel(pass_, name, plan, n, instr, ex2, reads, writes):
         warps = B * plan["segments"]
-        L.append(Launch(pass_, name, reads, writes, instr=instr * B * n * K + ROW_SETUP_INSTR * 32 * warps,
-                        ex2=ex2 * B * n * K))
+        L.append(
+            Launch(
+                pass_, name, reads, writes, instr=instr * B * n * K + ROW_SETUP_INSTR * 32 * warps, ex2=ex2 * B * n * K
+            )
+        )
 
     # forward
     slots = K_MAX_SEGMENTS * B * (4 * acc + 8)
@@ -430,9 +501,21 @@ def chunked_launches(s: Shape, fplan: dict, bplan: dict, counts: Dict[str, Tuple
         ldu = chunk_ldu(n, K)
         weights("fwd", t, fplan, n)
         gemm_u("fwd", t, fplan, n)
-        per_logit_kernel("fwd", "chunk_softmax", fplan, n, sm_i, sm_x,
-                         [("u", 4 * B * ldu, fplan["logits"]), ("col", acc * n * K, 2 * fplan["classes"] * K * acc),
-                          ("rows", rows, rows), ("slots", slots, slots)], [("slots", slots, slots)])
+        per_logit_kernel(
+            "fwd",
+            "chunk_softmax",
+            fplan,
+            n,
+            sm_i,
+            sm_x,
+            [
+                ("u", 4 * B * ldu, fplan["logits"]),
+                ("col", acc * n * K, 2 * fplan["classes"] * K * acc),
+                ("rows", rows, rows),
+                ("slots", slots, slots),
+            ],
+            [("slots", slots, slots)],
+        )
     row_kernel("fwd", "merge", [("slots", slots, slots), ("rows", rows, rows)], [("stats", 5 * B * 8, 5 * B * 8)], B)
 
     # backward
@@ -442,28 +525,81 @@ def chunked_launches(s: Shape, fplan: dict, bplan: dict, counts: Dict[str, Tuple
     row_kernel("bwd", "row_prep", [("rows", rows, rows)], [("rows", rows, rows)], B)  # target_grad
     row_kernel("bwd", "row_prep", [("rows", rows, rows)], [("keys", 8 * B, 8 * B)], B)  # row_scale
     for _ in range(SORT_LAUNCHES):
-        L.append(Launch("bwd", "sort", [("keys", 8 * B, 8 * B)], [("sorted", 16 * B, 16 * B)], instr=64.0 * B,
-                        host_s=HOST_ATEN_S / SORT_LAUNCHES))
+        L.append(
+            Launch(
+                "bwd",
+                "sort",
+                [("keys", 8 * B, 8 * B)],
+                [("sorted", 16 * B, 16 * B)],
+                instr=64.0 * B,
+                host_s=HOST_ATEN_S / SORT_LAUNCHES,
+            )
+        )
     row_kernel("bwd", "chunk_scaled_x", [("x", xb, xb), ("rows", rows, rows)], [("xs", xsb, xsb)], B * ldx)
     for t in range(bplan["chunks"]):
         n = min(bplan["classes"], C - t * bplan["classes"])
         nk, ldu = n * K, chunk_ldu(n, K)
         weights("bwd", t, bplan, n)
         gemm_u("bwd", t, bplan, n)
-        per_logit_kernel("bwd", "chunk_grad", bplan, n, gr_i, gr_x,
-                         [("u", 4 * B * ldu, bplan["logits"]), ("col", acc * nk, 2 * bplan["classes"] * K * acc),
-                          ("rows", rows, rows)], [("G", ope * B * ldu, bplan["grad"])])
+        per_logit_kernel(
+            "bwd",
+            "chunk_grad",
+            bplan,
+            n,
+            gr_i,
+            gr_x,
+            [
+                ("u", 4 * B * ldu, bplan["logits"]),
+                ("col", acc * nk, 2 * bplan["classes"] * K * acc),
+                ("rows", rows, rows),
+            ],
+            [("G", ope * B * ldu, bplan["grad"])],
+        )
         w = wc(t, bplan, n)
-        L.append(Launch("bwd", "gemm_dx", [("G", ope * B * ldu, bplan["grad"]), w, ("dx_acc", dxacc, dxacc)],
-                        [("dx_acc", dxacc, dxacc)], flops=2.0 * B * D * nk, tensor=True, host_s=HOST_GEMM_S))
-        L.append(Launch("bwd", "gemm_dw", [("G", ope * B * ldu, bplan["grad"]), ("xs", xsb, xsb)],
-                        [("u", acc * nk * ldx, bplan["logits"])], flops=2.0 * B * ldx * nk, tensor=True, host_s=HOST_GEMM_S))
+        L.append(
+            Launch(
+                "bwd",
+                "gemm_dx",
+                [("G", ope * B * ldu, bplan["grad"]), w, ("dx_acc", dxacc, dxacc)],
+                [("dx_acc", dxacc, dxacc)],
+                flops=2.0 * B * D * nk,
+                tensor=True,
+                host_s=HOST_GEMM_S,
+            )
+        )
+        L.append(
+            Launch(
+                "bwd",
+                "gemm_dw",
+                [("G", ope * B * ldu, bplan["grad"]), ("xs", xsb, xsb)],
+                [("u", acc * nk * ldx, bplan["logits"])],
+                flops=2.0 * B * ldx * nk,
+                tensor=True,
+                host_s=HOST_GEMM_S,
+            )
+        )
         wb = nk * D * e
-        L.append(Launch("bwd", "chunk_dw", [("u", acc * nk * ldx, bplan["logits"]), (f"W[{t}]", wb, wb),
-                                            ("col", acc * nk, 2 * bplan["classes"] * K * acc), ("rows", rows, rows)],
-                        [(f"dW[{t}]", wb, wb)], instr=EST_INSTR["chunk_dw"] * nk * D))
-    row_kernel("bwd", "chunk_dx_finalize", [("dx_acc", dxacc, dxacc), ("x", xb, xb), ("W_targets", xb, xb),
-                                            ("rows", rows, rows)], [("dx", xb, xb)], B * D)
+        L.append(
+            Launch(
+                "bwd",
+                "chunk_dw",
+                [
+                    ("u", acc * nk * ldx, bplan["logits"]),
+                    (f"W[{t}]", wb, wb),
+                    ("col", acc * nk, 2 * bplan["classes"] * K * acc),
+                    ("rows", rows, rows),
+                ],
+                [(f"dW[{t}]", wb, wb)],
+                instr=EST_INSTR["chunk_dw"] * nk * D,
+            )
+        )
+    row_kernel(
+        "bwd",
+        "chunk_dx_finalize",
+        [("dx_acc", dxacc, dxacc), ("x", xb, xb), ("W_targets", xb, xb), ("rows", rows, rows)],
+        [("dx", xb, xb)],
+        B * D,
+    )
     return L
 
 
@@ -496,13 +632,29 @@ def eager_ops(s: Shape, logits_bytes: int) -> List[Launch]:
     def op(name, pass_, reads, writes, flops=0.0, tensor=False, launches=1):
         for i in range(launches):
             first = i == 0
-            L.append(Launch(pass_, name, reads if first else [], writes if first else [], flops=flops if first else 0.0,
-                            tensor=tensor, host_s=HOST_ATEN_S))
+            L.append(
+                Launch(
+                    pass_,
+                    name,
+                    reads if first else [],
+                    writes if first else [],
+                    flops=flops if first else 0.0,
+                    tensor=tensor,
+                    host_s=HOST_ATEN_S,
+                )
+            )
 
     xin, win = ("xh" if s.normalize_x else "x"), ("Wh" if s.normalize_w else "W")
     op("norms", "fwd", [("x", bd, bd), ("W", cd, cd)], [("norms", 4 * (B + C * K), 4 * (B + C * K))], launches=2)
     op("normalize", "fwd", [("x", bd, bd), ("W", cd, cd)], [("xh", bd, bd), ("Wh", cd, cd)], launches=4)
-    op("gemm_logits", "fwd", [(xin, bd, bd), (win, cd, cd)], [("logits", bck, bck)], flops=2.0 * B * D * C * K, tensor=True)
+    op(
+        "gemm_logits",
+        "fwd",
+        [(xin, bd, bd), (win, cd, cd)],
+        [("logits", bck, bck)],
+        flops=2.0 * B * D * C * K,
+        tensor=True,
+    )
     cur = "logits"
     if K > 1:
         op("subcenter_max", "fwd", [("logits", bck, bck)], [("best", bc, bc), ("best_sub", B * C * 8, B * C * 8)])
@@ -528,24 +680,49 @@ def eager_ops(s: Shape, logits_bytes: int) -> List[Launch]:
     if s.normalize_x:
         op("scale_backward", "bwd", [("g2", bc, bc)], [("g3", bc, bc)])
     if K > 1:
-        op("subcenter_max_backward", "bwd", [("g3", bc, bc), ("best_sub", B * C * 8, B * C * 8)], [("G", bck, bck)],
-           launches=2)
+        op(
+            "subcenter_max_backward",
+            "bwd",
+            [("g3", bc, bc), ("best_sub", B * C * 8, B * C * 8)],
+            [("G", bck, bck)],
+            launches=2,
+        )
     g = "G"
     if logits_bytes != e:
         gb = B * C * K * e
         op("cast_G", "bwd", [("G", bck, bck)], [("G16", gb, gb)])
         g = "G16"
     gbytes = B * C * K * e
-    op("gemm_dx", "bwd", [(g, gbytes, gbytes), (win, cd, cd)], [("dxh", bd, bd)], flops=2.0 * B * D * C * K, tensor=True)
-    op("gemm_dw", "bwd", [(g, gbytes, gbytes), (xin, bd, bd)], [("dWh", cd, cd)], flops=2.0 * B * D * C * K, tensor=True)
+    op(
+        "gemm_dx",
+        "bwd",
+        [(g, gbytes, gbytes), (win, cd, cd)],
+        [("dxh", bd, bd)],
+        flops=2.0 * B * D * C * K,
+        tensor=True,
+    )
+    op(
+        "gemm_dw",
+        "bwd",
+        [(g, gbytes, gbytes), (xin, bd, bd)],
+        [("dWh", cd, cd)],
+        flops=2.0 * B * D * C * K,
+        tensor=True,
+    )
     if s.normalize_w:
-        op("normalize_backward", "bwd", [("dWh", 2 * cd, cd), ("W", 3 * cd, cd), ("tmp", 2 * cd, cd)],
-           [("tmp", 3 * cd, cd), ("dW", cd, cd)], launches=8)
+        op(
+            "normalize_backward",
+            "bwd",
+            [("dWh", 2 * cd, cd), ("W", 3 * cd, cd), ("tmp", 2 * cd, cd)],
+            [("tmp", 3 * cd, cd), ("dW", cd, cd)],
+            launches=8,
+        )
     op("normalize_backward", "bwd", [("dxh", bd, bd), ("x", bd, bd)], [("dx", bd, bd)], launches=6)
     return L
 
 
 # ---- time ------------------------------------------------------------------------------------------
+
 
 def simulate(launches: List[Launch], gpu: GPU, graph: bool) -> dict:
     """HBM bytes through the L2 model, then each launch's time; rows by (pass, kernel)."""
@@ -561,12 +738,30 @@ def simulate(launches: List[Launch], gpu: GPU, graph: bool) -> dict:
     gpu_s = host_s = 0.0
     for l in launches:
         rate = GEMM_EFFICIENCY * (gpu.tf32_tflops if l.tf32 else gpu.bf16_tflops) * 1e12 if l.tensor else None
-        terms = {"memory": l.hbm / bw, "flops": l.flops / rate if rate else 0.0,
-                 "instructions": max(l.instr / gpu.issue_rate, l.ex2 / gpu.mufu_rate)}
+        terms = {
+            "memory": l.hbm / bw,
+            "flops": l.flops / rate if rate else 0.0,
+            "instructions": max(l.instr / gpu.issue_rate, l.ex2 / gpu.mufu_rate),
+        }
         busy = max(terms.values())
-        r = rows.setdefault((l.pass_, l.kernel), dict(pass_=l.pass_, kernel=l.kernel, launches=0, hbm_gb=0.0, gflop=0.0,
-                                                      ginstr=0.0, memory_ms=0.0, flops_ms=0.0, instructions_ms=0.0,
-                                                      busy_ms=0.0, launch_ms=0.0, ms=0.0, bound=""))
+        r = rows.setdefault(
+            (l.pass_, l.kernel),
+            dict(
+                pass_=l.pass_,
+                kernel=l.kernel,
+                launches=0,
+                hbm_gb=0.0,
+                gflop=0.0,
+                ginstr=0.0,
+                memory_ms=0.0,
+                flops_ms=0.0,
+                instructions_ms=0.0,
+                busy_ms=0.0,
+                launch_ms=0.0,
+                ms=0.0,
+                bound="",
+            ),
+        )
         r["launches"] += 1
         r["hbm_gb"] += l.hbm / 1e9
         r["gflop"] += l.flops / 1e9
@@ -583,9 +778,23 @@ def simulate(launches: List[Launch], gpu: GPU, graph: bool) -> dict:
         r["bound"] = max(("memory", "flops", "instructions"), key=lambda k: r[k + "_ms"])
         out.append(r)
     if host_s > gpu_s:  # the GPU waits for the host's launches
-        out.append(dict(pass_="host", kernel="host issue (not hidden)", launches=0, hbm_gb=0.0, gflop=0.0, ginstr=0.0,
-                        memory_ms=0.0, flops_ms=0.0, instructions_ms=0.0, busy_ms=0.0, launch_ms=0.0,
-                        ms=1e3 * (host_s - gpu_s), bound="host"))
+        out.append(
+            dict(
+                pass_="host",
+                kernel="host issue (not hidden)",
+                launches=0,
+                hbm_gb=0.0,
+                gflop=0.0,
+                ginstr=0.0,
+                memory_ms=0.0,
+                flops_ms=0.0,
+                instructions_ms=0.0,
+                busy_ms=0.0,
+                launch_ms=0.0,
+                ms=1e3 * (host_s - gpu_s),
+                bound="host",
+            )
+        )
     step = sum(r["ms"] for r in out)
     return dict(rows=out, step_ms=step, launches=len(launches), host_ms=1e3 * host_s, gpu_ms=1e3 * gpu_s)
 
@@ -614,8 +823,9 @@ def composition(res: dict) -> Dict[str, float]:
     return dict(sorted(comp.items(), key=lambda kv: -kv[1]))
 
 
-def model(s: Shape, gpu: GPU, counts_src, workspace_mib: float = 64, graph: bool = False,
-          pre_specialization: bool = False) -> dict:
+def model(
+    s: Shape, gpu: GPU, counts_src, workspace_mib: float = 64, graph: bool = False, pre_specialization: bool = False
+) -> dict:
     """One configuration of the chunked backend on one GPU."""
     budget = int(workspace_mib * MiB)
     fplan = plan_chunks(s.B, s.D, s.C, s.K, s.dtype, s.normalize_w, False, budget=budget)
@@ -623,21 +833,39 @@ def model(s: Shape, gpu: GPU, counts_src, workspace_mib: float = 64, graph: bool
     if pre_specialization:
         counts = {k: (v, 1.0) for k, v in PRE_SPECIALIZATION.items()}
     else:
-        counts = {k: per_logit(counts_src, k, gpu.arch, s.dtype, s.K, s.normalize_w, False, s.hard)
-                  for k in ("chunk_softmax", "chunk_grad")}
+        counts = {
+            k: per_logit(counts_src, k, gpu.arch, s.dtype, s.K, s.normalize_w, False, s.hard)
+            for k in ("chunk_softmax", "chunk_grad")
+        }
     launches = _mark_tf32(chunked_launches(s, fplan, bplan, counts), s.dtype)
     res = simulate(launches, gpu, graph)
     u_reads = [l for l in launches if l.kernel in ("chunk_softmax", "chunk_grad")]
-    res.update(workspace_mib=workspace_mib, graph=graph, pre_specialization=pre_specialization,
-               counts={k: dict(instr_per_logit=v[0], ex2_per_logit=v[1]) for k, v in counts.items()},
-               plan=dict(fwd=dict(classes=fplan["classes"], chunks=fplan["chunks"], u_mib=4 * s.B * chunk_ldu(fplan["classes"], s.K) / MiB),
-                         bwd=dict(classes=bplan["classes"], chunks=bplan["chunks"], u_mib=4 * s.B * chunk_ldu(bplan["classes"], s.K) / MiB,
-                                  g_mib=bplan["grad"] / MiB)),
-               plan_launches=chunk_launches(fplan, s.normalize_w, False) + chunk_launches(bplan, s.normalize_w, True),
-               u_from_l2={p_: 1.0 - sum(l.misses.get("u", 0.0) for l in u_reads if l.pass_ == p_)
-                          / max(1.0, sum(b for l in u_reads if l.pass_ == p_ for n, b, _ in l.reads if n == "u"))
-                          for p_ in ("fwd", "bwd")},
-               tflops=s.flops / (res["step_ms"] / 1e3) / 1e12, composition=composition(res))
+    res.update(
+        workspace_mib=workspace_mib,
+        graph=graph,
+        pre_specialization=pre_specialization,
+        counts={k: dict(instr_per_logit=v[0], ex2_per_logit=v[1]) for k, v in counts.items()},
+        plan=dict(
+            fwd=dict(
+                classes=fplan["classes"], chunks=fplan["chunks"], u_mib=4 * s.B * chunk_ldu(fplan["classes"], s.K) / MiB
+            ),
+            bwd=dict(
+                classes=bplan["classes"],
+                chunks=bplan["chunks"],
+                u_mib=4 * s.B * chunk_ldu(bplan["classes"], s.K) / MiB,
+                g_mib=bplan["grad"] / MiB,
+            ),
+        ),
+        plan_launches=chunk_launches(fplan, s.normalize_w, False) + chunk_launches(bplan, s.normalize_w, True),
+        u_from_l2={
+            p_: 1.0
+            - sum(l.misses.get("u", 0.0) for l in u_reads if l.pass_ == p_)
+            / max(1.0, sum(b for l in u_reads if l.pass_ == p_ for n, b, _ in l.reads if n == "u"))
+            for p_ in ("fwd", "bwd")
+        },
+        tflops=s.flops / (res["step_ms"] / 1e3) / 1e12,
+        composition=composition(res),
+    )
     return res
 
 
@@ -647,7 +875,9 @@ def eager_model(s: Shape, gpu: GPU, logits_bytes: int) -> dict:
     return res
 
 
-def l2_resident_workspace(s: Shape, gpu: GPU, counts_src, start_mib: int = 64, hits: float = L2_HIT_GOAL) -> Optional[int]:
+def l2_resident_workspace(
+    s: Shape, gpu: GPU, counts_src, start_mib: int = 64, hits: float = L2_HIT_GOAL
+) -> Optional[int]:
     """The largest workspace (whole MiB, at most start_mib) whose chunks' u the L2 model serves
     from L2 for at least `hits` of its bytes in both passes: "chunks sized to stay in L2"."""
     for mib in range(int(start_mib), 0, -1):
@@ -665,6 +895,7 @@ def l2_resident_workspace(s: Shape, gpu: GPU, counts_src, start_mib: int = 64, h
 
 # ---- output ----------------------------------------------------------------------------------------
 
+
 def fmt_classes(C: int) -> str:
     for div, suffix in ((10**6, "M"), (10**3, "k")):
         if C >= div and C % (div // 10) == 0:
@@ -674,33 +905,49 @@ def fmt_classes(C: int) -> str:
 
 
 def summary_line(gpu: GPU, s: Shape, step_ms: float, tflops: float, ratio: float) -> str:
-    return (f"{gpu.key} B={s.B} D={s.D} C={fmt_classes(s.C)} {s.dtype} {s.margin}: step {step_ms:.1f} ms, "
-            f"{tflops:.0f} TFLOP/s, {ratio:.2f}x eager (model)")
+    return (
+        f"{gpu.key} B={s.B} D={s.D} C={fmt_classes(s.C)} {s.dtype} {s.margin}: step {step_ms:.1f} ms, "
+        f"{tflops:.0f} TFLOP/s, {ratio:.2f}x eager (model)"
+    )
 
 
 def table(res: dict) -> str:
-    lines = [f"  {'pass':4s} {'kernel':24s} {'launches':>8s} {'HBM GB':>7s} {'GFLOP':>8s} {'Ginstr':>7s} {'mem ms':>7s} "
-             f"{'flop ms':>7s} {'instr ms':>8s} {'launch':>7s} {'ms':>7s}  bound"]
+    lines = [
+        f"  {'pass':4s} {'kernel':24s} {'launches':>8s} {'HBM GB':>7s} {'GFLOP':>8s} {'Ginstr':>7s} {'mem ms':>7s} "
+        f"{'flop ms':>7s} {'instr ms':>8s} {'launch':>7s} {'ms':>7s}  bound"
+    ]
     for r in res["rows"]:
-        lines.append(f"  {r['pass_']:4s} {r['kernel']:24s} {r['launches']:8d} {r['hbm_gb']:7.2f} {r['gflop']:8.0f} "
-                     f"{r['ginstr']:7.2f} {r['memory_ms']:7.3f} {r['flops_ms']:7.3f} {r['instructions_ms']:8.3f} "
-                     f"{r['launch_ms']:7.3f} {r['ms']:7.3f}  {r['bound']}")
-    lines.append(f"  step {res['step_ms']:.2f} ms = the sum of the rows; {res['launches']} launches; host issue "
-                 f"{res['host_ms']:.2f} ms" + (" (a CUDA graph: none per launch)" if res.get("graph") else ""))
+        lines.append(
+            f"  {r['pass_']:4s} {r['kernel']:24s} {r['launches']:8d} {r['hbm_gb']:7.2f} {r['gflop']:8.0f} "
+            f"{r['ginstr']:7.2f} {r['memory_ms']:7.3f} {r['flops_ms']:7.3f} {r['instructions_ms']:8.3f} "
+            f"{r['launch_ms']:7.3f} {r['ms']:7.3f}  {r['bound']}"
+        )
+    lines.append(
+        f"  step {res['step_ms']:.2f} ms = the sum of the rows; {res['launches']} launches; host issue "
+        f"{res['host_ms']:.2f} ms" + (" (a CUDA graph: none per launch)" if res.get("graph") else "")
+    )
     return "\n".join(lines)
 
 
 CONFIGS = (
     ("current", "current kernels (sass-cost.json)", dict()),
-    ("pre_specialization", "pre-specialization kernels (chunk_softmax 139, chunk_grad 264 instr/logit, issue 18)",
-     dict(pre_specialization=True)),
+    (
+        "pre_specialization",
+        "pre-specialization kernels (chunk_softmax 139, chunk_grad 264 instr/logit, issue 18)",
+        dict(pre_specialization=True),
+    ),
     ("l2", "next step, part 1: L2-resident chunks, launches as today", dict(l2=True)),
     ("l2_graph", "next step: L2-resident chunks + the chunk loop in a CUDA graph", dict(l2=True, graph=True)),
 )
 
 
-SENSITIVITY = (("GEMM_EFFICIENCY", 0.6), ("GEMM_EFFICIENCY", 0.85), ("HBM_EFFICIENCY", 0.75), ("L2_EFFECTIVE_FRACTION", 0.8),
-               ("LAUNCH_GAP_S", 4.0e-6))
+SENSITIVITY = (
+    ("GEMM_EFFICIENCY", 0.6),
+    ("GEMM_EFFICIENCY", 0.85),
+    ("HBM_EFFICIENCY", 0.75),
+    ("L2_EFFECTIVE_FRACTION", 0.8),
+    ("LAUNCH_GAP_S", 4.0e-6),
+)
 
 
 def sensitivity(s: Shape, gpu: GPU, counts_src, workspace_mib: float, eager_logits_bytes: int) -> List[dict]:
@@ -720,14 +967,27 @@ def sensitivity(s: Shape, gpu: GPU, counts_src, workspace_mib: float, eager_logi
 
 def run(s: Shape, gpus: List[GPU], sass_path: str, workspace_mib: float, eager_logits: str) -> dict:
     counts_src = load_counts(sass_path)
-    out = dict(model="roofline model of one chunked-backend step, not measured", shape=asdict(s),
-               workspace_mib=workspace_mib, sass=os.path.relpath(sass_path, ROOT) if sass_path.startswith(ROOT) else sass_path,
-               assumptions=dict(HBM_EFFICIENCY=HBM_EFFICIENCY, GEMM_EFFICIENCY=GEMM_EFFICIENCY,
-                                L2_EFFECTIVE_FRACTION=L2_EFFECTIVE_FRACTION, LAUNCH_GAP_S=LAUNCH_GAP_S,
-                                LAUNCH_GAP_GRAPH_S=LAUNCH_GAP_GRAPH_S, HOST_KERNEL_S=HOST_KERNEL_S, HOST_GEMM_S=HOST_GEMM_S,
-                                HOST_ATEN_S=HOST_ATEN_S, ROW_SETUP_INSTR=ROW_SETUP_INSTR, EST_INSTR=EST_INSTR,
-                                PRE_SPECIALIZATION=PRE_SPECIALIZATION, eager_logits=eager_logits),
-               gpus={})
+    out = dict(
+        model="roofline model of one chunked-backend step, not measured",
+        shape=asdict(s),
+        workspace_mib=workspace_mib,
+        sass=os.path.relpath(sass_path, ROOT) if sass_path.startswith(ROOT) else sass_path,
+        assumptions=dict(
+            HBM_EFFICIENCY=HBM_EFFICIENCY,
+            GEMM_EFFICIENCY=GEMM_EFFICIENCY,
+            L2_EFFECTIVE_FRACTION=L2_EFFECTIVE_FRACTION,
+            LAUNCH_GAP_S=LAUNCH_GAP_S,
+            LAUNCH_GAP_GRAPH_S=LAUNCH_GAP_GRAPH_S,
+            HOST_KERNEL_S=HOST_KERNEL_S,
+            HOST_GEMM_S=HOST_GEMM_S,
+            HOST_ATEN_S=HOST_ATEN_S,
+            ROW_SETUP_INSTR=ROW_SETUP_INSTR,
+            EST_INSTR=EST_INSTR,
+            PRE_SPECIALIZATION=PRE_SPECIALIZATION,
+            eager_logits=eager_logits,
+        ),
+        gpus={},
+    )
     lb = 4 if eager_logits == "fp32" else s.e
     for gpu in gpus:
         eager = eager_model(s, gpu, lb)
@@ -741,8 +1001,14 @@ def run(s: Shape, gpus: List[GPU], sass_path: str, workspace_mib: float, eager_l
                     g["configs"][key] = None
                     continue
                 ws = l2_mib
-            r = model(s, gpu, counts_src, ws, graph=opts.get("graph", False),
-                      pre_specialization=opts.get("pre_specialization", False))
+            r = model(
+                s,
+                gpu,
+                counts_src,
+                ws,
+                graph=opts.get("graph", False),
+                pre_specialization=opts.get("pre_specialization", False),
+            )
             r["eager_ratio"] = r["step_ms"] / eager["step_ms"]
             r["summary"] = summary_line(gpu, s, r["step_ms"], r["tflops"], r["eager_ratio"])
             g["configs"][key] = r
@@ -753,27 +1019,34 @@ def run(s: Shape, gpus: List[GPU], sass_path: str, workspace_mib: float, eager_l
 
 
 def report(out: dict, s: Shape) -> str:
-    p = [f"gpu_model: model, not measured. B={s.B} D={s.D} C={s.C} {s.dtype} {s.margin}, forward + backward; "
-         f"per-logit instruction counts from {out['sass']}.",
-         "Assumptions: " + ", ".join(f"{k} {v}" for k, v in out["assumptions"].items()
-                                     if k not in ("EST_INSTR", "PRE_SPECIALIZATION")),
-         ""]
+    p = [
+        f"gpu_model: model, not measured. B={s.B} D={s.D} C={s.C} {s.dtype} {s.margin}, forward + backward; "
+        f"per-logit instruction counts from {out['sass']}.",
+        "Assumptions: "
+        + ", ".join(f"{k} {v}" for k, v in out["assumptions"].items() if k not in ("EST_INSTR", "PRE_SPECIALIZATION")),
+        "",
+    ]
     for key, g in out["gpus"].items():
         gpu = GPUS[key]
-        p.append(f"=== {gpu.name}: HBM {gpu.hbm_tbps} TB/s, bf16 dense {gpu.bf16_tflops} TFLOP/s, {gpu.sms} SMs at "
-                 f"{gpu.sustained_ghz} GHz ({gpu.issue_rate / 1e12:.1f}e12 thread instr/s), L2 {gpu.l2_mb:g} MB "
-                 f"(modelled resident: {L2_EFFECTIVE_FRACTION * gpu.l2_mb:g} MB); counts for {gpu.arch}")
+        p.append(
+            f"=== {gpu.name}: HBM {gpu.hbm_tbps} TB/s, bf16 dense {gpu.bf16_tflops} TFLOP/s, {gpu.sms} SMs at "
+            f"{gpu.sustained_ghz} GHz ({gpu.issue_rate / 1e12:.1f}e12 thread instr/s), L2 {gpu.l2_mb:g} MB "
+            f"(modelled resident: {L2_EFFECTIVE_FRACTION * gpu.l2_mb:g} MB); counts for {gpu.arch}"
+        )
         for ckey, label, _ in CONFIGS:
             r = g["configs"].get(ckey)
             if r is None:
                 p.append(f"-- {label}: no workspace keeps a chunk in the modelled L2")
                 continue
             f, b = r["plan"]["fwd"], r["plan"]["bwd"]
-            p.append(f"-- {label}: workspace {r['workspace_mib']:g} MiB; forward Cc={f['classes']} ({f['chunks']} chunks, "
-                     f"u {f['u_mib']:.1f} MiB), backward Cc={b['classes']} ({b['chunks']} chunks, u {b['u_mib']:.1f} + G "
-                     f"{b['g_mib']:.1f} MiB); u read from L2: {100 * r['u_from_l2']['fwd']:.0f}% fwd, {100 * r['u_from_l2']['bwd']:.0f}% bwd; "
-                     f"per logit: chunk_softmax {r['counts']['chunk_softmax']['instr_per_logit']:g}, chunk_grad "
-                     f"{r['counts']['chunk_grad']['instr_per_logit']:g} instructions")
+            p.append(
+                f"-- {label}: workspace {r['workspace_mib']:g} MiB; forward Cc={f['classes']} ({f['chunks']} chunks, "
+                f"u {f['u_mib']:.1f} MiB), backward Cc={b['classes']} ({b['chunks']} chunks, u {b['u_mib']:.1f} + G "
+                f"{b['g_mib']:.1f} MiB); u read from L2: {100 * r['u_from_l2']['fwd']:.0f}% fwd, "
+                f"{100 * r['u_from_l2']['bwd']:.0f}% bwd; "
+                f"per logit: chunk_softmax {r['counts']['chunk_softmax']['instr_per_logit']:g}, chunk_grad "
+                f"{r['counts']['chunk_grad']['instr_per_logit']:g} instructions"
+            )
             p.append(table(r))
             p.append("  terms: " + ", ".join(f"{k} {v:.2f} ms" for k, v in r["composition"].items()))
             p.append("  " + r["summary"])
@@ -785,12 +1058,24 @@ def report(out: dict, s: Shape) -> str:
             p.append(f"-- {what}: {e['step_ms']:.2f} ms, {e['tflops']:.0f} TFLOP/s; ops (see eager_ops):")
             p.append(table(e))
         if g.get("sensitivity"):
-            p.append("-- sensitivity of the current configuration (one assumption changed at a time): " + "; ".join(
-                f"{x['assumption']} {x['value']:g}: {x['step_ms']:.1f} ms, {x['eager_ratio']:.2f}x eager" for x in g["sensitivity"]))
+            p.append(
+                "-- sensitivity of the current configuration (one assumption changed at a time): "
+                + "; ".join(
+                    f"{x['assumption']} {x['value']:g}: {x['step_ms']:.1f} ms, {x['eager_ratio']:.2f}x eager"
+                    for x in g["sensitivity"]
+                )
+            )
         c = g["configs"]
-        steps = [(label, c[k]["step_ms"]) for k, label in (("pre_specialization", "pre-specialization"), ("current", "specialized kernels"),
-                                                          ("l2", "+ L2-resident chunks"), ("l2_graph", "+ CUDA graph"))
-                 if c.get(k)]
+        steps = [
+            (label, c[k]["step_ms"])
+            for k, label in (
+                ("pre_specialization", "pre-specialization"),
+                ("current", "specialized kernels"),
+                ("l2", "+ L2-resident chunks"),
+                ("l2_graph", "+ CUDA graph"),
+            )
+            if c.get(k)
+        ]
         p.append("-- what each change does to the model: " + " -> ".join(f"{label} {ms:.1f} ms" for label, ms in steps))
         p.append("")
     p.append("Summary (model, not measured):")
@@ -802,9 +1087,11 @@ def report(out: dict, s: Shape) -> str:
     if "H100" in out["gpus"] and out["gpus"]["H100"]["configs"].get("current"):
         r = out["gpus"]["H100"]["configs"]["current"]
         top = next(iter(r["composition"].items()))
-        p.append(f"H100, current kernels: the largest term is {top[0]} ({top[1]:.2f} of {r['step_ms']:.2f} ms); "
-                 f"issue 18's target is <= 13 ms (>= 240 TFLOP/s, <= 0.66x eager): "
-                 f"{'met' if r['step_ms'] <= 13.0 and r['eager_ratio'] <= 0.66 else 'NOT met'} by this model.")
+        p.append(
+            f"H100, current kernels: the largest term is {top[0]} ({top[1]:.2f} of {r['step_ms']:.2f} ms); "
+            f"issue 18's target is <= 13 ms (>= 240 TFLOP/s, <= 0.66x eager): "
+            f"{'met' if r['step_ms'] <= 13.0 and r['eager_ratio'] <= 0.66 else 'NOT met'} by this model."
+        )
     return "\n".join(p)
 
 
@@ -820,18 +1107,28 @@ def gpu_for_device_name(name: str) -> Optional[GPU]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--B", type=int, default=1024, help="rows (default: %(default)s)")
     p.add_argument("--D", type=int, default=512, help="embedding size (default: %(default)s)")
     p.add_argument("--C", type=int, default=1_000_000, help="classes (default: %(default)s)")
     p.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32 (TF32 GEMMs) (default: %(default)s)")
     p.add_argument("--margin", default="arcface", choices=sorted(MARGINS), help="(default: %(default)s)")
-    p.add_argument("--workspace", type=float, default=64, help="workspace_bytes in MiB, as the op's (default: %(default)s)")
-    p.add_argument("--gpu", default="H100,H200,A100", help="comma-separated of " + ", ".join(GPUS) + " (default: %(default)s)")
+    p.add_argument(
+        "--workspace", type=float, default=64, help="workspace_bytes in MiB, as the op's (default: %(default)s)"
+    )
+    p.add_argument(
+        "--gpu", default="H100,H200,A100", help="comma-separated of " + ", ".join(GPUS) + " (default: %(default)s)"
+    )
     p.add_argument("--sass", default=DEFAULT_SASS, help="scripts/sass-cost --json output (default: %(default)s)")
-    p.add_argument("--eager-logits", choices=("input", "fp32"), default="input",
-                   help="the modelled eager step's logits: in the input dtype, as marginops.reference computes and "
-                        "`marginops bench` times them, or float32 (insightface-style) (default: %(default)s)")
+    p.add_argument(
+        "--eager-logits",
+        choices=("input", "fp32"),
+        default="input",
+        help="the modelled eager step's logits: in the input dtype, as marginops.reference computes and "
+        "`marginops bench` times them, or float32 (insightface-style) (default: %(default)s)",
+    )
     p.add_argument("--json", help="also write everything as JSON here")
     a = p.parse_args(argv)
     dtype = ALIASES.get(a.dtype, a.dtype)

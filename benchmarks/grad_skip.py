@@ -97,12 +97,21 @@ def main():
         exact = grads[0.0]
         for threshold in THRESHOLDS:
             dx, dW = grads[threshold]
-            rows.append({
-                "batch": kind, "threshold": threshold, "backward_s": times[threshold], "time_ratio": times[threshold] / times[0.0],
-                "tiles_skipped": skipped_fraction(x, W, y, margin, threshold, DX_TILE[device.type]),
-                "dx_rel_err": rel(dx, exact[0]), "dW_rel_err": rel(dW, exact[1]),
-            })
-            print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()), flush=True)
+            rows.append(
+                {
+                    "batch": kind,
+                    "threshold": threshold,
+                    "backward_s": times[threshold],
+                    "time_ratio": times[threshold] / times[0.0],
+                    "tiles_skipped": skipped_fraction(x, W, y, margin, threshold, DX_TILE[device.type]),
+                    "dx_rel_err": rel(dx, exact[0]),
+                    "dW_rel_err": rel(dW, exact[1]),
+                }
+            )
+            print(
+                " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()),
+                flush=True,
+            )
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         stem = os.path.join(args.out, f"{device.type}-grad-skip")
@@ -110,11 +119,19 @@ def main():
         with open(stem + ".json", "w") as f:
             json.dump({"config": config, "margin": repr(margin), "torch": torch.__version__, "rows": rows}, f, indent=1)
         with open(stem + ".md", "w") as f:
-            f.write(f"Gradient skipping, {device.type}: B={args.batch}, D={args.dim}, C={args.classes}, {args.dtype}, {margin!r}\n\n")
-            f.write("| batch | threshold | backward (s) | x exact | tiles skipped | dx rel. err | dW rel. err |\n|---|---|---|---|---|---|---|\n")
+            f.write(
+                f"Gradient skipping, {device.type}: B={args.batch}, D={args.dim}, C={args.classes}, {args.dtype}, "
+                f"{margin!r}\n\n"
+            )
+            f.write(
+                "| batch | threshold | backward (s) | x exact | tiles skipped | dx rel. err | dW rel. err "
+                "|\n|---|---|---|---|---|---|---|\n"
+            )
             for r in rows:
-                f.write(f"| {r['batch']} | {r['threshold']:g} | {r['backward_s']:.3f} | {r['time_ratio']:.2f} | "
-                        f"{r['tiles_skipped']:.1%} | {r['dx_rel_err']:.1e} | {r['dW_rel_err']:.1e} |\n")
+                f.write(
+                    f"| {r['batch']} | {r['threshold']:g} | {r['backward_s']:.3f} | {r['time_ratio']:.2f} | "
+                    f"{r['tiles_skipped']:.1%} | {r['dx_rel_err']:.1e} | {r['dW_rel_err']:.1e} |\n"
+                )
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ namespace marginops {
 
 // Arguments of margin_ce_forward / margin_ce_backward after checking; tensors are contiguous.
 struct HeadArgs {
-  at::Tensor x;       // [B, D] float16/bfloat16/float32/float64
-  at::Tensor weight;  // [C, D] any of those dtypes
-  at::Tensor labels;  // [B] int64 global class ids
-  at::Tensor bias;    // [C] or undefined
+  at::Tensor x;            // [B, D] float16/bfloat16/float32/float64
+  at::Tensor weight;       // [C, D] any of those dtypes
+  at::Tensor labels;       // [B] int64 global class ids
+  at::Tensor bias;         // [C] or undefined
   at::Tensor row_margins;  // [B, 3] (m1, m2, m3 per row) or undefined
   // [B, 2] CurricularFace (τ_i, t_i): a non-target cosine c > τ_i becomes c·(t_i + c); or undefined
   at::Tensor curricular;
@@ -31,18 +31,15 @@ struct HeadArgs {
 
 // The ops' head arguments as C++ parameters and as names, in schema order (MO_HEAD_ARGS of
 // csrc/marginops.cpp): every implementation of the ops declares them through these.
-#define MO_HEAD_PARAMS_BASE                                                                    \
-  const at::Tensor &x, const at::Tensor &weight, const at::Tensor &labels,                    \
-      const std::optional<at::Tensor> &bias, const std::optional<at::Tensor> &row_margins,    \
-      const std::optional<at::Tensor> &curricular,                                            \
-      const std::optional<at::Tensor> &class_index, int64_t num_classes, int64_t class_offset, \
-      int64_t ignore_index, int64_t margin_kind, int64_t theta_policy, bool normalize_x,      \
-      bool normalize_w, double s, double m1, double m2, double m3, double lambda,             \
-      int64_t subcenters
-#define MO_HEAD_PARAM_NAMES_BASE                                                               \
-  x, weight, labels, bias, row_margins, curricular, class_index, num_classes, class_offset,   \
-      ignore_index, margin_kind, theta_policy, normalize_x, normalize_w, s, m1, m2, m3, lambda, \
-      subcenters
+#define MO_HEAD_PARAMS_BASE                                                                                          \
+  const at::Tensor &x, const at::Tensor &weight, const at::Tensor &labels, const std::optional<at::Tensor>&bias,     \
+      const std::optional<at::Tensor>&row_margins, const std::optional<at::Tensor>&curricular,                       \
+      const std::optional<at::Tensor>&class_index, int64_t num_classes, int64_t class_offset, int64_t ignore_index,  \
+      int64_t margin_kind, int64_t theta_policy, bool normalize_x, bool normalize_w, double s, double m1, double m2, \
+      double m3, double lambda, int64_t subcenters
+#define MO_HEAD_PARAM_NAMES_BASE                                                                                       \
+  x, weight, labels, bias, row_margins, curricular, class_index, num_classes, class_offset, ignore_index, margin_kind, \
+      theta_policy, normalize_x, normalize_w, s, m1, m2, m3, lambda, subcenters
 // The margin options that follow subcenters (see HeadConfig).
 #define MO_HEAD_PARAMS MO_HEAD_PARAMS_BASE, double interclass_filter, bool straight_through
 #define MO_HEAD_PARAM_NAMES MO_HEAD_PARAM_NAMES_BASE, interclass_filter, straight_through
@@ -54,8 +51,7 @@ inline HeadArgs check_head_args(MO_HEAD_PARAMS_BASE) {
 }
 
 // A per-row gradient of the backward op: [B] on x's device, or undefined.
-at::Tensor check_row_grad(const std::optional<at::Tensor>& grad, const HeadArgs& args,
-                          const char* name);
+at::Tensor check_row_grad(const std::optional<at::Tensor>& grad, const HeadArgs& args, const char* name);
 
 // The ops' `backend` argument: auto (the device's default: CUDA's chunked, the CPU's tiled path),
 // or one of CUDA's two; and `workspace_bytes`, the chunked backend's budget for all its extra
@@ -93,7 +89,7 @@ void run_error_checkers();
 
 // The column of each row's target among the computed classes, or -1 when the row is ignored or
 // its class is not among them (another shard's, or not sampled). Host tensors in and out.
-at::Tensor target_columns(const at::Tensor& labels_cpu, const at::Tensor& class_index_cpu,
-                          const HeadConfig& cfg, int64_t columns);
+at::Tensor target_columns(const at::Tensor& labels_cpu, const at::Tensor& class_index_cpu, const HeadConfig& cfg,
+                          int64_t columns);
 
 }  // namespace marginops

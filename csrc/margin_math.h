@@ -43,18 +43,40 @@ constexpr double kClipEps = 1e-3;
 constexpr double kPi = 3.14159265358979323846;
 
 namespace math {
-MO_HD float acos_(float v) { return acosf(v); }
-MO_HD double acos_(double v) { return acos(v); }
-MO_HD float cos_(float v) { return cosf(v); }
-MO_HD double cos_(double v) { return cos(v); }
-MO_HD float sin_(float v) { return sinf(v); }
-MO_HD double sin_(double v) { return sin(v); }
-MO_HD float sqrt_(float v) { return sqrtf(v); }
-MO_HD double sqrt_(double v) { return sqrt(v); }
-MO_HD float floor_(float v) { return floorf(v); }
-MO_HD double floor_(double v) { return floor(v); }
+MO_HD float acos_(float v) {
+  return acosf(v);
+}
+MO_HD double acos_(double v) {
+  return acos(v);
+}
+MO_HD float cos_(float v) {
+  return cosf(v);
+}
+MO_HD double cos_(double v) {
+  return cos(v);
+}
+MO_HD float sin_(float v) {
+  return sinf(v);
+}
+MO_HD double sin_(double v) {
+  return sin(v);
+}
+MO_HD float sqrt_(float v) {
+  return sqrtf(v);
+}
+MO_HD double sqrt_(double v) {
+  return sqrt(v);
+}
+MO_HD float floor_(float v) {
+  return floorf(v);
+}
+MO_HD double floor_(double v) {
+  return floor(v);
+}
 template <typename T>
-MO_HD T clamp_(T v, T lo, T hi) { return v < lo ? lo : (v > hi ? hi : v); }
+MO_HD T clamp_(T v, T lo, T hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
+}
 }  // namespace math
 
 // 1 / max(norm, kNormEps): the inverse norm used for every normalization.
@@ -173,8 +195,8 @@ struct Target {
 // insightface's ArcFace (margin applied under no_grad): ∂ψ/∂c is taken as 1 and the margin
 // parameters get no gradient; the value is unchanged.
 template <typename T>
-MO_HD Target<T> target_logit(int32_t kind, int32_t policy, T u, const Side<T>& row, const Side<T>& col,
-                             T m1, T m2, T m3, T lambda, T bias, bool straight_through = false) {
+MO_HD Target<T> target_logit(int32_t kind, int32_t policy, T u, const Side<T>& row, const Side<T>& col, T m1, T m2,
+                             T m3, T lambda, T bias, bool straight_through = false) {
   Target<T> t;
   t.cos = u * row.inv * col.inv;
   t.psi = margin_psi(kind, policy, t.cos, m1, m2, m3, lambda);

@@ -19,7 +19,7 @@ PyObject* PyInit__C(void) {
   "Tensor x, Tensor weight, Tensor labels, Tensor? bias, Tensor? row_margins, "               \
   "Tensor? curricular, Tensor? class_index, int num_classes, int class_offset, "              \
   "int ignore_index, int margin_kind, int theta_policy, bool normalize_x, bool normalize_w, " \
-  "float s, float m1, float m2, float m3, float lambda_, int subcenters, "                     \
+  "float s, float m1, float m2, float m3, float lambda_, int subcenters, "                    \
   "float interclass_filter, bool straight_through"
 
 TORCH_LIBRARY(marginops, m) {
@@ -30,22 +30,26 @@ TORCH_LIBRARY(marginops, m) {
   // backend: 0 auto (CUDA: chunked; the CPU's tiled path), 1 chunked, 2 fused (CUDA only);
   // workspace_bytes: the chunked backend's budget for all its extra memory, 0 = 64 MiB.
   m.def("margin_ce_forward(" MO_HEAD_ARGS
-        ", float grad_skip=0., int backend=0, int workspace_bytes=0) -> (Tensor lse, Tensor target_logit, Tensor logit_sum, Tensor best_logit, "
+        ", float grad_skip=0., int backend=0, int workspace_bytes=0) -> (Tensor lse, Tensor target_logit, Tensor "
+        "logit_sum, Tensor best_logit, "
         "Tensor best_class)");
   // Gradients of Σ_i (grad_lse_i·lse_i + grad_target_logit_i·z_iy + grad_logit_sum_i·Σ_j z_ij)
   // given the forward's lse. output_mask picks (x, weight, bias, row_margins); an output that is
   // not asked for comes back empty. grad_skip in [0, 1): 0 is exact; above 0, a tile whose
   // non-label probabilities exp(z − lse) all lie below it, holding no row with a grad_logit_sum,
   // keeps only its label entries (its products become one row update per label).
-  m.def("margin_ce_backward(Tensor? grad_lse, Tensor? grad_target_logit, Tensor? grad_logit_sum, "
-        "Tensor lse, " MO_HEAD_ARGS
-        ", bool[4] output_mask, float grad_skip=0., int backend=0, int workspace_bytes=0) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, "
-        "Tensor grad_row_margins)");
+  m.def(
+      "margin_ce_backward(Tensor? grad_lse, Tensor? grad_target_logit, Tensor? grad_logit_sum, "
+      "Tensor lse, " MO_HEAD_ARGS
+      ", bool[4] output_mask, float grad_skip=0., int backend=0, int workspace_bytes=0) -> (Tensor grad_x, Tensor "
+      "grad_weight, Tensor grad_bias, "
+      "Tensor grad_row_margins)");
   // The k largest margin-free logits of each row among the computed classes and their global
   // class ids, without a [B, C] tensor (inference). Not differentiable.
-  m.def("margin_topk(Tensor x, Tensor weight, Tensor? bias, Tensor? class_index, int k, "
-        "int class_offset, bool normalize_x, bool normalize_w, float s, int subcenters) -> "
-        "(Tensor values, Tensor classes)");
+  m.def(
+      "margin_topk(Tensor x, Tensor weight, Tensor? bias, Tensor? class_index, int k, "
+      "int class_offset, bool normalize_x, bool normalize_w, float s, int subcenters) -> "
+      "(Tensor values, Tensor classes)");
   // ψ and its derivatives, elementwise, exactly as the fused kernels apply them (for tests).
   // Labels and class_index on CUDA are checked by the kernels, without a synchronization; a bad
   // value raises its ValueError at the next call on that device, or here (after synchronizing
@@ -57,7 +61,8 @@ TORCH_LIBRARY(marginops, m) {
     marginops::set_sync_checks(enabled);
     return old;
   });
-  m.def("margin_psi(Tensor cos, Tensor m1, Tensor m2, Tensor m3, int margin_kind, "
-        "int theta_policy, float lambda_) -> (Tensor psi, Tensor d_cos, Tensor d_m1, "
-        "Tensor d_m2, Tensor d_m3)");
+  m.def(
+      "margin_psi(Tensor cos, Tensor m1, Tensor m2, Tensor m3, int margin_kind, "
+      "int theta_policy, float lambda_) -> (Tensor psi, Tensor d_cos, Tensor d_m1, "
+      "Tensor d_m2, Tensor d_m3)");
 }

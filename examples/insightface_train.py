@@ -42,7 +42,10 @@ class PolynomialLRWarmup(torch.optim.lr_scheduler.LambdaLR):
 
 def backbone(input_size: int, embedding_size: int) -> torch.nn.Module:
     return torch.nn.Sequential(
-        torch.nn.Linear(input_size, 64), torch.nn.BatchNorm1d(64), torch.nn.PReLU(64), torch.nn.Linear(64, embedding_size)
+        torch.nn.Linear(input_size, 64),
+        torch.nn.BatchNorm1d(64),
+        torch.nn.PReLU(64),
+        torch.nn.Linear(64, embedding_size),
     )
 
 
@@ -81,7 +84,9 @@ def main() -> None:
     module_partial_fc.train()
     opt = torch.optim.SGD(
         params=[{"params": net.parameters()}, {"params": module_partial_fc.parameters()}],
-        lr=args.lr, momentum=0.9, weight_decay=5e-4,
+        lr=args.lr,
+        momentum=0.9,
+        weight_decay=5e-4,
     )
     lr_scheduler = PolynomialLRWarmup(opt, args.warmup, args.steps)
 
@@ -89,7 +94,9 @@ def main() -> None:
     if args.resume:
         path = os.path.join(args.output, f"checkpoint_gpu_{rank}.pt")
         saved_world = len([f for f in os.listdir(args.output) if f.startswith("checkpoint_gpu_")])
-        ckpt = torch.load(os.path.join(args.output, "checkpoint_gpu_0.pt" if not os.path.exists(path) else path), weights_only=False)
+        ckpt = torch.load(
+            os.path.join(args.output, "checkpoint_gpu_0.pt" if not os.path.exists(path) else path), weights_only=False
+        )
         start_step = ckpt["global_step"]
         net.module.load_state_dict(ckpt["state_dict_backbone"])
         if saved_world == world:  # insightface's resume: every rank its own file

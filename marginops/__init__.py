@@ -1,6 +1,7 @@
 """marginops: fused margin-softmax cross-entropy heads that never materialize logits."""
 
 from . import distributed, insightface, margins, ops, pml, reference, regularizers, subcenter  # noqa: F401  (ops loads the library)
+from .distributed import ShardedMarginHead
 from .functional import margin_cross_entropy
 from .margins import (
     AdaFace,
@@ -20,7 +21,6 @@ from .margins import (
     SubCenterArcFace,
     WeightNormSoftmax,
 )
-from .distributed import ShardedMarginHead
 from .nn import MarginHead, WeightedMarginHead
 
 __version__ = "0.1.0"

@@ -48,7 +48,11 @@ def check_dtype_pair(x: torch.Tensor, weight: torch.Tensor) -> None:
 
 
 def check_finite_inputs(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, subcenters: int = 1, class_offset: int = 0
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    subcenters: int = 1,
+    class_offset: int = 0,
 ) -> None:
     """check_finite=True: a ValueError naming the first row of x, class of weight or entry of
     bias holding NaN or ±Inf. Costs one pass over the inputs and a device sync (the answer is
@@ -108,12 +112,17 @@ def check_head_inputs(
     if x.dim() != 2:
         raise ValueError(f"x must have shape [B, D], got {tuple(x.shape)}")
     if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
-        raise ValueError(f"weight must have shape [C, {x.shape[1]}] to match x {tuple(x.shape)}, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape [C, {x.shape[1]}] to match x {tuple(x.shape)}, got {tuple(weight.shape)}"
+        )
     if weight.shape[0] == 0:
         raise ValueError("weight must have at least one class, got shape " + str(tuple(weight.shape)))
     K = margin.config().subcenters
     if weight.shape[0] % K:
-        raise ValueError(f"weight has {weight.shape[0]} rows: {type(margin).__name__} needs num_classes·{K} (K sub-centers per class)")
+        raise ValueError(
+            f"weight has {weight.shape[0]} rows: {type(margin).__name__} needs num_classes·{K} (K sub-centers per "
+            "class)"
+        )
     for name, t in (("x", x), ("weight", weight)):
         if t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
@@ -122,7 +131,9 @@ def check_head_inputs(
     if bad_dtype is not None:
         raise ValueError(bad_dtype)
     if labels.shape != (x.shape[0],):
-        raise ValueError(f"labels must have shape [{x.shape[0]}] to match x {tuple(x.shape)}, got {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must have shape [{x.shape[0]}] to match x {tuple(x.shape)}, got {tuple(labels.shape)}"
+        )
     for name, t in (("weight", weight), ("labels", labels)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
@@ -180,7 +191,9 @@ def check_label_smoothing(label_smoothing) -> float:
     """label_smoothing: a Python number in [0, 1] (a tensor is refused: it would be read on the
     host at every step, and a 0-d tensor compares like a number only by accident)."""
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
-        kind = f"a {type(label_smoothing).__name__}" + (f" {label_smoothing!r}" if isinstance(label_smoothing, torch.Tensor) else "")
+        kind = f"a {type(label_smoothing).__name__}" + (
+            f" {label_smoothing!r}" if isinstance(label_smoothing, torch.Tensor) else ""
+        )
         raise ValueError(f"label_smoothing must be a float in [0, 1], got {kind} (pass e.g. float(value))")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")

@@ -36,7 +36,9 @@ def peak_rss_above_baseline(fn: Callable[[], T]) -> Tuple[T, Optional[int]]:
     return result, (_status_kib("VmHWM") - base) * 1024
 
 
-def head_step_memory(impl: str, B: int, D: int, C: int, margin: str = "arcface", dtype: str = "float32", seed: int = 0) -> dict:
+def head_step_memory(
+    impl: str, B: int, D: int, C: int, margin: str = "arcface", dtype: str = "float32", seed: int = 0
+) -> dict:
     """One forward+backward of a head on fresh inputs; the peak resident memory above the inputs
     and the gradients it had to produce. Meant for a fresh process (see main)."""
     import torch

@@ -1,11 +1,11 @@
 """The ``marginops`` command.
 
-    marginops bench   memory and step time of the fused head against the eager reference,
-                      torch.compile of it and the installed peers, across class counts
-    marginops demo    the feature distributions of each margin on handwritten digits, as PNGs,
-                      with held-out verification accuracy
-    marginops train   a short training run of a margin head on synthetic data, fused against
-                      the eager reference: loss, step time, throughput and peak memory of each
+marginops bench   memory and step time of the fused head against the eager reference,
+                  torch.compile of it and the installed peers, across class counts
+marginops demo    the feature distributions of each margin on handwritten digits, as PNGs,
+                  with held-out verification accuracy
+marginops train   a short training run of a margin head on synthetic data, fused against
+                  the eager reference: loss, step time, throughput and peak memory of each
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ def _train(impl: str, args, device: torch.device, dtype: torch.dtype) -> dict:
     labels = torch.randint(0, args.classes, (args.samples,), generator=gen)
     inputs = (centers[labels] + 0.5 * torch.randn(args.samples, args.input_dim, generator=gen)).to(device)
     labels = labels.to(device)
-    order = torch.cat([torch.randperm(args.samples, generator=gen) for _ in range(-(-args.steps * args.batch // args.samples))])
+    order = torch.cat(
+        [torch.randperm(args.samples, generator=gen) for _ in range(-(-args.steps * args.batch // args.samples))]
+    )
 
     backbone = torch.nn.Sequential(torch.nn.Linear(args.input_dim, args.dim), torch.nn.BatchNorm1d(args.dim)).to(device)
     head_cls = MarginHead if impl == "fused" else reference.MarginHead  # impl: "fused" or "eager"
@@ -138,7 +140,9 @@ def cmd_train(args) -> int:
         print(f"largest loss difference between the two runs: {drift:.2e}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"config": {k: v for k, v in vars(args).items() if k != "func"}, "results": results}, fh, indent=2)
+            json.dump(
+                {"config": {k: v for k, v in vars(args).items() if k != "func"}, "results": results}, fh, indent=2
+            )
         print(f"wrote {args.json}")
     return 0
 
@@ -162,10 +166,16 @@ def plain(doc: Optional[str]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="marginops", description=plain(__doc__), formatter_class=HelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{bench,demo,train}", help="what to run (each has its own --help)")
-    t = sub.add_parser("train", help="train a head on synthetic data, fused vs eager", formatter_class=HelpFormatter,
-                       description="A short training run of backbone + margin head on synthetic data, fused head against the "
-                                   "eager reference\nfrom one seed: loss, accuracy, step time, throughput and peak memory.")
+    sub = p.add_subparsers(
+        dest="command", required=True, metavar="{bench,demo,train}", help="what to run (each has its own --help)"
+    )
+    t = sub.add_parser(
+        "train",
+        help="train a head on synthetic data, fused vs eager",
+        formatter_class=HelpFormatter,
+        description="A short training run of backbone + margin head on synthetic data, fused head against the "
+        "eager reference\nfrom one seed: loss, accuracy, step time, throughput and peak memory.",
+    )
     t.add_argument("--classes", type=int, default=100_000, help="number of classes C of the head")
     t.add_argument("--batch", type=int, default=256, help="rows per step")
     t.add_argument("--dim", type=int, default=128, help="embedding size")
@@ -174,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--samples", type=int, default=2048, help="size of the synthetic data set, visited in epochs")
     t.add_argument("--margin", choices=sorted(MARGINS), default="arcface", help="margin of the head")
     t.add_argument("--lr", type=float, default=0.1, help="learning rate of SGD (momentum 0.9)")
-    t.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="autocast dtype of the backbone")
+    t.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="autocast dtype of the backbone"
+    )
     t.add_argument("--device", default="cpu", help="torch device to train on, e.g. cpu or cuda")
     t.add_argument("--seed", type=int, default=0, help="seed of the data, the initialization and the batch order")
     t.add_argument("--skip-eager", action="store_true", help="run the fused head only")
@@ -182,15 +194,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
     from . import bench
 
-    b = sub.add_parser("bench", help="benchmark the head against the reference and peers", description=plain(bench.__doc__),
-                       formatter_class=HelpFormatter)
+    b = sub.add_parser(
+        "bench",
+        help="benchmark the head against the reference and peers",
+        description=plain(bench.__doc__),
+        formatter_class=HelpFormatter,
+    )
 
     bench.add_arguments(b)
     b.set_defaults(func=bench.run)
     from . import demo
 
-    d = sub.add_parser("demo", help="draw the feature distributions of the margin family on digits", description=plain(demo.__doc__),
-                       formatter_class=HelpFormatter)
+    d = sub.add_parser(
+        "demo",
+        help="draw the feature distributions of the margin family on digits",
+        description=plain(demo.__doc__),
+        formatter_class=HelpFormatter,
+    )
     demo.add_arguments(d)
     d.set_defaults(func=demo.run)
     return p

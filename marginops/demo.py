@@ -60,7 +60,13 @@ def load_digits(seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, to
 
 def embedder(dim: int) -> nn.Module:
     return nn.Sequential(
-        nn.Linear(64, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, dim)
+        nn.Linear(64, 256),
+        nn.BatchNorm1d(256),
+        nn.ReLU(),
+        nn.Linear(256, 128),
+        nn.BatchNorm1d(128),
+        nn.ReLU(),
+        nn.Linear(128, dim),
     )
 
 
@@ -156,8 +162,11 @@ def run(args) -> int:
 
 
 def _run(args, plt) -> int:
-    print(f"marginops demo: seed {args.seed}, {torch.get_num_threads()} thread(s), deterministic algorithms "
-          "(the same figures on every run on this machine)", flush=True)
+    print(
+        f"marginops demo: seed {args.seed}, {torch.get_num_threads()} thread(s), deterministic algorithms "
+        "(the same figures on every run on this machine)",
+        flush=True,
+    )
     data = load_digits(args.seed)
     dims = [int(d) for d in str(args.dims).split(",")]
     os.makedirs(args.out, exist_ok=True)
@@ -174,8 +183,11 @@ def _run(args, plt) -> int:
             v = verification(feats, data[3], args.far)
             table.append((dim, name, acc, v["pair_accuracy"], v["tar"], v["intra_angle"]))
             feats_by_head[name] = feats
-            print(f"{dim}-D {name:<11} top-1 {acc:.3f}  pair accuracy {v['pair_accuracy']:.3f}  "
-                  f"TAR@FAR={args.far:g} {v['tar']:.3f}  intra-class angle {v['intra_angle']:.1f}°", flush=True)
+            print(
+                f"{dim}-D {name:<11} top-1 {acc:.3f}  pair accuracy {v['pair_accuracy']:.3f}  "
+                f"TAR@FAR={args.far:g} {v['tar']:.3f}  intra-class angle {v['intra_angle']:.1f}°",
+                flush=True,
+            )
         n = len(HEADS)
         if dim == 2:
             fig = plt.figure(figsize=(3.6 * n, 7.2))
@@ -211,10 +223,19 @@ def _run(args, plt) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="marginops-demo", help="folder for the PNGs and the table")
     p.add_argument("--dims", default="2,3", help="feature dimensions to train, comma-separated")
-    p.add_argument("--epochs", type=int, default=100, help="training epochs per head (the defaults run in about a minute on 2 cores)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=100,
+        help="training epochs per head (the defaults run in about a minute on 2 cores)",
+    )
     p.add_argument("--far", type=float, default=1e-2, help="false accept rate of the TAR column")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads while training (1: the figures do not depend on the machine's core count)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads while training (1: the figures do not depend on the machine's core count)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the data split, the initialization and the batch order")
 
 

@@ -35,8 +35,18 @@ import torch.nn.functional as F
 
 from . import ops
 from ._checks import (
-    FLOAT_DTYPES, REDUCTIONS, check_backend, check_grad_skip, check_label_smoothing, dtype_name, dtype_pair_error, first_bad_label,
-    first_nonfinite, label_dtype_error, label_range_message, nonfinite_message,
+    FLOAT_DTYPES,
+    REDUCTIONS,
+    check_backend,
+    check_grad_skip,
+    check_label_smoothing,
+    dtype_name,
+    dtype_pair_error,
+    first_bad_label,
+    first_nonfinite,
+    label_dtype_error,
+    label_range_message,
+    nonfinite_message,
 )
 from .functional import accuracy_from_stats, autocast_features, loss_from_stats
 from .margins import Margin, RowContext, target_cosines
@@ -117,17 +127,28 @@ class _GatherStats(torch.autograd.Function):
 
 
 # Header codes: what a rank found wrong with its own input, so that every rank can raise it.
-_OK, _BAD_LABEL, _BAD_DIM, _BAD_DTYPE, _BAD_SHAPE, _BAD_X_NDIM, _BAD_LABELS_NDIM, _BAD_PAIR, _NONFINITE, _BAD_DEVICE = range(10)
+_OK, _BAD_LABEL, _BAD_DIM, _BAD_DTYPE, _BAD_SHAPE, _BAD_X_NDIM, _BAD_LABELS_NDIM, _BAD_PAIR, _NONFINITE, _BAD_DEVICE = (
+    range(10)
+)
 _NONFINITE_WHAT = ("x", "weight", "bias")
 _DEVICE_TYPES = ("cpu", "cuda", "meta", "mps", "xpu", "hpu", "privateuseone")
 # Flags of the header: how the rank calls the head. Every rank must call it alike, or the backward's
 # collectives (or a stateful margin's) would wait for a rank that never joins them.
 _CALL_FLAGS = (
-    ("x.requires_grad", "require grad on x alike on every rank (and call under the same torch.no_grad / enable_grad mode): "
-     "the backward reduce-scatters dx, and a rank without that backward would leave the others waiting in it"),
+    (
+        "x.requires_grad",
+        "require grad on x alike on every rank (and call under the same torch.no_grad / enable_grad mode): "
+        "the backward reduce-scatters dx, and a rank without that backward would leave the others waiting in it",
+    ),
     ("weight.requires_grad", "freeze or unfreeze the head alike on every rank (and call under the same grad mode)"),
-    ("training", "call head.train() / head.eval() alike on every rank (Partial FC sampling and stateful margins follow it)"),
-    ("scale_grad_by_world_size", "scale the features' gradient alike on every rank (scale_grad_by_world_size / grad_scale)"),
+    (
+        "training",
+        "call head.train() / head.eval() alike on every rank (Partial FC sampling and stateful margins follow it)",
+    ),
+    (
+        "scale_grad_by_world_size",
+        "scale the features' gradient alike on every rank (scale_grad_by_world_size / grad_scale)",
+    ),
 )
 
 
@@ -218,7 +239,10 @@ class ShardedMarginHead(_ClassWeights):
     ):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
-            raise ValueError("ShardedMarginHead needs torch.distributed initialized (init_process_group); use MarginHead on one process")
+            raise ValueError(
+                "ShardedMarginHead needs torch.distributed initialized (init_process_group); use MarginHead on one "
+                "process"
+            )
         self.margin = _check_margin(margin)
         if not isinstance(sample_rate, (int, float)) or isinstance(sample_rate, bool) or not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
@@ -242,7 +266,9 @@ class ShardedMarginHead(_ClassWeights):
         self.backend, self.workspace_bytes = backend, workspace_bytes
         self.check_finite = bool(check_finite)
         K = self.margin.config().subcenters
-        self._init_weights(embedding_size, self.class_end - self.class_start, K, bias, {"device": device, "dtype": dtype})
+        self._init_weights(
+            embedding_size, self.class_end - self.class_start, K, bias, {"device": device, "dtype": dtype}
+        )
         self.num_classes = num_classes  # the head's classes, all ranks together
         self.local_classes = self.class_end - self.class_start
         self.margin_state = MarginState(self.margin.state_init())
@@ -272,7 +298,9 @@ class ShardedMarginHead(_ClassWeights):
         dist.all_gather_object(every, mine, group=self.group)
         diffs = [f"rank {r}: {k}={v[k]!r}" for r, v in enumerate(every) for k in mine if v[k] != every[0][k]]
         if diffs:
-            raise ValueError(f"ShardedMarginHead arguments differ between ranks (rank 0: {every[0]}); " + "; ".join(diffs))
+            raise ValueError(
+                f"ShardedMarginHead arguments differ between ranks (rank 0: {every[0]}); " + "; ".join(diffs)
+            )
 
     # -- the forward's collectives -------------------------------------------------------------
 
@@ -283,7 +311,9 @@ class ShardedMarginHead(_ClassWeights):
         bits = (grad and x.requires_grad, grad and weight_grad, self.training, self.grad_scale != 1.0)
         return sum(1 << i for i, b in enumerate(bits) if b)
 
-    def _exchange_header(self, x: torch.Tensor, labels: torch.Tensor, check_finite: bool = False, forward: bool = True) -> List[int]:
+    def _exchange_header(
+        self, x: torch.Tensor, labels: torch.Tensor, check_finite: bool = False, forward: bool = True
+    ) -> List[int]:
         """Every rank learns every batch size and every rank's input errors; raises on all ranks
         if any rank's input is bad (dtypes: x like weight, or float16/bfloat16 x with a float32
         weight; labels of any integer dtype on x's device; with check_finite, the first NaN/Inf
@@ -304,7 +334,11 @@ class ShardedMarginHead(_ClassWeights):
             code = _BAD_DTYPE
         elif labels.device != x.device or x.device != self.weight.device:
             pair = (labels, x) if labels.device != x.device else (x, self.weight)
-            code, where, value = _BAD_DEVICE, int(pair[0] is x), _device_code(pair[0].device) * 100 + _device_code(pair[1].device)
+            code, where, value = (
+                _BAD_DEVICE,
+                int(pair[0] is x),
+                _device_code(pair[0].device) * 100 + _device_code(pair[1].device),
+            )
         elif x.device.type == "meta":
             code, where, value = _BAD_DEVICE, 2, _device_code(x.device)
         elif dtype_pair_error(x.dtype, self.weight.dtype) is not None:
@@ -327,10 +361,15 @@ class ShardedMarginHead(_ClassWeights):
             if c == _BAD_DIM:
                 raise ValueError(f"rank {r}: x must have shape [B, {self.embedding_size}], got D = {v}")
             if c == _BAD_DTYPE:
-                raise ValueError(f"rank {r}: x must be float16/bfloat16/float32/float64 and labels integer (any integer dtype)")
+                raise ValueError(
+                    f"rank {r}: x must be float16/bfloat16/float32/float64 and labels integer (any integer dtype)"
+                )
             if c == _BAD_DEVICE:
                 if w == 2:
-                    raise ValueError(f"rank {r}: x, labels and the head are on the meta device: ShardedMarginHead needs data to exchange")
+                    raise ValueError(
+                        f"rank {r}: x, labels and the head are on the meta device: ShardedMarginHead needs data to "
+                        "exchange"
+                    )
                 what = ("labels", "x") if w == 0 else ("x", "the head's weight")
                 raise ValueError(
                     f"rank {r}: {what[0]} is on {_device_name(v // 100)} but {what[1]} is on {_device_name(v % 100)} "
@@ -358,12 +397,16 @@ class ShardedMarginHead(_ClassWeights):
         first = every[0]
         odd = lambda i: next((r for r, row in enumerate(every) if row[i] != first[i]), None)  # noqa: E731
         prefix = "ShardedMarginHead is called differently across ranks: "
-        for i, name, advice in ((4, "x", "cast every rank's features alike"), (5, "weight", "convert every rank's head alike")):
+        for i, name, advice in (
+            (4, "x", "cast every rank's features alike"),
+            (5, "weight", "convert every rank's head alike"),
+        ):
             r = odd(i)
             if r is not None:
                 raise ValueError(
                     f"{prefix}{name} has different dtypes across ranks: rank {r} has {name}.dtype="
-                    f"{dtype_name(FLOAT_DTYPES[every[r][i]])} but rank 0 has {name}.dtype={dtype_name(FLOAT_DTYPES[first[i]])}; {advice}"
+                    f"{dtype_name(FLOAT_DTYPES[every[r][i]])} but rank 0 has "
+                    f"{name}.dtype={dtype_name(FLOAT_DTYPES[first[i]])}; {advice}"
                 )
         r = odd(6)
         if r is not None:
@@ -422,13 +465,29 @@ class ShardedMarginHead(_ClassWeights):
         cfg = self.margin.config()
         backend, workspace = check_backend(self.backend, xg.device, self.workspace_bytes)
         stats = ops.head_stats(
-            xg, self.weight, yg, self.bias, terms.row_margins, terms.curricular, sample,
-            self.num_classes, self.class_start, self.ignore_index, cfg, self.grad_skip_threshold, backend, workspace,
+            xg,
+            self.weight,
+            yg,
+            self.bias,
+            terms.row_margins,
+            terms.curricular,
+            sample,
+            self.num_classes,
+            self.class_start,
+            self.ignore_index,
+            cfg,
+            self.grad_skip_threshold,
+            backend,
+            workspace,
         )
         computed = float(self.local_classes if sample is None else sample.numel())
         packed = torch.stack(
             [s.to(torch.float64) for s in (stats.lse, stats.target_logit, stats.logit_sum)]
-            + [stats.best_logit.detach().double(), stats.best_class.double(), torch.full_like(stats.lse, computed, dtype=torch.float64)],
+            + [
+                stats.best_logit.detach().double(),
+                stats.best_class.double(),
+                torch.full_like(stats.lse, computed, dtype=torch.float64),
+            ],
             dim=1,
         )
         replicated = self.reduction != "none"
@@ -490,7 +549,9 @@ class ShardedMarginHead(_ClassWeights):
         if kind == "cosine":
             cfg, bias = cosine_margin(cfg.subcenters).config(), None
         kk = min(k, self.local_classes)
-        vals, cls = torch.ops.marginops.margin_topk(xg, self.weight, bias, None, kk, self.class_start, cfg.normalize_x, cfg.normalize_w, cfg.s, cfg.subcenters)
+        vals, cls = torch.ops.marginops.margin_topk(
+            xg, self.weight, bias, None, kk, self.class_start, cfg.normalize_x, cfg.normalize_w, cfg.s, cfg.subcenters
+        )
         if kk < k:  # pad so that every rank contributes k candidates
             vals = F.pad(vals, (0, k - kk), value=-math.inf)
             cls = F.pad(cls, (0, k - kk), value=-1)
@@ -504,7 +565,8 @@ class ShardedMarginHead(_ClassWeights):
 
     def extra_repr(self) -> str:
         return (
-            f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, rank={self.rank}/{self.world_size}, "
+            f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+            f"rank={self.rank}/{self.world_size}, "
             f"classes=[{self.class_start}, {self.class_end}), margin={self.margin!r}, sample_rate={self.sample_rate}"
         )
 
@@ -580,7 +642,14 @@ def save_sharded(head: Union["ShardedMarginHead", _ClassWeights], directory: str
         dist.barrier(group=head.group)
 
 
-_META_FIELDS = {"num_classes": int, "embedding_size": int, "subcenters": int, "bias": bool, "margin": str, "world_size": int}
+_META_FIELDS = {
+    "num_classes": int,
+    "embedding_size": int,
+    "subcenters": int,
+    "bias": bool,
+    "margin": str,
+    "world_size": int,
+}
 
 
 def _read_meta(directory: str) -> dict:
@@ -604,10 +673,17 @@ def _read_meta(directory: str) -> dict:
     entries = meta.get("shards")
     if entries is not None:
         names = [_SHARD.format(rank=r, world=world) for r in range(world)]
-        ok = isinstance(entries, list) and len(entries) == world and all(
-            isinstance(e, dict) and e.get("file") == n and isinstance(e.get("sha256"), str)
-            and isinstance(e.get("bytes"), int) and not isinstance(e.get("bytes"), bool)
-            for e, n in zip(entries, names)
+        ok = (
+            isinstance(entries, list)
+            and len(entries) == world
+            and all(
+                isinstance(e, dict)
+                and e.get("file") == n
+                and isinstance(e.get("sha256"), str)
+                and isinstance(e.get("bytes"), int)
+                and not isinstance(e.get("bytes"), bool)
+                for e, n in zip(entries, names)
+            )
         )
         if not ok:
             raise ValueError(f"{damaged}: shards must list {{file, bytes, sha256}} of {names}, got {entries!r}")
@@ -621,12 +697,14 @@ def _verify_file(path: str, entry: Optional[dict]) -> None:
     digest, size = _file_digest(path)
     if size != entry["bytes"]:
         raise ValueError(
-            f"{path} is damaged: {size} bytes, but meta.json records {entry['bytes']} (truncated, or overwritten after the "
+            f"{path} is damaged: {size} bytes, but meta.json records {entry['bytes']} (truncated, or overwritten "
+            "after the "
             "checkpoint was written)"
         )
     if digest != entry["sha256"]:
         raise ValueError(
-            f"{path} is damaged: its sha256 {digest[:16]}... differs from {entry['sha256'][:16]}... recorded in meta.json "
+            f"{path} is damaged: its sha256 {digest[:16]}... differs from {entry['sha256'][:16]}... recorded in "
+            "meta.json "
             "(its bytes changed after the checkpoint was written, or it comes from another checkpoint)"
         )
 
@@ -638,27 +716,42 @@ def _check_shard(path: str, shard, meta: dict, rank: int, first: int) -> int:
     bad = lambda what: ValueError(f"{path} does not match meta.json: {what}")  # noqa: E731
     keys = ("class_start", "class_end", "weight", "bias", "margin_state")
     if not isinstance(shard, dict) or any(k not in shard for k in keys):
-        raise bad(f"a shard holds {list(keys)}, got {sorted(shard) if isinstance(shard, dict) else type(shard).__name__}")
+        raise bad(
+            f"a shard holds {list(keys)}, got {sorted(shard) if isinstance(shard, dict) else type(shard).__name__}"
+        )
     C, world, K, D = meta["num_classes"], meta["world_size"], meta["subcenters"], meta["embedding_size"]
     start, end = shard["class_start"], shard["class_end"]
     last = rank == world - 1
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end)) or start != first or not (
-        end == C if last else first < end < C
+    if (
+        not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end))
+        or start != first
+        or not (end == C if last else first < end < C)
     ):
         want = f"[{first}, {C})" if last else f"[{first}, e) with {first} < e < {C}"
         raise bad(f"classes [{start}, {end}), expected {want} (shard {rank} of {world}, {C} classes)")
     weight, bias = shard["weight"], shard["bias"]
     want = ((end - start) * K, D)
     if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != want or weight.dtype not in FLOAT_DTYPES:
-        got = f"{tuple(weight.shape)} {dtype_name(weight.dtype)}" if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise bad(f"weight is {got}, expected a floating tensor of shape {want} (classes [{start}, {end}) x {K} sub-centers, D = {D})")
+        got = (
+            f"{tuple(weight.shape)} {dtype_name(weight.dtype)}"
+            if isinstance(weight, torch.Tensor)
+            else type(weight).__name__
+        )
+        raise bad(
+            f"weight is {got}, expected a floating tensor of shape {want} (classes [{start}, {end}) x {K} "
+            f"sub-centers, D = {D})"
+        )
     if meta["bias"] != (bias is not None):
         raise bad(f"bias is {'absent' if bias is None else 'present'}, but meta.json says bias={meta['bias']}")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (end - start,) or bias.dtype not in FLOAT_DTYPES):
+    if bias is not None and (
+        not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (end - start,) or bias.dtype not in FLOAT_DTYPES
+    ):
         got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
         raise bad(f"bias has shape {got}, expected ({end - start},)")
     state = shard["margin_state"]
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise bad("margin_state must map names to tensors")
     return end
 
@@ -671,7 +764,8 @@ def _read_shards(directory: str) -> Tuple[dict, List[dict]]:
     entries = meta.get("shards")
     if entries is None:
         warnings.warn(
-            f"checkpoint {directory} records no checksums (written before marginops recorded them): its shard files are "
+            f"checkpoint {directory} records no checksums (written before marginops recorded them): its shard files "
+            "are "
             "checked for shape only, not for damage; save it again to add them",
             stacklevel=3,
         )
@@ -700,7 +794,11 @@ def _check_meta(meta: dict, head, strict: bool) -> List[str]:
     diffs = {k: f"{k}: checkpoint {meta[k]!r}, head {mine[k]!r}" for k in keys if meta[k] != mine[k]}
     fatal = [d for k, d in diffs.items() if k not in _OVERRIDABLE]
     if fatal or (diffs and strict):
-        hint = "" if fatal else " (load_sharded(..., strict=False) loads it anyway: the classes both have, whatever the margin)"
+        hint = (
+            ""
+            if fatal
+            else " (load_sharded(..., strict=False) loads it anyway: the classes both have, whatever the margin)"
+        )
         raise ValueError("checkpoint does not fit this head: " + "; ".join(diffs.values()) + hint)
     return list(diffs.values())
 
@@ -745,7 +843,8 @@ def load_sharded(head: Union["ShardedMarginHead", _ClassWeights], directory: str
     state_fits = sorted(state) == sorted(mine) and all(tuple(state[k].shape) == tuple(mine[k].shape) for k in mine)
     if not state_fits and not differences:
         raise ValueError(
-            f"{directory}: the margin state {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in state.items())}}} does not fit "
+            f"{directory}: the margin state {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in state.items())}}} does "
+            "not fit "
             f"the head's {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in mine.items())}}}"
         )
     if differences:
@@ -753,7 +852,8 @@ def load_sharded(head: Union["ShardedMarginHead", _ClassWeights], directory: str
         if stop < end:
             kept.append(f"classes [{max(start, stop)}, {end})")
         warnings.warn(
-            f"load_sharded(strict=False) of {directory}: " + "; ".join(differences)
+            f"load_sharded(strict=False) of {directory}: "
+            + "; ".join(differences)
             + (f"; the head keeps its own {' and '.join(kept)}" if kept else ""),
             stacklevel=3,
         )
@@ -771,7 +871,10 @@ def consolidate(directory: str) -> Dict[str, Optional[torch.Tensor]]:
     Verifies the files as :func:`load_sharded` does."""
     meta, shards = _read_shards(directory)
     C = meta["num_classes"]
-    return {"weight": _gather_range(shards, "weight", 0, C, meta["subcenters"]), "bias": _gather_range(shards, "bias", 0, C, 1)}
+    return {
+        "weight": _gather_range(shards, "weight", 0, C, meta["subcenters"]),
+        "bias": _gather_range(shards, "bias", 0, C, 1),
+    }
 
 
 def split(weight: torch.Tensor, world_size: int, subcenters: int = 1) -> List[torch.Tensor]:
@@ -779,7 +882,9 @@ def split(weight: torch.Tensor, world_size: int, subcenters: int = 1) -> List[to
     C = weight.shape[0] // subcenters
     if C * subcenters != weight.shape[0]:
         raise ValueError(f"weight has {weight.shape[0]} rows, not a multiple of subcenters = {subcenters}")
-    return [weight[s * subcenters : e * subcenters] for s, e in (class_range(C, world_size, r) for r in range(world_size))]
+    return [
+        weight[s * subcenters : e * subcenters] for s, e in (class_range(C, world_size, r) for r in range(world_size))
+    ]
 
 
 def import_insightface(paths: Union[str, Sequence[str]]) -> torch.Tensor:
@@ -789,14 +894,18 @@ def import_insightface(paths: Union[str, Sequence[str]]) -> torch.Tensor:
     Checks that the shard sizes follow insightface's split. Load the result with
     ``head.weight.copy_(...)`` or, for a ShardedMarginHead, its ``split(...)[rank]``."""
     if isinstance(paths, str):
-        found = sorted(glob.glob(os.path.join(paths, "checkpoint_gpu_*.pt"))) or sorted(glob.glob(os.path.join(paths, "softmax_fc_gpu_*.pt")))
+        found = sorted(glob.glob(os.path.join(paths, "checkpoint_gpu_*.pt"))) or sorted(
+            glob.glob(os.path.join(paths, "softmax_fc_gpu_*.pt"))
+        )
         if not found:
             raise ValueError(f"{paths} holds no insightface checkpoint_gpu_*.pt or softmax_fc_gpu_*.pt files")
         paths = found
     rank_of = lambda p: int(os.path.basename(p).rsplit("_", 1)[1].split(".")[0])  # noqa: E731
     paths = sorted(paths, key=rank_of)
     if [rank_of(p) for p in paths] != list(range(len(paths))):
-        raise ValueError(f"insightface shards must be ranks 0..{len(paths) - 1}, got {[os.path.basename(p) for p in paths]}")
+        raise ValueError(
+            f"insightface shards must be ranks 0..{len(paths) - 1}, got {[os.path.basename(p) for p in paths]}"
+        )
     shards = []
     for p in paths:
         state = torch.load(p, map_location="cpu", weights_only=True)
@@ -807,5 +916,8 @@ def import_insightface(paths: Union[str, Sequence[str]]) -> torch.Tensor:
     C = sum(s.shape[0] for s in shards)
     expected = [e - s for s, e in (class_range(C, len(shards), r) for r in range(len(shards)))]
     if [s.shape[0] for s in shards] != expected or len({s.shape[1] for s in shards}) != 1:
-        raise ValueError(f"shard shapes {[tuple(s.shape) for s in shards]} do not follow insightface's split of {C} classes over {len(shards)} ranks")
+        raise ValueError(
+            f"shard shapes {[tuple(s.shape) for s in shards]} do not follow insightface's split of {C} classes over "
+            f"{len(shards)} ranks"
+        )
     return torch.cat(shards)

@@ -143,12 +143,28 @@ def margin_cross_entropy(
     num_classes = weight.shape[0] // cfg.subcenters
     valid = labels != ignore_index
     ctx = RowContext(
-        x, labels, valid, margin_state is not None and update_state, lambda: target_cosines(x, weight, labels, valid, cfg.subcenters)
+        x,
+        labels,
+        valid,
+        margin_state is not None and update_state,
+        lambda: target_cosines(x, weight, labels, valid, cfg.subcenters),
     )
     terms = margin.prepare(ctx, margin_state)
     stats = ops.head_stats(
-        x, weight, labels, bias, terms.row_margins, terms.curricular, None, num_classes, 0, ignore_index, cfg,
-        grad_skip_threshold, backend_code, workspace,
+        x,
+        weight,
+        labels,
+        bias,
+        terms.row_margins,
+        terms.curricular,
+        None,
+        num_classes,
+        0,
+        ignore_index,
+        cfg,
+        grad_skip_threshold,
+        backend_code,
+        workspace,
     )
     loss = loss_from_stats(stats, labels, num_classes, ignore_index, label_smoothing, reduction, terms.extra_loss)
     if return_accuracy:
@@ -170,7 +186,11 @@ class _Cosine(Margin):
 
 
 def class_logits(
-    x: torch.Tensor, weight: torch.Tensor, margin: Optional[Margin] = None, bias: Optional[torch.Tensor] = None, chunk_size: int = 65536
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    margin: Optional[Margin] = None,
+    bias: Optional[torch.Tensor] = None,
+    chunk_size: int = 65536,
 ) -> torch.Tensor:
     """Margin-free logits [B, C] of a head (a class's logit being its best sub-center's), computed
     chunk_size classes at a time, so temporaries stay at B·chunk_size·K."""
@@ -199,7 +219,11 @@ TOPK_KINDS = ("cosine", "logit")
 
 
 def topk_classes(
-    x: torch.Tensor, weight: torch.Tensor, k: int, margin: Optional[Margin] = None, bias: Optional[torch.Tensor] = None,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    k: int,
+    margin: Optional[Margin] = None,
+    bias: Optional[torch.Tensor] = None,
     kind: str = "logit",
 ):
     """The k best classes of each row from the fused pass, without a [B, C] tensor:

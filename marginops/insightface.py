@@ -74,9 +74,13 @@ def combined_spec(s, m1, m2, m3, threshold=0.0, semantics: str = "insightface") 
                 "reproduced. semantics='marginops' honours all three.",
                 stacklevel=3,
             )
-        return _CombinedSpec(s=s, m1=1.0, m2=0.0, m3=m3, policy="none", interclass_filtering_threshold=threshold, straight_through=True)
+        return _CombinedSpec(
+            s=s, m1=1.0, m2=0.0, m3=m3, policy="none", interclass_filtering_threshold=threshold, straight_through=True
+        )
     policy = "none" if m1 == 1.0 else None  # insightface raises for m1 != 1, m3 = 0: marginops's default policy
-    return _CombinedSpec(s=s, m1=m1, m2=m2, m3=0.0, policy=policy, interclass_filtering_threshold=threshold, straight_through=True)
+    return _CombinedSpec(
+        s=s, m1=m1, m2=m2, m3=0.0, policy=policy, interclass_filtering_threshold=threshold, straight_through=True
+    )
 
 
 class _MarginModule(torch.nn.Module):
@@ -107,10 +111,14 @@ class CombinedMarginLoss(_MarginModule):
     ``semantics`` (keyword): "insightface" (default) or "marginops" (see the module doc)."""
 
     def __init__(self, s, m1, m2, m3, interclass_filtering_threshold=0, *, semantics: str = "insightface"):
-        super().__init__(semantics, s=s, m1=m1, m2=m2, m3=m3, interclass_filtering_threshold=interclass_filtering_threshold)
+        super().__init__(
+            semantics, s=s, m1=m1, m2=m2, m3=m3, interclass_filtering_threshold=interclass_filtering_threshold
+        )
 
     def spec(self, semantics: Optional[str] = None) -> Margin:
-        return combined_spec(self.s, self.m1, self.m2, self.m3, self.interclass_filtering_threshold, semantics or self.semantics)
+        return combined_spec(
+            self.s, self.m1, self.m2, self.m3, self.interclass_filtering_threshold, semantics or self.semantics
+        )
 
 
 class ArcFace(_MarginModule):
@@ -133,7 +141,9 @@ class CosFace(_MarginModule):
         super().__init__(semantics, s=s, m=m)
 
     def spec(self, semantics: Optional[str] = None) -> Margin:
-        return _CosFaceSpec(s=float(self.s), m=float(self.m), straight_through=(semantics or self.semantics) == "insightface")
+        return _CosFaceSpec(
+            s=float(self.s), m=float(self.m), straight_through=(semantics or self.semantics) == "insightface"
+        )
 
 
 def to_margin(margin_loss, semantics: Optional[str] = None) -> Margin:
@@ -151,8 +161,12 @@ def to_margin(margin_loss, semantics: Optional[str] = None) -> Margin:
     has = lambda *names: all(hasattr(margin_loss, n) for n in names)  # noqa: E731
     if has("s", "m1", "m2", "m3"):
         return combined_spec(
-            margin_loss.s, margin_loss.m1, margin_loss.m2, margin_loss.m3,
-            getattr(margin_loss, "interclass_filtering_threshold", 0.0), semantics,
+            margin_loss.s,
+            margin_loss.m1,
+            margin_loss.m2,
+            margin_loss.m3,
+            getattr(margin_loss, "interclass_filtering_threshold", 0.0),
+            semantics,
         )
     if has("s", "margin"):
         return ArcFace(margin_loss.s, margin_loss.margin, semantics=semantics).spec()
@@ -186,14 +200,23 @@ class PartialFC_V2(ShardedMarginHead):
         workspace_bytes: Optional[int] = None,
     ):
         if semantics is None:  # a marginops spec is used as it is
-            semantics = "marginops" if isinstance(margin_loss, Margin) else getattr(margin_loss, "semantics", "insightface")
+            semantics = (
+                "marginops" if isinstance(margin_loss, Margin) else getattr(margin_loss, "semantics", "insightface")
+            )
         _check_semantics(semantics)
         if not isinstance(fp16, bool):
             raise ValueError(f"fp16 must be a bool, got {fp16!r}")
         margin = to_margin(margin_loss, semantics)
         super().__init__(
-            embedding_size, num_classes, margin, process_group=process_group, sample_rate=sample_rate,
-            scale_grad_by_world_size=True, seed=seed, backend=backend, workspace_bytes=workspace_bytes,
+            embedding_size,
+            num_classes,
+            margin,
+            process_group=process_group,
+            sample_rate=sample_rate,
+            scale_grad_by_world_size=True,
+            seed=seed,
+            backend=backend,
+            workspace_bytes=workspace_bytes,
         )
         self.fp16 = fp16
         self.semantics = semantics
@@ -201,11 +224,15 @@ class PartialFC_V2(ShardedMarginHead):
         # insightface's state_dict is {"weight"}: the sampling step is not saved (as insightface's).
         self._non_persistent_buffers_set.add("sample_step")
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         step = state_dict.pop(prefix + "sample_step", None)  # a ShardedMarginHead's state
         if step is not None:
             self.sample_step.copy_(step)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor):
         x = local_embeddings
@@ -218,4 +245,3 @@ class PartialFC_V2(ShardedMarginHead):
             f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, sample_rate={self.sample_rate}, "
             f"fp16={self.fp16}, semantics={self.semantics!r}, margin={self.margin!r}, world_size={self.world_size}"
         )
-

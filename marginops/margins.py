@@ -145,7 +145,9 @@ class RowContext:
     target_cos: Callable[[], torch.Tensor]  # [B] cos θ_iy, detached (0 on ignored rows)
 
 
-def target_cosines(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, subcenters: int = 1) -> torch.Tensor:
+def target_cosines(
+    x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, subcenters: int = 1
+) -> torch.Tensor:
     """cos θ between each row and its class (the best of its sub-centers), detached; 0 on
     ignored rows. O(B·K·D)."""
     wide = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
@@ -203,7 +205,9 @@ class Margin:
         for key, m in margins:
             if isinstance(m, torch.Tensor):
                 if m.shape != (batch,):
-                    raise ValueError(f"{name}: per-row {key} must have shape [{batch}] to match x, got {tuple(m.shape)}")
+                    raise ValueError(
+                        f"{name}: per-row {key} must have shape [{batch}] to match x, got {tuple(m.shape)}"
+                    )
                 if m.device != like.device:
                     raise ValueError(f"{name}: per-row {key} is on {m.device} but x is on {like.device}")
                 cols.append(m)
@@ -315,8 +319,18 @@ class CosFace(Margin):
 
     def config(self) -> OpConfig:
         return OpConfig(
-            KIND_COMBINED, THETA_POLICIES["none"], True, True, float(self.s), 1.0, 0.0, _scalar(self.m, 0.0), 0.0, 1,
-            float(self.interclass_filtering_threshold), self.straight_through,
+            KIND_COMBINED,
+            THETA_POLICIES["none"],
+            True,
+            True,
+            float(self.s),
+            1.0,
+            0.0,
+            _scalar(self.m, 0.0),
+            0.0,
+            1,
+            float(self.interclass_filtering_threshold),
+            self.straight_through,
         )
 
 
@@ -428,8 +442,18 @@ class ArcFace(Margin):
 
     def config(self) -> OpConfig:
         return OpConfig(
-            KIND_COMBINED, THETA_POLICIES[self.policy], True, True, float(self.s), 1.0, _scalar(self.m, 0.0), 0.0, 0.0, 1,
-            float(self.interclass_filtering_threshold), self.straight_through,
+            KIND_COMBINED,
+            THETA_POLICIES[self.policy],
+            True,
+            True,
+            float(self.s),
+            1.0,
+            _scalar(self.m, 0.0),
+            0.0,
+            0.0,
+            1,
+            float(self.interclass_filtering_threshold),
+            self.straight_through,
         )
 
 
@@ -457,7 +481,9 @@ class SubCenterArcFace(Margin):
         _angular_target("SubCenterArcFace", self.s, self.m, self.policy)
 
     def config(self) -> OpConfig:
-        return OpConfig(KIND_COMBINED, THETA_POLICIES[self.policy], True, True, float(self.s), 1.0, float(self.m), 0.0, 0.0, self.K)
+        return OpConfig(
+            KIND_COMBINED, THETA_POLICIES[self.policy], True, True, float(self.s), 1.0, float(self.m), 0.0, 0.0, self.K
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -477,7 +503,9 @@ class CurricularFace(Margin):
         _check_number("CurricularFace", "momentum", self.momentum, 0.0, 1.0)
 
     def config(self) -> OpConfig:
-        return OpConfig(KIND_COMBINED, THETA_POLICIES["fallback"], True, True, float(self.s), 1.0, float(self.m), 0.0, 0.0)
+        return OpConfig(
+            KIND_COMBINED, THETA_POLICIES["fallback"], True, True, float(self.s), 1.0, float(self.m), 0.0, 0.0
+        )
 
     def state_init(self) -> Dict[str, torch.Tensor]:
         return {"t": torch.zeros(1, dtype=torch.float64)}
@@ -521,7 +549,10 @@ class AdaFace(Margin):
         return OpConfig(KIND_COMBINED, THETA_POLICIES["clip"], True, True, float(self.s), 1.0, 0.0, float(self.m), 0.0)
 
     def state_init(self) -> Dict[str, torch.Tensor]:
-        return {"batch_mean": torch.full((1,), 20.0, dtype=torch.float64), "batch_std": torch.full((1,), 100.0, dtype=torch.float64)}
+        return {
+            "batch_mean": torch.full((1,), 20.0, dtype=torch.float64),
+            "batch_std": torch.full((1,), 100.0, dtype=torch.float64),
+        }
 
     def prepare(self, ctx: RowContext, state=None) -> RowTerms:
         norms = ctx.x.detach().norm(dim=1).clamp(0.001, 100.0)
@@ -607,7 +638,9 @@ class AdaptiveAngularMargin(Margin):
             _check_number(owner, "slopes", v, 1.0, 10.0)
         if self.intercepts is not None:
             if len(self.intercepts) != len(k):
-                raise ValueError(f"{owner}: intercepts needs one entry per piece ({len(k)}), got {len(self.intercepts)}")
+                raise ValueError(
+                    f"{owner}: intercepts needs one entry per piece ({len(k)}), got {len(self.intercepts)}"
+                )
             for v in self.intercepts:
                 _check_number(owner, "intercepts", v, -math.pi, math.pi)
         if self.s is not None:
@@ -630,7 +663,9 @@ class AdaptiveAngularMargin(Margin):
 
     def config(self) -> OpConfig:
         normalized = self.s is not None
-        return OpConfig(KIND_COMBINED, THETA_POLICIES[self.policy], normalized, True, float(self.s or 1.0), 1.0, 0.0, 0.0, 0.0)
+        return OpConfig(
+            KIND_COMBINED, THETA_POLICIES[self.policy], normalized, True, float(self.s or 1.0), 1.0, 0.0, 0.0, 0.0
+        )
 
     def prepare(self, ctx: RowContext, state=None) -> RowTerms:
         theta = torch.acos(ctx.target_cos().clamp(-1.0 + COS_EPS, 1.0 - COS_EPS))

@@ -143,7 +143,9 @@ class MarginHead(_ClassWeights):
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if lambda_schedule is not None:
             if not isinstance(self.margin, LSoftmax):
-                raise ValueError(f"lambda_schedule anneals LSoftmax/SphereFace margins, not {type(self.margin).__name__}")
+                raise ValueError(
+                    f"lambda_schedule anneals LSoftmax/SphereFace margins, not {type(self.margin).__name__}"
+                )
             if not isinstance(lambda_schedule, LambdaSchedule):
                 raise ValueError(f"lambda_schedule must be a marginops LambdaSchedule, got {lambda_schedule!r}")
         self.reduction = reduction
@@ -155,7 +157,9 @@ class MarginHead(_ClassWeights):
         check_backend(backend, None, workspace_bytes)  # the device is checked per call
         self.backend, self.workspace_bytes = backend, workspace_bytes
         self.check_finite = bool(check_finite)
-        self._init_weights(embedding_size, num_classes, self.margin.config().subcenters, bias, {"device": device, "dtype": dtype})
+        self._init_weights(
+            embedding_size, num_classes, self.margin.config().subcenters, bias, {"device": device, "dtype": dtype}
+        )
         self.margin_state = MarginState(self.margin.state_init())
         if lambda_schedule is not None:
             self.register_buffer("lambda_iteration", torch.zeros((), dtype=torch.long, device=device))
@@ -250,10 +254,17 @@ class WeightedMarginHead(_ClassWeights):
         total = None
         for margin, w in self.terms:
             loss = self._loss_fn(
-                x, self.weight, labels, margin=margin, bias=self.bias,
-                ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
-                grad_skip_threshold=self.grad_skip_threshold, backend=self.backend,
-                workspace_bytes=self.workspace_bytes, check_finite=self.check_finite and total is None,
+                x,
+                self.weight,
+                labels,
+                margin=margin,
+                bias=self.bias,
+                ignore_index=self.ignore_index,
+                label_smoothing=self.label_smoothing,
+                grad_skip_threshold=self.grad_skip_threshold,
+                backend=self.backend,
+                workspace_bytes=self.workspace_bytes,
+                check_finite=self.check_finite and total is None,
             )
             total = w * loss if total is None else total + w * loss
         return total

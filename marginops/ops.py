@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
-
 from torch._C._functorch import TransformType as _TransformType
 
 from . import _C  # noqa: F401  (loads the library: op schemas and kernels)
@@ -59,8 +58,20 @@ def head_stats(
     _refuse_func_transforms()
     return HeadStats(
         *_ops.margin_ce_forward(
-            x, weight, labels, bias, row_margins, curricular, class_index, num_classes, class_offset, ignore_index, *cfg,
-            grad_skip, backend, workspace_bytes,
+            x,
+            weight,
+            labels,
+            bias,
+            row_margins,
+            curricular,
+            class_index,
+            num_classes,
+            class_offset,
+            ignore_index,
+            *cfg,
+            grad_skip,
+            backend,
+            workspace_bytes,
         )
     )
 
@@ -108,7 +119,13 @@ def _check_fake_shapes(x, weight, labels, bias, row_margins, curricular, class_i
 def _forward_fake(x, weight, labels, bias, row_margins, curricular, class_index, *scalars):
     _check_fake_shapes(x, weight, labels, bias, row_margins, curricular, class_index)
     rows = x.new_empty((x.shape[0],), dtype=acc_dtype(x, weight))
-    return rows, torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows, dtype=torch.long)
+    return (
+        rows,
+        torch.empty_like(rows),
+        torch.empty_like(rows),
+        torch.empty_like(rows),
+        torch.empty_like(rows, dtype=torch.long),
+    )
 
 
 @torch.library.register_fake("marginops::margin_ce_backward")
@@ -139,7 +156,9 @@ def _psi_fake(cos, m1, m2, m3, kind, policy, lambda_):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, labels, bias, row_margins, curricular, class_index, *scalars, grad_skip, backend, workspace = inputs  # defaults filled in
+    x, weight, labels, bias, row_margins, curricular, class_index, *scalars, grad_skip, backend, workspace = (
+        inputs  # defaults filled in
+    )
     ctx.save_for_backward(x, weight, labels, bias, row_margins, curricular, class_index, output[0])
     ctx.scalars = scalars
     ctx.tail = (grad_skip, backend, workspace)
@@ -161,7 +180,19 @@ def _backward(ctx, grad_lse, grad_target, grad_sum, _grad_best, _grad_class):
     need = ctx.needs_input_grad
     mask = [need[0], need[1], need[3] and bias is not None, need[4] and row_margins is not None]
     dx, dw, db, dm = _ops.margin_ce_backward(
-        grad_lse, grad_target, grad_sum, lse, x, weight, labels, bias, row_margins, curricular, class_index, *ctx.scalars, mask,
+        grad_lse,
+        grad_target,
+        grad_sum,
+        lse,
+        x,
+        weight,
+        labels,
+        bias,
+        row_margins,
+        curricular,
+        class_index,
+        *ctx.scalars,
+        mask,
         *ctx.tail,
     )
     grads = [dx if mask[0] else None, dw if mask[1] else None, None, db if mask[2] else None, dm if mask[3] else None]

@@ -9,12 +9,14 @@ weight is copied: train the head's, or copy it back with :func:`to_pml`.
 
 | pytorch-metric-learning | marginops |
 |---|---|
-| ``ArcFaceLoss(margin=28.6°, scale=64)`` | ``ArcFace(s=scale, m=radians(margin), policy="fallback")`` (the same fallback c − m·sin m) |
+| ``ArcFaceLoss(margin=28.6°, scale=64)`` | ``ArcFace(s=scale, m=radians(margin), policy="fallback")`` |
 | ``SubCenterArcFaceLoss(sub_centers=K)`` | ``SubCenterArcFace(K, s, m)``, same sub-center layout |
 | ``CosFaceLoss(margin=0.35, scale=64)`` | ``CosFace(s=scale, m=margin)`` |
 | ``LargeMarginSoftmaxLoss(margin=4, scale=1)`` | ``LSoftmax(m=margin)`` (scale 1 only) |
 | ``SphereFaceLoss(margin=4, scale=1)`` | ``SphereFace(m=margin)`` (scale 1 only) |
 | ``NormalizedSoftmaxLoss(temperature=0.05)`` | ``NormFace(s=1/temperature)`` |
+
+ArcFace's fallback there is pml's own: c − m·sin m past θ + m > π.
 
 Not converted (an error): miners and ``indices_tuple`` weights, weight regularizers, a reducer
 other than the default mean, distances other than the default. Angles past the clamp differ in
@@ -38,7 +40,9 @@ def _check_plain(loss) -> None:
     if getattr(loss, "weight_regularizer", None) is not None:
         raise ValueError(f"{name} has a weight_regularizer: not converted (add it to the loss yourself)")
     if type(loss.reducer) is not reducers.MeanReducer:
-        raise ValueError(f"{name} uses {type(loss.reducer).__name__}: only the default MeanReducer converts (reduction='mean')")
+        raise ValueError(
+            f"{name} uses {type(loss.reducer).__name__}: only the default MeanReducer converts (reduction='mean')"
+        )
     dist = loss.distance
     want = distances.DotProductSimilarity if name == "NormalizedSoftmaxLoss" else distances.CosineSimilarity
     if type(dist) is not want or not dist.normalize_embeddings or dist.p != 2 or dist.power != 1:
@@ -62,7 +66,9 @@ def margin_from_pml(loss) -> Margin:
         return CosFace(s=float(loss.scale), m=float(loss.margin))
     if isinstance(loss, (L.SphereFaceLoss, L.LargeMarginSoftmaxLoss)):
         if float(loss.scale) != 1.0:
-            raise ValueError(f"{name}(scale={loss.scale}): marginops's L-Softmax/SphereFace have no extra scale; use scale=1")
+            raise ValueError(
+                f"{name}(scale={loss.scale}): marginops's L-Softmax/SphereFace have no extra scale; use scale=1"
+            )
         spec = SphereFace if isinstance(loss, L.SphereFaceLoss) else LSoftmax
         return spec(m=int(loss.margin))
     if isinstance(loss, L.NormalizedSoftmaxLoss):
@@ -88,4 +94,3 @@ def to_pml(head: MarginHead, loss) -> None:
     """Copies a head's weight back into a pytorch-metric-learning loss object's ``W [D, C]``."""
     with torch.no_grad():
         loss.W.copy_(head.weight.t())
-

@@ -14,6 +14,7 @@ from . import nn as _nn
 from ._checks import check_backend, check_grad_skip, check_head_inputs, check_label_values
 from .margins import KIND_IDENTITY, NORM_EPS, Margin, RowContext, Softmax, psi, target_cosines
 
+
 def margin_cross_entropy(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -41,13 +42,32 @@ def margin_cross_entropy(
     check_backend(backend, x.device, workspace_bytes)
     check_label_values(labels, weight.shape[0] // margin.config().subcenters, ignore_index)
     return unchecked_margin_cross_entropy(
-        x, weight, labels, margin, bias, reduction, ignore_index, label_smoothing, return_accuracy, margin_state, update_state
+        x,
+        weight,
+        labels,
+        margin,
+        bias,
+        reduction,
+        ignore_index,
+        label_smoothing,
+        return_accuracy,
+        margin_state,
+        update_state,
     )
 
 
 def unchecked_margin_cross_entropy(
-    x, weight, labels, margin, bias=None, reduction="mean", ignore_index=-100, label_smoothing=0.0,
-    return_accuracy=False, margin_state=None, update_state=True,
+    x,
+    weight,
+    labels,
+    margin,
+    bias=None,
+    reduction="mean",
+    ignore_index=-100,
+    label_smoothing=0.0,
+    return_accuracy=False,
+    margin_state=None,
+    update_state=True,
 ):
     """:func:`margin_cross_entropy` without the argument checks (int64 labels expected): what
     torch.compile of the eager head traces without a graph break."""
@@ -58,7 +78,9 @@ def unchecked_margin_cross_entropy(
     num_classes = weight.shape[0] // K
     valid = labels != ignore_index
     B = x.shape[0]
-    ctx = RowContext(x, labels, valid, margin_state is not None and update_state, lambda: target_cosines(x, weight, labels, valid, K))
+    ctx = RowContext(
+        x, labels, valid, margin_state is not None and update_state, lambda: target_cosines(x, weight, labels, valid, K)
+    )
     terms = margin.prepare(ctx, margin_state)
 
     x_norm, w_norm = x.norm(dim=1), weight.norm(dim=1)
@@ -109,9 +131,13 @@ def unchecked_margin_cross_entropy(
             dirty[valid.nonzero().squeeze(1), labels[valid]] = False
         logits = torch.where(dirty, torch.zeros_like(logits), logits)
     if terms.extra_loss is None:
-        loss = F.cross_entropy(logits, labels, reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing)
+        loss = F.cross_entropy(
+            logits, labels, reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing
+        )
     else:
-        per_row = F.cross_entropy(logits, labels, reduction="none", ignore_index=ignore_index, label_smoothing=label_smoothing)
+        per_row = F.cross_entropy(
+            logits, labels, reduction="none", ignore_index=ignore_index, label_smoothing=label_smoothing
+        )
         per_row = per_row + torch.where(valid, terms.extra_loss, torch.zeros_like(terms.extra_loss))
         loss = {"none": per_row, "sum": per_row.sum(), "mean": per_row.sum() / valid.sum()}[reduction]
     if not return_accuracy:

@@ -17,7 +17,10 @@ def _check(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, K: int) 
     if isinstance(K, bool) or not isinstance(K, int) or K < 1 or weight.shape[0] % K:
         raise ValueError(f"K must be a positive int dividing weight's {weight.shape[0]} rows, got {K!r}")
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or labels.shape != (x.shape[0],):
-        raise ValueError(f"expected x [N, D], weight [C·K, D], labels [N]; got {tuple(x.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}")
+        raise ValueError(
+            f"expected x [N, D], weight [C·K, D], labels [N]; got {tuple(x.shape)}, {tuple(weight.shape)}, "
+            f"{tuple(labels.shape)}"
+        )
     C = weight.shape[0] // K
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= C):
         raise ValueError(f"labels must lie in [0, {C}), got values in [{int(labels.min())}, {int(labels.max())}]")
@@ -37,7 +40,9 @@ def _sub_cosines(x, weight, labels, K, chunk_size):
 
 
 @torch.no_grad()
-def dominant_subcenters(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, K: int, chunk_size: int = 4096) -> torch.Tensor:
+def dominant_subcenters(
+    x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, K: int, chunk_size: int = 4096
+) -> torch.Tensor:
     """For each class, the sub-center (0 … K−1) that most of its samples in (x, labels) are
     closest to; -1 for classes with no sample. Ties go to the lower index. O(N·K·D) compute,
     O(chunk·K·D + C·K) memory."""
@@ -49,7 +54,12 @@ def dominant_subcenters(x: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
 
 @torch.no_grad()
 def find_outliers(
-    x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, K: int, threshold_degrees: float = 75.0, chunk_size: int = 4096
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    K: int,
+    threshold_degrees: float = 75.0,
+    chunk_size: int = 4096,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Samples whose angle to their class's dominant sub-center exceeds threshold_degrees (the
     paper's 75°): returns (outlier mask [N], dominant sub-center per class [C])."""
@@ -66,7 +76,9 @@ def drop_subcenters(weight: torch.Tensor, K: int, dominant: torch.Tensor) -> tor
     """The [C, D] weight that keeps each class's dominant sub-center (sub-center 0 for classes
     marked -1, i.e. never seen); train on with ArcFace from it."""
     if weight.shape[0] % K or dominant.shape != (weight.shape[0] // K,):
-        raise ValueError(f"dominant must have shape [{weight.shape[0] // max(K, 1)}] for weight {tuple(weight.shape)} and K={K}")
+        raise ValueError(
+            f"dominant must have shape [{weight.shape[0] // max(K, 1)}] for weight {tuple(weight.shape)} and K={K}"
+        )
     if dominant.numel() and int(dominant.max()) >= K:
         raise ValueError(f"dominant sub-centers must lie in [-1, {K}), got {int(dominant.max())}")
     C = weight.shape[0] // K

@@ -162,12 +162,17 @@ def emu():
 
     if os.environ.get("MARGINOPS_SKIP_EMULATION") == "1":
         pytest.skip("MARGINOPS_SKIP_EMULATION=1")
-    return _Emulated(load(
-        name="marginops_cuda_emu",
-        sources=[os.path.join(ROOT, "tests", "cuda_emu", "emu_ext.cpp"), os.path.join(ROOT, "csrc", "head_inputs.cpp")],
-        extra_include_paths=[os.path.join(ROOT, "tests", "cuda_emu", "include")],
-        extra_cflags=["-O2", "-std=c++20"],  # std::barrier; torch before 2.13 defaults to C++17
-    ))
+    return _Emulated(
+        load(
+            name="marginops_cuda_emu",
+            sources=[
+                os.path.join(ROOT, "tests", "cuda_emu", "emu_ext.cpp"),
+                os.path.join(ROOT, "csrc", "head_inputs.cpp"),
+            ],
+            extra_include_paths=[os.path.join(ROOT, "tests", "cuda_emu", "include")],
+            extra_cflags=["-O2", "-std=c++20"],  # std::barrier; torch before 2.13 defaults to C++17
+        )
+    )
 
 
 def check_tf32(errors, eager_float16_errors, taken=(10, 10, 10)):
@@ -184,7 +189,9 @@ def check_tf32(errors, eager_float16_errors, taken=(10, 10, 10)):
         torch.backends.cuda.matmul.allow_tf32 = before
     assert max(exact) < 1e-5, exact
     assert all(t > f * e for t, e, f in zip(tf32, exact, taken)), f"TF32 {tf32} vs exact {exact}"
-    assert all(t <= 2 * e for t, e in zip(tf32, eager_float16_errors)), f"TF32 {tf32} vs eager float16 {eager_float16_errors}"
+    assert all(t <= 2 * e for t, e in zip(tf32, eager_float16_errors)), (
+        f"TF32 {tf32} vs eager float16 {eager_float16_errors}"
+    )
 
 
 class _EmulatedOp(torch.autograd.Function):
@@ -208,10 +215,25 @@ class _EmulatedOp(torch.autograd.Function):
         args = (x, W, y, bias, row_margins, curricular, None, num_classes, 0, ignore_index, *cfg)
         dx, dw, db, dm = ctx.emu.backward_any(gl, gt, gs, lse, *args, mask, 0.0, ctx.backend, ctx.workspace)
         pick = lambda t, m: t if m else None  # noqa: E731
-        return (None, None, None, pick(dx, mask[0]), pick(dw, mask[1]), None, pick(db, mask[2]), pick(dm, mask[3]), None, None, None, None)
+        return (
+            None,
+            None,
+            None,
+            pick(dx, mask[0]),
+            pick(dw, mask[1]),
+            None,
+            pick(db, mask[2]),
+            pick(dm, mask[3]),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def emulated_loss(emu, backend, x, W, y, margin, bias=None, reduction="mean", ignore_index=-100, label_smoothing=0.0, workspace=0):
+def emulated_loss(
+    emu, backend, x, W, y, margin, bias=None, reduction="mean", ignore_index=-100, label_smoothing=0.0, workspace=0
+):
     """marginops.margin_cross_entropy's steps with an emulated CUDA backend (1 chunked, 2 fused)
     in place of the CPU op."""
     cfg = margin.config()
@@ -219,7 +241,9 @@ def emulated_loss(emu, backend, x, W, y, margin, bias=None, reduction="mean", ig
     valid = y != ignore_index
     ctx = RowContext(x, y, valid, False, lambda: target_cosines(x, W, y, valid, cfg.subcenters))
     terms = margin.prepare(ctx, None)
-    stats = _EmulatedOp.apply(emu, backend, workspace, x, W, y, bias, terms.row_margins, terms.curricular, C, ignore_index, cfg)
+    stats = _EmulatedOp.apply(
+        emu, backend, workspace, x, W, y, bias, terms.row_margins, terms.curricular, C, ignore_index, cfg
+    )
     return loss_from_stats(HeadStats(*stats), y, C, ignore_index, label_smoothing, reduction, terms.extra_loss)
 
 
@@ -240,7 +264,9 @@ def pytest_sessionfinish(session, exitstatus):
     bad = [(node, reason) for node, reason in _skips if "GPU" not in reason]
     if bad:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        reporter.write_line(f"MARGINOPS_NO_SKIPS=1: {len(bad)} test(s) skipped for a reason other than a missing GPU:", red=True)
+        reporter.write_line(
+            f"MARGINOPS_NO_SKIPS=1: {len(bad)} test(s) skipped for a reason other than a missing GPU:", red=True
+        )
         for node, reason in bad:
             reporter.write_line(f"  {node}: {reason}", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -13,11 +13,10 @@ Expected values: the eager reference (marginops.reference) or a formula written 
 
 import pytest
 import torch
+from conftest import make_inputs, rel_err
 
 import marginops as mo
 from marginops import reference
-
-from conftest import make_inputs, rel_err
 
 f64 = torch.float64
 FIRST_ORDER = "first-order gradients only"
@@ -116,7 +115,9 @@ def test_torch_func_grad_double_backward_is_refused_with_a_clear_message():
     with pytest.raises(RuntimeError, match=FIRST_ORDER):
         torch.func.grad(lambda p: torch.func.functional_call(head, p, (x, y)))(params)
     with pytest.raises(RuntimeError, match=FIRST_ORDER):
-        torch.func.grad(lambda p: torch.func.grad(lambda q: torch.func.functional_call(head, q, (x, y)))(p)["weight"].sum())(params)
+        torch.func.grad(
+            lambda p: torch.func.grad(lambda q: torch.func.functional_call(head, q, (x, y)))(p)["weight"].sum()
+        )(params)
     # Outside torch.func nothing changed: the same loss and gradient as the eager reference.
     xg, Wg = x.clone().requires_grad_(), W.clone().requires_grad_()
     got = torch.autograd.grad(loss(xg, Wg), [xg, Wg])
@@ -146,18 +147,26 @@ def test_lambda_schedule_first_training_step_uses_iteration_one():
         want = reference.margin_cross_entropy(x, head.weight, y, mo.SphereFace(m=4, lambda_=lam))
         got = head(x, y)
         assert rel_err(got, want) <= 1e-10, f"step {n}: λ({n}) = {lam}"
-        other = reference.margin_cross_entropy(x, head.weight, y, mo.SphereFace(m=4, lambda_=sphereface_lambda(base, gamma, power, lambda_min, n - 1)))
+        other = reference.margin_cross_entropy(
+            x, head.weight, y, mo.SphereFace(m=4, lambda_=sphereface_lambda(base, gamma, power, lambda_min, n - 1))
+        )
         assert rel_err(got, other) > 1e-6, "λ(n) and λ(n − 1) give different losses here"
         assert int(head.lambda_iteration) == n, "lambda_iteration counts the training steps taken"
     # Evaluation neither advances the counter nor uses another λ than the next training step's.
     head.eval()
     lam5 = sphereface_lambda(base, gamma, power, lambda_min, 5)
-    assert rel_err(head(x, y), reference.margin_cross_entropy(x, head.weight, y, mo.SphereFace(m=4, lambda_=lam5))) <= 1e-10
+    assert (
+        rel_err(head(x, y), reference.margin_cross_entropy(x, head.weight, y, mo.SphereFace(m=4, lambda_=lam5)))
+        <= 1e-10
+    )
     assert int(head.lambda_iteration) == 4
     # A head resumed from the state_dict continues with λ(5).
     resumed = mo.MarginHead(D, C, margin=mo.SphereFace(m=4), lambda_schedule=schedule, dtype=f64)
     resumed.load_state_dict(head.state_dict())
-    assert rel_err(resumed(x, y), reference.margin_cross_entropy(x, head.weight, y, mo.SphereFace(m=4, lambda_=lam5))) <= 1e-10
+    assert (
+        rel_err(resumed(x, y), reference.margin_cross_entropy(x, head.weight, y, mo.SphereFace(m=4, lambda_=lam5)))
+        <= 1e-10
+    )
     # SphereFace's defaults: the first step's λ is 1000 / 1.12, the floor 5 reached later.
     fresh = mo.MarginHead(D, C, margin=mo.SphereFace(m=4), lambda_schedule=mo.LambdaSchedule(), dtype=f64)
     assert fresh.current_margin().lambda_ == pytest.approx(1000.0 / 1.12, rel=1e-15)

@@ -80,7 +80,11 @@ def test_demo_writes_pictures_and_table(tmp_path):
     assert "pair accuracy" in proc.stdout
     for png in ("features_2d.png", "features_3d.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = [l for l in (tmp_path / "verification.md").read_text().splitlines() if l.startswith("| 2 ") or l.startswith("| 3 ")]
+    rows = [
+        l
+        for l in (tmp_path / "verification.md").read_text().splitlines()
+        if l.startswith("| 2 ") or l.startswith("| 3 ")
+    ]
     assert len(rows) == 10
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
@@ -103,16 +107,23 @@ def test_cpu_inputs_unchanged_by_device_side_drawing():
 
 def test_cuda_backends_are_reported_unsupported_on_the_cpu():
     case = impls.Case(8, 4, 50, "float32", "arcface")
-    results = measure.sweep([case], ["chunked", "fused-tiles", "fused"], torch.device("cpu"), 1, None, False, 100, lambda m: None)
+    results = measure.sweep(
+        [case], ["chunked", "fused-tiles", "fused"], torch.device("cpu"), 1, None, False, 100, lambda m: None
+    )
     status = {r.impl: r.status for r in results}
-    assert status["chunked"].startswith("unsupported: CUDA only") and status["fused-tiles"].startswith("unsupported: CUDA only")
+    assert status["chunked"].startswith("unsupported: CUDA only") and status["fused-tiles"].startswith(
+        "unsupported: CUDA only"
+    )
     assert status["fused"] == "ok" and status["gemm3"] == "ok"
 
 
 def test_time_budget_skips_what_is_left():
     case = impls.Case(8, 4, 50, "float32", "arcface")
     results = measure.sweep([case], ["fused"], torch.device("cpu"), 1, None, True, 100, lambda m: None, deadline=0.0)
-    assert [(r.impl, r.status) for r in results] == [("fused", "skipped: time budget"), ("gemm3", "skipped: time budget")]
+    assert [(r.impl, r.status) for r in results] == [
+        ("fused", "skipped: time budget"),
+        ("gemm3", "skipped: time budget"),
+    ]
 
 
 def test_memory_estimates_skip_what_cannot_fit(monkeypatch):
@@ -139,13 +150,17 @@ def test_issue_10_checks(tmp_path):
     R = measure.Result
     results = [R(shape, "chunked", "ok", 20.0, 60 * 2**20, 320.0), R(shape, "reference", "ok", 50.0, 9 * 2**30, 128.0)]
     found = report.checks(results)
-    assert found["memory_64mib"]["passed"] and found["memory_64mib"]["hard"] and found["memory_64mib"]["value_mib"] == 60
+    assert (
+        found["memory_64mib"]["passed"] and found["memory_64mib"]["hard"] and found["memory_64mib"]["value_mib"] == 60
+    )
     assert found["tflops"]["passed"] and found["time_vs_eager"]["passed"] and found["time_vs_eager"]["value"] == 0.4
     text = report.checks_text(found)
     assert "PASS memory_64mib" in text and "PASS (soft) time_vs_eager" in text and "PASS (soft) tflops" in text
     results[0] = R(shape, "chunked", "ok", 30.0, 65 * 2**20, 213.0)
     found = report.checks(results)
-    assert not found["memory_64mib"]["passed"] and not found["tflops"]["passed"] and not found["time_vs_eager"]["passed"]
+    assert (
+        not found["memory_64mib"]["passed"] and not found["tflops"]["passed"] and not found["time_vs_eager"]["passed"]
+    )
     assert "FAIL memory_64mib" in report.checks_text(found) and "FAIL (soft) tflops" in report.checks_text(found)
     assert report.checks([R(impls.Case(8, 4, 50, "float32", "arcface"), "chunked", "ok", 1.0, 0, 1.0)]) == {}
     report.write(results, {"torch": torch.__version__}, {}, str(tmp_path), "gpu-", found, plots=False)
@@ -155,16 +170,35 @@ def test_issue_10_checks(tmp_path):
 
 
 def test_gpu_check_preset_needs_cuda():
-    proc = subprocess.run([sys.executable, "-m", "marginops", "bench", "--device", "cpu", "--preset", "gpu-check"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "marginops", "bench", "--device", "cpu", "--preset", "gpu-check"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr
 
 
 def test_chunked_profile_smoke_run_on_the_cpu(tmp_path):
     """benchmarks/chunked_profile.py (what scripts/gpu-check's profile stage runs) at a CPU size:
     it times, profiles and writes its JSON with kernel time split by kind."""
-    subprocess.run([sys.executable, "benchmarks/chunked_profile.py", "--device", "cpu", "--classes", "3000", "--repeat", "1",
-                    "--out", str(tmp_path)], check=True, capture_output=True, text=True, cwd=ROOT)
+    subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/chunked_profile.py",
+            "--device",
+            "cpu",
+            "--classes",
+            "3000",
+            "--repeat",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     data = json.loads((tmp_path / "cpu-chunked-profile.json").read_text())
     assert len(data["sweep"]) == 1 and data["sweep"][0]["time_ms"] > 0 and data["gemm3_ms"] > 0
     assert sum(data["profile"]["ms_by_kind"].values()) > 0 and data["profile"]["top"]

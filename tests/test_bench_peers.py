@@ -12,7 +12,7 @@ import torch
 
 import marginops as mo
 from marginops import reference
-from marginops.bench import PRESETS, DEFAULTS, case_groups, impls, measure
+from marginops.bench import DEFAULTS, PRESETS, case_groups, impls, measure
 
 LCE = ("torch-lce", "torch-lce-chunked")
 needs_lce = pytest.mark.skipif(impls.torch_lce_missing() is not None, reason="torch < 2.13: no F.linear_cross_entropy")
@@ -53,7 +53,9 @@ def test_unavailable_on_a_torch_without_it(monkeypatch):
 
 def test_margins_are_unsupported():
     for name in LCE:
-        assert "no margin" in impls.IMPLS[name].unsupported(impls.Case(4, 3, 10, "float32", "arcface"), torch.device("cpu"))
+        assert "no margin" in impls.IMPLS[name].unsupported(
+            impls.Case(4, 3, 10, "float32", "arcface"), torch.device("cpu")
+        )
         assert impls.IMPLS[name].unsupported(impls.Case(4, 3, 10, "float32", "normface"), torch.device("cpu")) is None
 
 
@@ -73,9 +75,33 @@ def test_in_the_gpu_defaults_and_the_gpu_check_preset():
 @needs_lce
 def test_tiny_sweep_lists_the_rows(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "marginops", "bench", "--batch", "16", "--dim", "8", "--classes", "300", "--margins",
-         "softmax,normface", "--impls", "fused,torch-lce,torch-lce-chunked", "--repeat", "1", "--repeat-time-s", "0",
-         "--no-max-classes", "--out", str(tmp_path)], capture_output=True, text=True, check=True)
+        [
+            sys.executable,
+            "-m",
+            "marginops",
+            "bench",
+            "--batch",
+            "16",
+            "--dim",
+            "8",
+            "--classes",
+            "300",
+            "--margins",
+            "softmax,normface",
+            "--impls",
+            "fused,torch-lce,torch-lce-chunked",
+            "--repeat",
+            "1",
+            "--repeat-time-s",
+            "0",
+            "--no-max-classes",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "torch F.linear_cross_entropy" in proc.stdout  # the headline's name for the peer
     data = json.loads((tmp_path / "cpu-bench.json").read_text())
     by = {(r["impl"], r["case"]["margin"]): r for r in data["results"]}

@@ -15,11 +15,10 @@ ops written out here; errors relative to the largest entry, at most 1e-10."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rel_err
 
 import marginops as mo
 from marginops import functional, ops, reference
-
-from conftest import rel_err
 
 f64 = torch.float64
 ROW_BLOCK, CLASS_TILE = 256, 256  # csrc/cpu/margin_ce_cpu.cpp: kRowBlock, kClassTile
@@ -98,7 +97,9 @@ def test_head_forward_backward_and_inference_helpers(threads):
     loss, acc = head(x, y)
     ref, ref_acc = eager(x, y)
     assert rel_err(loss, ref) <= TOL and float(acc) == float(ref_acc)
-    for g, r in zip(torch.autograd.grad(loss, [x, head.weight, head.bias]), torch.autograd.grad(ref, [x, eager.weight, eager.bias])):
+    for g, r in zip(
+        torch.autograd.grad(loss, [x, head.weight, head.bias]), torch.autograd.grad(ref, [x, eager.weight, eager.bias])
+    ):
         assert rel_err(g, r) <= TOL
     # inference helpers, written out: cos θ of the best sub-center, logits s·cos θ + bias
     with torch.no_grad():
@@ -127,11 +128,17 @@ TOPK_CASES = {  # name: (margin, K, bias, kind, the margin-free values written o
     "softmax_bias_logit": (mo.Softmax(), 1, True, "logit", lambda x, W, b: x @ W.T + b),
     "sphereface_logit": (mo.SphereFace(m=4), 1, False, "logit", lambda x, W, b: x @ F.normalize(W, dim=1).T),
     "subcenter_cosine": (
-        mo.SubCenterArcFace(K=3, s=30.0), 3, False, "cosine",
+        mo.SubCenterArcFace(K=3, s=30.0),
+        3,
+        False,
+        "cosine",
         lambda x, W, b: (F.normalize(x, dim=1) @ F.normalize(W, dim=1).T).view(B, C, 3).amax(2),
     ),
     "subcenter_logit_bias": (
-        mo.SubCenterArcFace(K=3, s=30.0), 3, True, "logit",
+        mo.SubCenterArcFace(K=3, s=30.0),
+        3,
+        True,
+        "logit",
         lambda x, W, b: 30.0 * (F.normalize(x, dim=1) @ F.normalize(W, dim=1).T).view(B, C, 3).amax(2) + b,
     ),
 }

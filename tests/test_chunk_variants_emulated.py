@@ -7,16 +7,16 @@ random incoming gradients of all three, dx, dW and dbias, in float64.
 The shape crosses every boundary of the kernels: a chunk of 576 classes (three segments, one row
 warp per segment) and a last chunk of 149 classes (a partial 16-byte unit of u), with targets at
 the first column, at unit, segment and chunk boundaries and in the partial unit, and an ignored
-row. The run-time sub-center count (K = 2) is the generic fallback: two of its variants. float16 with normalized weights runs the variants without inverse norms (the chunk's
+row. The run-time sub-center count (K = 2) is the generic fallback: two of its variants.
+float16 with normalized weights runs the variants without inverse norms (the chunk's
 weight copy is prescaled), which is also where hard negatives meet them."""
 
 import pytest
 import torch
-
-from marginops.margins import KIND_COMBINED, KIND_IDENTITY, OpConfig
-
 from conftest import check_op_against_eager, rel_err
 from test_cuda_chunked_emulated import budget_for
+
+from marginops.margins import KIND_COMBINED, KIND_IDENTITY, OpConfig
 
 CHUNKED = 1
 B, D, CHUNK = 9, 8, 576
@@ -44,8 +44,18 @@ def config(normalize_w, K, hard):
 
 def run(emu, x, W, y, b, cfg, curricular, tol):
     args = (x, W, y, b, None, curricular, None, C, 0, -100, *cfg)
-    ws = budget_for(emu, CHUNK, B, D, C, K=cfg.subcenters, dtype=x.dtype, wdtype=W.dtype,
-                    need_db=b is not None, normalize_w=cfg.normalize_w)
+    ws = budget_for(
+        emu,
+        CHUNK,
+        B,
+        D,
+        C,
+        K=cfg.subcenters,
+        dtype=x.dtype,
+        wdtype=W.dtype,
+        need_db=b is not None,
+        normalize_w=cfg.normalize_w,
+    )
     fwd = emu.forward_any(*args, 0.0, CHUNKED, ws)
     gen = torch.Generator().manual_seed(1)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -59,8 +69,14 @@ def run(emu, x, W, y, b, cfg, curricular, tol):
 
 
 # (a bias with CurricularFace's hard negatives runs the fused backend: test_curricular_bias_backend)
-CASES = [(K, nw, bias, hard) for K in (1, 3) for nw in (True, False) for bias in (False, True)
-         for hard in ((None, "curricular", "filter") if nw else (None,)) if not (bias and hard == "curricular")]
+CASES = [
+    (K, nw, bias, hard)
+    for K in (1, 3)
+    for nw in (True, False)
+    for bias in (False, True)
+    for hard in ((None, "curricular", "filter") if nw else (None,))
+    if not (bias and hard == "curricular")
+]
 CASES += [(2, True, False, None), (2, True, True, "filter")]
 
 
@@ -69,7 +85,9 @@ def test_variant_float64_against_eager(emu, K, normalize_w, bias, hard):
     x, W, y, b = inputs(K, bias=bias)
     cur = None
     if hard == "curricular":
-        cur = torch.stack([torch.linspace(-0.2, 0.3, B, dtype=torch.float64), torch.full((B,), 0.4, dtype=torch.float64)], 1)
+        cur = torch.stack(
+            [torch.linspace(-0.2, 0.3, B, dtype=torch.float64), torch.full((B,), 0.4, dtype=torch.float64)], 1
+        )
     run(emu, x, W, y, b, config(normalize_w, K, hard), cur, 1e-10)
 
 
@@ -78,7 +96,9 @@ def test_curricular_bias_backend(emu):
     t + 2c that the bias's gradient must not see, so "auto" runs the fused backend (right against
     eager) and an explicit "chunked" is refused, naming both."""
     x, W, y, b = inputs(1, bias=True)
-    cur = torch.stack([torch.linspace(-0.2, 0.3, B, dtype=torch.float64), torch.full((B,), 0.4, dtype=torch.float64)], 1)
+    cur = torch.stack(
+        [torch.linspace(-0.2, 0.3, B, dtype=torch.float64), torch.full((B,), 0.4, dtype=torch.float64)], 1
+    )
     args = (x, W, y, b, None, cur, None, C, 0, -100, *config(True, 1, "curricular"))
     grads = [torch.randn(B, generator=torch.Generator().manual_seed(k), dtype=torch.float64) for k in range(3)]
     fwd = emu.forward_any(*args, 0.0, 0, 0)
@@ -103,7 +123,18 @@ def test_prescaled_float16_variants(emu, K, hard):
     assert emu.last_plan()["prescale_w"]
     from conftest import eager_op_outputs
 
-    want = eager_op_outputs(x.double(), W.double(), y, b.double() if b is not None else None, None, cur.double() if cur is not None else None,
-                            None, C, 0, -100, *config(True, K, hard))
+    want = eager_op_outputs(
+        x.double(),
+        W.double(),
+        y,
+        b.double() if b is not None else None,
+        None,
+        cur.double() if cur is not None else None,
+        None,
+        C,
+        0,
+        -100,
+        *config(True, K, hard),
+    )
     for got, w in zip(fwd[:3], want[:3]):
         assert rel_err(got, w) <= 5e-3

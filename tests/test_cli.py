@@ -7,8 +7,24 @@ import sys
 
 def test_train_fused_vs_eager(tmp_path):
     out = tmp_path / "train.json"
-    cmd = [sys.executable, "-m", "marginops", "train", "--classes", "3000", "--batch", "64", "--dim", "16",
-           "--samples", "256", "--steps", "12", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "marginops",
+        "train",
+        "--classes",
+        "3000",
+        "--batch",
+        "64",
+        "--dim",
+        "16",
+        "--samples",
+        "256",
+        "--steps",
+        "12",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     assert "fused / eager: step time" in proc.stdout
     data = json.loads(out.read_text())
@@ -19,5 +35,7 @@ def test_train_fused_vs_eager(tmp_path):
 
 
 def test_bad_arguments_exit_with_usage():
-    proc = subprocess.run([sys.executable, "-m", "marginops", "train", "--margin", "nope"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "marginops", "train", "--margin", "nope"], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "invalid choice" in proc.stderr

@@ -13,11 +13,10 @@ blocks, class tiles and chunks with 1 and 2 threads, and both CUDA backends unde
 
 import pytest
 import torch
+from conftest import emulated_loss, rel_err
 
 import marginops as mo
 from marginops import reference
-
-from conftest import emulated_loss, rel_err
 
 f64, f32 = torch.float64, torch.float32
 EPS32 = torch.finfo(f32).eps
@@ -47,7 +46,9 @@ def check_confident(loss_fn, margin, x, W, y):
     got = loss_fn(x, W, y, margin).detach()
     assert got.dtype == f32
     want = reference.margin_cross_entropy(x.double(), W.double(), y, margin, reduction="none").detach()
-    assert bool((got >= 0).all()), f"negative losses: {got[got < 0][:6].tolist()} (rows {(got < 0).nonzero()[:6].flatten().tolist()})"
+    assert bool((got >= 0).all()), (
+        f"negative losses: {got[got < 0][:6].tolist()} (rows {(got < 0).nonzero()[:6].flatten().tolist()})"
+    )
     cfg = margin.config()
     xs = cfg.s * torch.nn.functional.normalize(x.double(), dim=1) if cfg.normalize_x else x.double()
     Ws = torch.nn.functional.normalize(W.double(), dim=1) if cfg.normalize_w else W.double()
@@ -55,7 +56,9 @@ def check_confident(loss_fn, margin, x, W, y):
     zmax = (xs @ Ws.T).max(dim=1).values.abs()  # |lse| within log C of it
     bound = EPS32 * (zmax + 8) + 8 * EPS32 * scale.max(dim=1).values * torch.clamp(want, max=1.0) + 4 * EPS32 * want
     err = (got.double() - want).abs()
-    assert bool((err <= bound).all()), f"worst row {int((err / bound).argmax())}: {float((err / bound).max()):.1f}× the rounding bound"
+    assert bool((err <= bound).all()), (
+        f"worst row {int((err / bound).argmax())}: {float((err / bound).max()):.1f}× the rounding bound"
+    )
     return got, want
 
 
@@ -123,9 +126,13 @@ def test_cuda_backends_emulated_confident_rows(emu, backend):
     B, C, D = 24, 150, 16
     x, W, y = confident_inputs(B, C, D)
     for margin in (mo.Softmax(), mo.NormFace(s=64.0)):
-        ws = budget_for(emu, 32, B, D, C, dtype=f32, wdtype=f32, normalize_w=margin.config().normalize_w) if code == 1 else 0
+        ws = (
+            budget_for(emu, 32, B, D, C, dtype=f32, wdtype=f32, normalize_w=margin.config().normalize_w)
+            if code == 1
+            else 0
+        )
 
-        def loss_fn(x, W, y, margin):
+        def loss_fn(x, W, y, margin, ws=ws):
             return emulated_loss(emu, code, x, W, y, margin, reduction="none", workspace=ws)
 
         got, want = check_confident(loss_fn, margin, x, W, y)

@@ -8,11 +8,10 @@ test_margin_zoo: `-k cuda`)."""
 
 import pytest
 import torch
+from conftest import make_inputs, rel_err
 
 import marginops as mo
 from marginops import reference
-
-from conftest import make_inputs, rel_err
 
 BACKENDS = ["chunked", "fused"]
 
@@ -132,7 +131,9 @@ def _loss_and_grads(fn, margin, x, W, y, b, **kw):
 
 
 @pytest.mark.parametrize(  # workspace_bytes is the chunked backend's
-    "backend, workspace", [("chunked", None), ("chunked", 1 << 20), ("fused", None)], ids=["chunked", "chunked-1MiB", "fused"]
+    "backend, workspace",
+    [("chunked", None), ("chunked", 1 << 20), ("fused", None)],
+    ids=["chunked", "chunked-1MiB", "fused"],
 )
 @pytest.mark.parametrize("name", list(BACKEND_CASES))
 def test_backend_float64_matches_reference(backend, name, workspace):
@@ -177,8 +178,10 @@ def _is_kernel(event) -> bool:
     kind = getattr(event, "activity_type", None)  # kineto's "kernel", "gpu_memcpy", ... (newer torch)
     if isinstance(kind, str) and kind:
         return kind.lower() == "kernel"
-    return event.device_type == torch.autograd.DeviceType.CUDA and not event.name.startswith(("Memcpy", "Memset")) and (
-        "Sync" not in event.name
+    return (
+        event.device_type == torch.autograd.DeviceType.CUDA
+        and not event.name.startswith(("Memcpy", "Memset"))
+        and ("Sync" not in event.name)
     )
 
 
@@ -300,7 +303,9 @@ def test_float32_tf32_only_when_allowed(allow):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("margin", [mo.ArcFace(), mo.SubCenterArcFace(K=3), mo.Softmax()], ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize(
+    "margin", [mo.ArcFace(), mo.SubCenterArcFace(K=3), mo.Softmax()], ids=lambda m: type(m).__name__
+)
 def test_training_step_never_synchronizes(backend, margin):
     """A forward + backward (after a warm-up that allocates the error record) under
     torch.cuda.set_sync_debug_mode("error"): any copy to the host or synchronization raises."""

@@ -6,12 +6,11 @@ launch count, and the 16-bit paths against eager PyTorch's error in the same dty
 
 import pytest
 import torch
+from conftest import check_op_against_eager, check_tf32, emulated_loss, make_inputs, rel_err
+from test_cuda_emulated import MARGINS as EMULATED_MARGINS
 
 import marginops as mo
 from marginops import reference
-
-from conftest import check_op_against_eager, check_tf32, emulated_loss, make_inputs, rel_err
-from test_cuda_emulated import MARGINS as EMULATED_MARGINS
 
 f64 = torch.float64
 CHUNKED = 1
@@ -22,7 +21,19 @@ def chunked_loss(emu, *args, **kw):
     return emulated_loss(emu, CHUNKED, *args, **kw)
 
 
-def budget_for(emu, classes, B, D, C, K=1, dtype=torch.float64, wdtype=torch.float64, backward=True, need_db=False, normalize_w=True):
+def budget_for(
+    emu,
+    classes,
+    B,
+    D,
+    C,
+    K=1,
+    dtype=torch.float64,
+    wdtype=torch.float64,
+    backward=True,
+    need_db=False,
+    normalize_w=True,
+):
     """The smallest workspace_bytes whose (backward) plan puts `classes` classes in a chunk."""
     plan = lambda budget: emu.plan(B, D, C, K, dtype, wdtype, normalize_w, False, backward, need_db, budget, True, True)  # noqa: E731
     lo, hi = 1, 1 << 30
@@ -44,7 +55,9 @@ def grads_against_reference(emu, x, W, y, margin, bias=None, workspace=0, tol=1e
         assert rel_err(g, w) <= tol, f"{name} {rel_err(g, w):.2e}"
 
 
-MARGINS = {k: EMULATED_MARGINS[k] for k in ("softmax", "l2softmax", "sphereface", "cosface", "arcface", "combined_continuous")}
+MARGINS = {
+    k: EMULATED_MARGINS[k] for k in ("softmax", "l2softmax", "sphereface", "cosface", "arcface", "combined_continuous")
+}
 
 
 @pytest.mark.parametrize("name", list(MARGINS))
@@ -130,7 +143,9 @@ def test_partial_fc_index_and_shard_offset(emu):
     assert float(dw[unsampled].abs().max()) == 0.0
 
 
-@pytest.mark.parametrize("dtype, wdtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float16, torch.float32)])
+@pytest.mark.parametrize(
+    "dtype, wdtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float16, torch.float32)]
+)
 def test_16_bit_within_twice_eager(emu, dtype, wdtype):
     """16-bit products accumulate in float32, G is 16-bit (scaled for float16), the target's
     gradient exact: error against float64 within twice eager PyTorch's in the dtype."""
@@ -146,7 +161,11 @@ def test_16_bit_within_twice_eager(emu, dtype, wdtype):
     xe, We = xl.detach().clone().requires_grad_(), Wl.detach().to(dtype).requires_grad_()
     eager = reference.margin_cross_entropy(xe, We, y, margin)
     edx, edw = torch.autograd.grad(eager, [xe, We])
-    for what, f, e in (("loss", rel_err(loss, truth), rel_err(eager, truth)), ("dx", rel_err(dx, tdx), rel_err(edx, tdx)), ("dW", rel_err(dw, tdw), rel_err(edw, tdw))):
+    for what, f, e in (
+        ("loss", rel_err(loss, truth), rel_err(eager, truth)),
+        ("dx", rel_err(dx, tdx), rel_err(edx, tdx)),
+        ("dW", rel_err(dw, tdw), rel_err(edw, tdw)),
+    ):
         assert f <= 2 * e + 1e-6, f"{what}: chunked {f:.2e} vs eager {dtype} {e:.2e}"
 
 
@@ -181,7 +200,21 @@ def test_workspace_budget_and_launch_count(emu):
     MiB = 1 << 20
     for backward in (False, True):
         for budget in (4 * MiB, 64 * MiB):
-            plan = emu.plan(1024, 512, 1_000_000, 1, torch.bfloat16, torch.bfloat16, True, False, backward, False, budget, True, True)
+            plan = emu.plan(
+                1024,
+                512,
+                1_000_000,
+                1,
+                torch.bfloat16,
+                torch.bfloat16,
+                True,
+                False,
+                backward,
+                False,
+                budget,
+                True,
+                True,
+            )
             assert plan["total"] + (2 * 1024 * 8 if backward else 0) <= budget, plan
     fwd = emu.plan(1024, 512, 1_000_000, 1, torch.bfloat16, torch.bfloat16, True, False, False, False, 0, True, True)
     bwd = emu.plan(1024, 512, 1_000_000, 1, torch.bfloat16, torch.bfloat16, True, False, True, False, 0, True, True)
@@ -218,7 +251,22 @@ def test_backend_argument_on_the_cpu():
         with pytest.raises(ValueError, match=f"backend='{backend}' runs on CUDA only, but x is on cpu"):
             mo.margin_cross_entropy(x, W, y, mo.ArcFace(), backend=backend)
         with pytest.raises(ValueError, match=f"the {backend} backend runs on CUDA only"):
-            _cpu.margin_ce_forward(x, W, y, None, None, None, None, 10, 0, -100, *mo.ArcFace().config(), 0.0, mo._checks.BACKENDS[backend], 0)
+            _cpu.margin_ce_forward(
+                x,
+                W,
+                y,
+                None,
+                None,
+                None,
+                None,
+                10,
+                0,
+                -100,
+                *mo.ArcFace().config(),
+                0.0,
+                mo._checks.BACKENDS[backend],
+                0,
+            )
     with pytest.raises(ValueError, match="backend must be one of"):
         mo.margin_cross_entropy(x, W, y, mo.ArcFace(), backend="cublas")
     with pytest.raises(ValueError, match="workspace_bytes must be a positive int"):
@@ -238,7 +286,9 @@ def test_tf32_only_when_torch_allows_it(emu):
     tdx, tdw = torch.autograd.grad(truth, [x64, W64])
     xh, Wh = x.detach().half().requires_grad_(), W.detach().half().requires_grad_()
     eager = reference.margin_cross_entropy(xh, Wh, y, margin)
-    eager_errs = [rel_err(eager, truth)] + [rel_err(g, t) for g, t in zip(torch.autograd.grad(eager, [xh, Wh]), (tdx, tdw))]
+    eager_errs = [rel_err(eager, truth)] + [
+        rel_err(g, t) for g, t in zip(torch.autograd.grad(eager, [xh, Wh]), (tdx, tdw))
+    ]
 
     def errors():
         loss = chunked_loss(emu, x, W, y, margin)

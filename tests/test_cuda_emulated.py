@@ -9,18 +9,29 @@ tests/test_cuda.py and scripts/gpu-check."""
 
 import pytest
 import torch
+from conftest import check_op_against_eager, check_tf32, emulated_loss, make_inputs, rel_err
 
 import marginops as mo
 from marginops import ops, reference
-
-from conftest import check_op_against_eager, check_tf32, emulated_loss, make_inputs, rel_err
 
 f64 = torch.float64
 _cpu = torch.ops.marginops
 
 
 def op_args(x, W, y, b, margin, rm=None, cur=None, ci=None, num_classes=None, offset=0):
-    return (x, W, y, b, rm, cur, ci, num_classes or W.shape[0] // margin.config().subcenters, offset, -100, *margin.config())
+    return (
+        x,
+        W,
+        y,
+        b,
+        rm,
+        cur,
+        ci,
+        num_classes or W.shape[0] // margin.config().subcenters,
+        offset,
+        -100,
+        *margin.config(),
+    )
 
 
 def compare(emu, args, tol, grads=True):
@@ -113,7 +124,11 @@ def test_float32_runs_exact_on_cuda_cores(emu):
     compare(emu, op_args(x, W, y, b, mo.ArcFace(s=30.0)), 2e-5)
 
 
-@pytest.mark.parametrize("margin", [mo.ArcFace(s=30.0), mo.Softmax(), mo.SubCenterArcFace(K=3, s=30.0)], ids=["arcface", "softmax", "subcenter"])
+@pytest.mark.parametrize(
+    "margin",
+    [mo.ArcFace(s=30.0), mo.Softmax(), mo.SubCenterArcFace(K=3, s=30.0)],
+    ids=["arcface", "softmax", "subcenter"],
+)
 def test_grad_skip_drops_exactly_the_negligible_tiles(emu, margin):
     """The kernels' block vote and sparse label updates against float64 eager with the negligible
     tiles' non-label ∂L/∂z zeroed (dx tiles 32 × 64, dW tiles 64 × 32 weight rows), at a
@@ -157,7 +172,15 @@ def test_float32_runs_as_tf32_only_when_torch_allows_it(emu):
     check_tf32(errors, eager_errs)
 
 
-@pytest.mark.parametrize("dtype, wdtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+@pytest.mark.parametrize(
+    "dtype, wdtype",
+    [
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+    ],
+)
 @pytest.mark.parametrize("name", ["softmax", "arcface", "sphereface"])
 def test_tensor_core_paths_within_twice_eager(emu, dtype, wdtype, name):
     """16-bit features run their products on (emulated) tensor cores, G in 16 bits as P·V in
@@ -192,7 +215,14 @@ def test_edge_cases(emu):
     empty = emu.forward(*op_args(torch.zeros(0, 8, dtype=f64), W, torch.zeros(0, dtype=torch.long), None, mo.ArcFace()))
     assert empty[0].shape == (0,)
     lse = empty[0]
-    dx, dw, _, _ = emu.backward(None, None, None, lse, *op_args(torch.zeros(0, 8, dtype=f64), W, torch.zeros(0, dtype=torch.long), None, mo.ArcFace()), [True, True, False, False])
+    dx, dw, _, _ = emu.backward(
+        None,
+        None,
+        None,
+        lse,
+        *op_args(torch.zeros(0, 8, dtype=f64), W, torch.zeros(0, dtype=torch.long), None, mo.ArcFace()),
+        [True, True, False, False],
+    )
     assert dx.shape == (0, 8) and float(dw.abs().max()) == 0.0
     x, W, y, _ = make_inputs(9, 8, 20, ignore=9, requires_grad=False)  # every row ignored
     compare(emu, op_args(x, W, y, None, mo.ArcFace(s=30.0)), 1e-12)
@@ -221,7 +251,9 @@ def test_psi_and_topk(emu):
     none = emu.psi(c, ones, ones * 0.5, ones * 0.1, 1, 2, 0.0)[0]
     assert rel_err(none, torch.cos(theta + 0.5) - 0.1) <= 1e-12
     fallback = emu.psi(c, ones, ones * 0.5, ones * 0.1, 1, 0, 0.0)[0]
-    want = torch.where(theta + 0.5 > torch.pi, c - 0.1 - 0.5 * torch.sin(torch.tensor(0.5, dtype=f64)), torch.cos(theta + 0.5) - 0.1)
+    want = torch.where(
+        theta + 0.5 > torch.pi, c - 0.1 - 0.5 * torch.sin(torch.tensor(0.5, dtype=f64)), torch.cos(theta + 0.5) - 0.1
+    )
     assert rel_err(fallback, want) <= 1e-12
     x, W, _, b = make_inputs(30, 16, 2 * 100, bias=False, requires_grad=False)
     bias = torch.randn(100, dtype=f64)

@@ -90,8 +90,11 @@ def test_bad_label_raises_at_the_next_call_then_clears(emu, backend):
     fwd = emu.forward_any(*args(x, W, y), 0.0, BACKENDS[backend], 0)
     assert math.isnan(fwd[1][2])
     good = args(*inputs([3, 0, 1, -100, 350, 5]))
-    with pytest.raises(ValueError, match=r"labels\[2\] = 700 is out of range: class ids must lie in \[0, 700\) "
-                       r"or equal ignore_index = -100 \(found by the CUDA kernels of an earlier call"):
+    with pytest.raises(
+        ValueError,
+        match=r"labels\[2\] = 700 is out of range: class ids must lie in \[0, 700\) "
+        r"or equal ignore_index = -100 \(found by the CUDA kernels of an earlier call",
+    ):
         emu.forward_any(*good, 0.0, BACKENDS[backend], 0)
     emu.forward_any(*good, 0.0, BACKENDS[backend], 0)  # reported once
     emu.check_errors()
@@ -104,17 +107,23 @@ def test_bad_label_raises_at_check_errors_and_at_once_with_sync_checks(emu, back
     with pytest.raises(ValueError, match=r"labels\[5\] = -7 is out of range"):
         emu.check_errors()
     emu.set_sync_checks(True)
-    with pytest.raises(ValueError, match=r"labels\[5\] = -7 is out of range: class ids must lie in \[0, 700\) "
-                       r"or equal ignore_index = -100$"):
+    with pytest.raises(
+        ValueError,
+        match=r"labels\[5\] = -7 is out of range: class ids must lie in \[0, 700\) "
+        r"or equal ignore_index = -100$",
+    ):
         emu.forward_any(*args(x, W, y), 0.0, BACKENDS[backend], 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("index,message", [
-    ([0, 5, 700], r"class_index\[2\] = 700 is not a class of weight \(700 classes\)"),
-    ([0, -1, 5], r"class_index\[1\] = -1 is not a class of weight \(700 classes\)"),
-    ([0, 9, 9, 12], r"class_index must be strictly increasing: class_index\[1\] = 9, class_index\[2\] = 9"),
-])
+@pytest.mark.parametrize(
+    "index,message",
+    [
+        ([0, 5, 700], r"class_index\[2\] = 700 is not a class of weight \(700 classes\)"),
+        ([0, -1, 5], r"class_index\[1\] = -1 is not a class of weight \(700 classes\)"),
+        ([0, 9, 9, 12], r"class_index must be strictly increasing: class_index\[1\] = 9, class_index\[2\] = 9"),
+    ],
+)
 def test_bad_class_index_is_reported_without_reading_outside_weight(emu, backend, index, message):
     x, W, y = inputs([0, 5, -100, -100, -100, -100])
     ci = torch.tensor(index)

@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import rel_err
 
 import marginops as mo
 from marginops import distributed as mdist
 from marginops import reference
-
-from conftest import rel_err
 
 f64 = torch.float64
 D = 8
@@ -24,7 +23,11 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 
 def _entry(rank, world, init_file, timeout, fn, args):
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout)
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout),
     )
     torch.set_num_threads(1)
     try:
@@ -41,7 +44,11 @@ def spawn(fn, world, *args, timeout=120, deadline=None):
     deadline = timeout + 60 if deadline is None else deadline
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.start_processes(
-            _entry, args=(world, os.path.join(tmp, "init"), timeout, fn, args), nprocs=world, join=False, start_method="spawn"
+            _entry,
+            args=(world, os.path.join(tmp, "init"), timeout, fn, args),
+            nprocs=world,
+            join=False,
+            start_method="spawn",
         )
         end = time.monotonic() + deadline
         while not ctx.join(timeout=max(0.1, end - time.monotonic())):
@@ -86,7 +93,9 @@ def check_equivalence(rank, world, C):
     for i, (name, make, bias, smoothing, scale) in enumerate(EQUIVALENCE):
         margin = make()
         K = margin.config().subcenters
-        head = mdist.ShardedMarginHead(D, C, margin, bias=bias, label_smoothing=smoothing, return_accuracy=True).double()
+        head = mdist.ShardedMarginHead(
+            D, C, margin, bias=bias, label_smoothing=smoothing, return_accuracy=True
+        ).double()
         s, e = head.class_start, head.class_end
         state = {k: v.clone() for k, v in margin.state_init().items()} or None
         for step in range(2):  # two steps: stateful margins must stay in step with the reference
@@ -124,7 +133,9 @@ def test_sharded_equals_single_process_reference(world):
 def check_reductions_and_grad_scale(rank, world, C):
     W, b, x, y, rows = global_batch(world, C)
     for reduction in ("mean", "sum", "none"):
-        head = mdist.ShardedMarginHead(D, C, mo.ArcFace(s=30.0), reduction=reduction, scale_grad_by_world_size=True).double()
+        head = mdist.ShardedMarginHead(
+            D, C, mo.ArcFace(s=30.0), reduction=reduction, scale_grad_by_world_size=True
+        ).double()
         with torch.no_grad():
             head.weight.copy_(W[head.class_start : head.class_end])
         x_local = x[rows[rank]].clone().requires_grad_()
@@ -247,7 +258,10 @@ def test_checkpoints_reshard_4_2_1_3_and_import_insightface(tmp_path):
     insight.mkdir()
     full = torch.randn(C, D)
     for r, shard in enumerate(mdist.split(full, 3)):
-        torch.save({"epoch": 1, "global_step": 10, "state_dict_softmax_fc": {"weight": shard}}, insight / f"checkpoint_gpu_{r}.pt")
+        torch.save(
+            {"epoch": 1, "global_step": 10, "state_dict_softmax_fc": {"weight": shard}},
+            insight / f"checkpoint_gpu_{r}.pt",
+        )
     assert torch.equal(mdist.import_insightface(str(insight)), full)
     head = mo.MarginHead(D, C, margin=mo.ArcFace())
     with torch.no_grad():
@@ -274,15 +288,22 @@ def expect_error(fn, message, exc=ValueError):
 def check_faults(rank, world):
     expect_error(lambda: mdist.ShardedMarginHead(D, 10 + rank, mo.ArcFace()), "arguments differ between ranks")
     expect_error(lambda: mdist.ShardedMarginHead(D + rank, 10, mo.ArcFace()), "rank 1: embedding_size=9")
-    expect_error(lambda: mdist.ShardedMarginHead(D, 10, mo.ArcFace(m=0.5 - 0.1 * rank)), 'rank 1: margin="ArcFace(s=64.0, m=0.4')
+    expect_error(
+        lambda: mdist.ShardedMarginHead(D, 10, mo.ArcFace(m=0.5 - 0.1 * rank)), 'rank 1: margin="ArcFace(s=64.0, m=0.4'
+    )
     head = mdist.ShardedMarginHead(D, 10, mo.ArcFace())
     labels = torch.tensor([1, 2, 99 if rank == 1 else 3])
     expect_error(lambda: head(torch.randn(3, D), labels), "rank 1: labels[2] = 99 is out of range")
     x = torch.randn(3, D + (1 if rank == 0 else 0))
     expect_error(lambda: head(x, torch.tensor([1, 2, 3])), "rank 0: x must have shape [B, 8], got D = 9")
-    expect_error(lambda: head(torch.randn(3, D, dtype=torch.bfloat16 if rank else torch.float32), torch.tensor([1, 2, 3])), "different dtypes")
-    expect_error(lambda: head(torch.randn(3, D, dtype=torch.float64 if rank else torch.float32), torch.tensor([1, 2, 3])),
-                 "rank 1: x is float64 but weight is float32: use equal dtypes, or float32 weight with float16/bfloat16 x")
+    expect_error(
+        lambda: head(torch.randn(3, D, dtype=torch.bfloat16 if rank else torch.float32), torch.tensor([1, 2, 3])),
+        "different dtypes",
+    )
+    expect_error(
+        lambda: head(torch.randn(3, D, dtype=torch.float64 if rank else torch.float32), torch.tensor([1, 2, 3])),
+        "rank 1: x is float64 but weight is float32: use equal dtypes, or float32 weight with float16/bfloat16 x",
+    )
     loss = head(torch.randn(3, D), torch.tensor([1, 2, 3]))
     assert torch.isfinite(loss), "the head still works after the errors"
 

@@ -18,12 +18,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from test_distributed import expect_error, spawn
 
 import marginops as mo
 from marginops import distributed as mdist
 from marginops import insightface
-
-from test_distributed import expect_error, spawn
 
 f64 = torch.float64
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -42,7 +41,7 @@ C, D = 10, 3
 
 def by_hand(offset=0.0):
     """The whole head a checkpoint holds: W[c, d] = 10·c + d + offset, b[c] = 100 + c."""
-    W = (torch.arange(C * D, dtype=torch.float32).view(C, D) // D * 10 + torch.arange(D) + offset)
+    W = torch.arange(C * D, dtype=torch.float32).view(C, D) // D * 10 + torch.arange(D) + offset
     return W, torch.arange(C, dtype=torch.float32) + 100
 
 
@@ -61,7 +60,9 @@ def assert_unchanged(head, before):
 def _load_mismatched_margin(rank, world, directory):
     head = mdist.ShardedMarginHead(D, C, mo.CosFace(s=8.0), bias=True)
     before = snapshot(head)
-    expect_error(lambda: mdist.load_sharded(head, directory), "margin: checkpoint 'CurricularFace(s=8.0, m=0.5, momentum=0.01)'")
+    expect_error(
+        lambda: mdist.load_sharded(head, directory), "margin: checkpoint 'CurricularFace(s=8.0, m=0.5, momentum=0.01)'"
+    )
     assert_unchanged(head, before)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -144,7 +145,10 @@ def test_a_shard_from_another_checkpoint_is_refused_by_its_checksum(saved, tmp_p
     assert (directory / SHARD1).stat().st_size == (saved / "good" / SHARD1).stat().st_size
     head = curricular_head()
     before = snapshot(head)
-    pattern = re.escape(SHARD1) + r" is damaged: its sha256 [0-9a-f]{16}\.\.\. differs from [0-9a-f]{16}\.\.\. recorded in meta.json"
+    pattern = (
+        re.escape(SHARD1)
+        + r" is damaged: its sha256 [0-9a-f]{16}\.\.\. differs from [0-9a-f]{16}\.\.\. recorded in meta.json"
+    )
     with pytest.raises(ValueError, match=pattern):
         mdist.load_sharded(head, str(directory))
     assert_unchanged(head, before)
@@ -162,7 +166,9 @@ def test_a_flipped_byte_and_a_truncated_shard_are_refused(saved, tmp_path):
     with pytest.raises(ValueError, match=re.escape(SHARD1) + " is damaged: its sha256"):
         mdist.load_sharded(head, str(directory))
     (directory / SHARD1).write_bytes(bytes(data[: len(data) // 2]))
-    with pytest.raises(ValueError, match=re.escape(SHARD1) + rf" is damaged: {len(data) // 2} bytes, but meta.json records {len(data)}"):
+    with pytest.raises(
+        ValueError, match=re.escape(SHARD1) + rf" is damaged: {len(data) // 2} bytes, but meta.json records {len(data)}"
+    ):
         mdist.load_sharded(head, str(directory))
     with pytest.raises(ValueError, match=re.escape(SHARD1) + " is damaged"):
         mdist.consolidate(str(directory))
@@ -222,17 +228,27 @@ def test_a_short_shard_without_checksums_changes_nothing(saved, tmp_path):
     head = curricular_head()
     before = snapshot(head)
     with pytest.warns(UserWarning, match="records no checksums"):
-        with pytest.raises(ValueError, match=re.escape(SHARD1) + r" does not match meta.json: bias has shape \(4,\), expected \(5,\)"):
+        with pytest.raises(
+            ValueError, match=re.escape(SHARD1) + r" does not match meta.json: bias has shape \(4,\), expected \(5,\)"
+        ):
             mdist.load_sharded(head, str(directory))
     assert_unchanged(head, before)
     shard["bias"], shard["weight"] = torch.zeros(5), shard["weight"][:-1]
     torch.save(shard, directory / SHARD1)
-    with pytest.warns(UserWarning), pytest.raises(
-        ValueError, match=re.escape(SHARD1) + r" does not match meta.json: weight is \(4, 3\) float32, expected .* shape \(5, 3\)"
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(
+            ValueError,
+            match=re.escape(SHARD1)
+            + r" does not match meta.json: weight is \(4, 3\) float32, expected .* shape \(5, 3\)",
+        ),
     ):
         mdist.consolidate(str(directory))
     (directory / SHARD1).write_bytes((saved / "good" / SHARD1).read_bytes()[:100])
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match=re.escape(SHARD1) + " is damaged: torch.load cannot read it"):
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(ValueError, match=re.escape(SHARD1) + " is damaged: torch.load cannot read it"),
+    ):
         mdist.load_sharded(head, str(directory))
     assert_unchanged(head, before)
 
@@ -241,10 +257,14 @@ def test_the_margin_and_class_count_must_fit_unless_strict_is_false(saved):
     directory = str(saved / "good")
     arc = mo.MarginHead(D, C, margin=mo.ArcFace(s=8.0), bias=True)
     before = snapshot(arc)
-    with pytest.raises(ValueError, match=re.escape(
-        "checkpoint does not fit this head: margin: checkpoint 'CurricularFace(s=8.0, m=0.5, momentum=0.01)', "
-        "head \"ArcFace(s=8.0, m=0.5, policy='fallback'"
-    ) + r".*strict=False\) loads it anyway"):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "checkpoint does not fit this head: margin: checkpoint 'CurricularFace(s=8.0, m=0.5, momentum=0.01)', "
+            "head \"ArcFace(s=8.0, m=0.5, policy='fallback'"
+        )
+        + r".*strict=False\) loads it anyway",
+    ):
         mdist.load_sharded(arc, directory)
     assert_unchanged(arc, before)
     W, b = by_hand()
@@ -257,7 +277,9 @@ def test_the_margin_and_class_count_must_fit_unless_strict_is_false(saved):
     with pytest.raises(ValueError, match=r"num_classes: checkpoint 10, head 13 \(load_sharded\(\.\.\., strict=False\)"):
         mdist.load_sharded(bigger, directory)
     assert_unchanged(bigger, before)
-    with pytest.warns(UserWarning, match=r"num_classes: checkpoint 10, head 13; the head keeps its own classes \[10, 13\)"):
+    with pytest.warns(
+        UserWarning, match=r"num_classes: checkpoint 10, head 13; the head keeps its own classes \[10, 13\)"
+    ):
         mdist.load_sharded(bigger, directory, strict=False)
     assert torch.equal(bigger.weight.detach()[:C], W) and torch.equal(bigger.bias.detach()[:C], b)
     assert float(bigger.weight.detach()[C:].abs().max() - 1) == 0.0 and bigger.bias[C:].tolist() == [-2.0] * 3
@@ -302,15 +324,21 @@ def test_every_integer_label_dtype_gives_the_int64_loss(one_rank):
         torch.testing.assert_close(head(x, y), want, rtol=1e-12, atol=0, msg=str(dtype))
         torch.testing.assert_close(pfc(x, y[:, None]), want, rtol=1e-12, atol=0, msg=str(dtype))  # insightface's [B, 1]
     small = mdist.ShardedMarginHead(4, 150, mo.Softmax(), dtype=f64)  # uint8 156 is a class id, not ignore_index -100
-    with pytest.raises(ValueError, match=re.escape("rank 0: labels[1] = 156 is out of range: class ids must lie in [0, 150)")):
+    with pytest.raises(
+        ValueError, match=re.escape("rank 0: labels[1] = 156 is out of range: class ids must lie in [0, 150)")
+    ):
         small(x, torch.tensor([3, 156, 0, 1, 2, 4, 5], dtype=torch.uint8))
     with pytest.raises(ValueError, match=re.escape("rank 0: labels is on meta but x is on cpu")):
         head(x, torch.tensor(LABELS[torch.int32]).to("meta"))
     with pytest.raises(ValueError, match=re.escape("rank 0: labels is on meta but x is on cpu")):
         pfc(x, torch.tensor(LABELS[torch.int32]).to("meta"))
-    with pytest.raises(ValueError, match=re.escape("rank 0: x must be float16/bfloat16/float32/float64 and labels integer")):
+    with pytest.raises(
+        ValueError, match=re.escape("rank 0: x must be float16/bfloat16/float32/float64 and labels integer")
+    ):
         head(x, torch.tensor(LABELS[torch.int32]).to(torch.complex64))
-    with pytest.raises(ValueError, match=re.escape("label_smoothing must be a float in [0, 1], got a Tensor tensor(0.1000)")):
+    with pytest.raises(
+        ValueError, match=re.escape("label_smoothing must be a float in [0, 1], got a Tensor tensor(0.1000)")
+    ):
         mdist.ShardedMarginHead(4, 10, label_smoothing=torch.tensor(0.1))
 
 
@@ -355,8 +383,10 @@ def _mismatches(rank, world):
         torch.testing.assert_close(xr.grad, xw.grad[rows], rtol=1e-5, atol=1e-7)
         head.zero_grad()
 
-    expect_error(lambda: head(xl.clone().requires_grad_(rank == 0), yl),
-                 PREFIX + "rank 1 has x.requires_grad=False but rank 0 has x.requires_grad=True")
+    expect_error(
+        lambda: head(xl.clone().requires_grad_(rank == 0), yl),
+        PREFIX + "rank 1 has x.requires_grad=False but rank 0 has x.requires_grad=True",
+    )
     still_works()
 
     def no_grad_on_rank_1():
@@ -370,23 +400,37 @@ def _mismatches(rank, world):
     head.train()
     still_works()
     head.weight.requires_grad_(rank == 1)
-    expect_error(lambda: head(xl, yl), PREFIX + "rank 1 has weight.requires_grad=True but rank 0 has weight.requires_grad=False")
+    expect_error(
+        lambda: head(xl, yl), PREFIX + "rank 1 has weight.requires_grad=True but rank 0 has weight.requires_grad=False"
+    )
     head.weight.requires_grad_(True)
     still_works()
     head.grad_scale = 2.0 if rank == 1 else 1.0
-    expect_error(lambda: head(xl, yl), PREFIX + "rank 1 has scale_grad_by_world_size=True but rank 0 has scale_grad_by_world_size=False")
+    expect_error(
+        lambda: head(xl, yl),
+        PREFIX + "rank 1 has scale_grad_by_world_size=True but rank 0 has scale_grad_by_world_size=False",
+    )
     head.grad_scale = 1.0
-    expect_error(lambda: mdist.ShardedMarginHead(5, 12, scale_grad_by_world_size=rank == 1), "rank 1: scale_grad_by_world_size=True")
+    expect_error(
+        lambda: mdist.ShardedMarginHead(5, 12, scale_grad_by_world_size=rank == 1),
+        "rank 1: scale_grad_by_world_size=True",
+    )
     still_works()
     head.margin = mo.Softmax() if rank == 0 else mo.NormFace(s=4.0)
     expect_error(lambda: head(xl, yl), PREFIX + "rank 1 has margin=NormFace(s=4.0) but rank 0 has margin=Softmax()")
     head.margin = mo.Softmax()
     still_works()
-    expect_error(lambda: head(xl.to(torch.bfloat16 if rank else torch.float32), yl),
-                 PREFIX + "x has different dtypes across ranks: rank 1 has x.dtype=bfloat16 but rank 0 has x.dtype=float32")
+    expect_error(
+        lambda: head(xl.to(torch.bfloat16 if rank else torch.float32), yl),
+        PREFIX + "x has different dtypes across ranks: rank 1 has x.dtype=bfloat16 but rank 0 has x.dtype=float32",
+    )
     head.to(torch.bfloat16 if rank else torch.float32)
-    expect_error(lambda: head(xl.bfloat16(), yl),
-                 PREFIX + "weight has different dtypes across ranks: rank 1 has weight.dtype=bfloat16 but rank 0 has weight.dtype=float32")
+    expect_error(
+        lambda: head(xl.bfloat16(), yl),
+        PREFIX
+        + "weight has different dtypes across ranks: "
+        + "rank 1 has weight.dtype=bfloat16 but rank 0 has weight.dtype=float32",
+    )
     head.float()
     with torch.no_grad():
         head.weight.copy_(W[head.class_start : head.class_end])

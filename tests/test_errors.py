@@ -22,8 +22,14 @@ def inputs(B=8, D=4, C=10):
     [
         (lambda x, W, y: (x, W, y.float()), "labels must hold integer class ids, got dtype torch.float32"),
         (lambda x, W, y: (x, W, y.bool()), "labels must hold integer class ids"),
-        (lambda x, W, y: (x, W, y.index_fill(0, torch.tensor([5]), 10)), r"labels\[5\] = 10 is out of range: class ids must lie in \[0, 10\)"),
-        (lambda x, W, y: (x, W, y.index_fill(0, torch.tensor([2]), -1)), r"labels\[2\] = -1 is out of range.*ignore_index = -100"),
+        (
+            lambda x, W, y: (x, W, y.index_fill(0, torch.tensor([5]), 10)),
+            r"labels\[5\] = 10 is out of range: class ids must lie in \[0, 10\)",
+        ),
+        (
+            lambda x, W, y: (x, W, y.index_fill(0, torch.tensor([2]), -1)),
+            r"labels\[2\] = -1 is out of range.*ignore_index = -100",
+        ),
         (lambda x, W, y: (x, W, y[:5]), r"labels must have shape \[8\] to match x \(8, 4\), got \(5,\)"),
         (lambda x, W, y: (x, W, y[:, None]), r"labels must have shape \[8\]"),
         (lambda x, W, y: (x[0], W, y), r"x must have shape \[B, D\], got \(4,\)"),
@@ -84,7 +90,18 @@ def test_head_arguments():
 
 def raw_args(**over):
     x, W, y = inputs()
-    args = dict(x=x, weight=W, labels=y, bias=None, row_margins=None, curricular=None, class_index=None, num_classes=10, class_offset=0, ignore_index=-100)
+    args = dict(
+        x=x,
+        weight=W,
+        labels=y,
+        bias=None,
+        row_margins=None,
+        curricular=None,
+        class_index=None,
+        num_classes=10,
+        class_offset=0,
+        ignore_index=-100,
+    )
     args.update(zip(mo.ArcFace().config()._fields, mo.ArcFace().config()))
     args.update(over)
     return list(args.values())
@@ -97,18 +114,27 @@ def raw_args(**over):
         (dict(labels=torch.full((8,), 12)), r"labels\[0\] = 12 is out of range"),
         (dict(num_classes=0), "num_classes must be positive, got 0"),
         (dict(class_offset=5), "class_offset = 5 with 10 weight rows does not fit in num_classes = 10"),
-        (dict(class_index=torch.tensor([3, 1])), r"class_index must be strictly increasing: class_index\[0\] = 3, class_index\[1\] = 1"),
+        (
+            dict(class_index=torch.tensor([3, 1])),
+            r"class_index must be strictly increasing: class_index\[0\] = 3, class_index\[1\] = 1",
+        ),
         (dict(class_index=torch.tensor([0, 10])), r"class_index\[1\] = 10 is not a class of weight \(10 classes\)"),
         (dict(subcenters=3), "weight has 10 rows, not a multiple of subcenters = 3"),
         (dict(curricular=torch.zeros(8, 3)), r"curricular must have shape \[8, 2\]"),
         (dict(curricular=torch.zeros(8, 2), normalize_x=False), "curricular needs normalized features and weights"),
         (dict(row_margins=torch.zeros(8, 2)), r"row_margins must have shape \[8, 3\]"),
-        (dict(row_margins=torch.zeros(8, 3), margin_kind=2, m1=4.0), "row_margins are supported by the combined margin"),
+        (
+            dict(row_margins=torch.zeros(8, 3), margin_kind=2, m1=4.0),
+            "row_margins are supported by the combined margin",
+        ),
         (dict(margin_kind=7), "margin_kind must be 0, 1 or 2, got 7"),
         (dict(theta_policy=9), r"theta_policy must be in \[0, 4\], got 9"),
         (dict(s=-1.0), "s must be a positive finite scale, got -1"),
         (dict(margin_kind=2, m1=2.5), "the multiplicative margin m must be a positive integer, got 2.5"),
-        (dict(bias=torch.zeros(3)), r"bias must have shape \[10\] \(one per class\) to match weight \[10, 4\], got \[3\]"),
+        (
+            dict(bias=torch.zeros(3)),
+            r"bias must have shape \[10\] \(one per class\) to match weight \[10, 4\], got \[3\]",
+        ),
     ],
 )
 def test_raw_op_checks(over, message):

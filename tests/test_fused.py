@@ -7,11 +7,10 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import MARGINS, make_inputs, rel_err
 
 import marginops as mo
 from marginops import reference
-
-from conftest import MARGINS, make_inputs, rel_err
 
 f64 = torch.float64
 # B > 256 rows and C > 2·256 classes: several row blocks and class tiles, the last ones partial.
@@ -89,8 +88,14 @@ def test_mixed_precision_float32_weight_bfloat16_features(device):
     x64, W64 = xl.detach().double().requires_grad_(), W32.detach().double().requires_grad_()
     ref_loss, (rdx, rdW) = run(reference.margin_cross_entropy, mo.ArcFace(), x64, W64, y, None)
     Wl = W32.detach().bfloat16().requires_grad_()
-    eager_loss, (edx, edW) = run(reference.margin_cross_entropy, mo.ArcFace(), xl.detach().requires_grad_(), Wl, y, None)
-    for what, f, e in (("loss", rel_err(loss, ref_loss), rel_err(eager_loss, ref_loss)), ("dx", rel_err(dx, rdx), rel_err(edx, rdx)), ("dW", rel_err(dW, rdW), rel_err(edW, rdW))):
+    eager_loss, (edx, edW) = run(
+        reference.margin_cross_entropy, mo.ArcFace(), xl.detach().requires_grad_(), Wl, y, None
+    )
+    for what, f, e in (
+        ("loss", rel_err(loss, ref_loss), rel_err(eager_loss, ref_loss)),
+        ("dx", rel_err(dx, rdx), rel_err(edx, rdx)),
+        ("dW", rel_err(dW, rdW), rel_err(edW, rdW)),
+    ):
         assert f <= 2 * e + 1e-6, f"{what}: fused {f:.2e} vs eager bf16 {e:.2e}"
     if device.type == "cpu":  # products in float32 from the exact inputs
         assert rel_err(loss, ref_loss) < 1e-5 and rel_err(dW, rdW) < 1e-4

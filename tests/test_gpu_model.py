@@ -29,7 +29,9 @@ def load_model():
 
 
 gm = load_model()
-SUMMARY = re.compile(r"^(H100|H200|A100) B=1024 D=512 C=1M bf16 arcface: step \d+\.\d ms, \d+ TFLOP/s, \d+\.\d\dx eager \(model\)$")
+SUMMARY = re.compile(
+    r"^(H100|H200|A100) B=1024 D=512 C=1M bf16 arcface: step \d+\.\d ms, \d+ TFLOP/s, \d+\.\d\dx eager \(model\)$"
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def default_run(tmp_path_factory):
 def test_prints_model_not_measured_and_one_summary_line_per_gpu_and_configuration(default_run):
     text = default_run["printed"]
     assert "model, not measured" in text
-    summary = text[text.index("Summary (model, not measured):"):].splitlines()
+    summary = text[text.index("Summary (model, not measured):") :].splitlines()
     lines = [l for l in summary if SUMMARY.match(l)]
     assert len(lines) == 3 * len(gm.CONFIGS)  # H100, H200, A100 for each configuration
     assert [l.split()[0] for l in lines[:3]] == ["H100", "H200", "A100"]
@@ -83,8 +85,14 @@ def test_pre_specialization_counts_give_a_slower_step(default_run):
 
 def test_current_counts_come_from_the_sass_json():
     counts = gm.load_counts(SASS)
-    entry = next(k for k in counts if k["kernel"] == "chunk_softmax" and k["arch"] == "sm_90a" and k["acc"] == "float"
-                 and k["config"] == {"K": 1, "normalize_w": True, "bias": False, "hard_negatives": False})
+    entry = next(
+        k
+        for k in counts
+        if k["kernel"] == "chunk_softmax"
+        and k["arch"] == "sm_90a"
+        and k["acc"] == "float"
+        and k["config"] == {"K": 1, "normalize_w": True, "bias": False, "hard_negatives": False}
+    )
     assert gm.per_logit(counts, "chunk_softmax", "sm_90a", "bf16", 1, True, False, False)[0] == entry["instr_per_logit"]
     with pytest.raises(ValueError):  # a run-time K variant has no count
         gm.per_logit(counts, "chunk_grad", "sm_90a", "bf16", 0, True, False, False)
@@ -103,7 +111,9 @@ def test_one_kernel_by_hand():
     rows = {r["kernel"]: r for r in res["rows"]}
     assert softmax.hbm == u_bytes  # nothing of u was resident: every byte from HBM
     assert rows["chunk_softmax"]["memory_ms"] == pytest.approx(1e3 * 66_322_432 / (0.9 * 3.35e12))  # 0.0220 ms
-    assert rows["chunk_softmax"]["instructions_ms"] == pytest.approx(1e3 * 11.25 * 1024 * 16192 / (132 * 4 * 32 * 1.7e9))
+    assert rows["chunk_softmax"]["instructions_ms"] == pytest.approx(
+        1e3 * 11.25 * 1024 * 16192 / (132 * 4 * 32 * 1.7e9)
+    )
     assert rows["chunk_softmax"]["ms"] == pytest.approx(0.0219975 + 0.002, abs=1e-6)  # memory-bound, plus a 2 µs gap
     assert rows["gemm_u"]["ms"] == pytest.approx(1e3 * 2 * 1024 * 512 * 16192 / (0.75 * 989.4e12) + 0.002)
     assert res["step_ms"] == pytest.approx(rows["chunk_softmax"]["ms"] + rows["gemm_u"]["ms"])
@@ -175,8 +185,11 @@ def test_plan_matches_the_cpp_plan_chunks(emu, case):
 
 # ---- benchmarks/chunked_profile.py: the model beside the measurement (issue 18 item 6) -----------
 
+
 def load_profile():
-    spec = importlib.util.spec_from_file_location("chunked_profile", os.path.join(ROOT, "benchmarks", "chunked_profile.py"))
+    spec = importlib.util.spec_from_file_location(
+        "chunked_profile", os.path.join(ROOT, "benchmarks", "chunked_profile.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -184,17 +197,30 @@ def load_profile():
 
 def test_profiler_kernel_names_map_to_the_model_rows():
     cp = load_profile()
-    ours = "void marginops::cuda::(anonymous namespace)::{}<float, marginops::cuda::Variant<1, true, false, false> >(marginops::cuda::HeadParams, marginops::cuda::ChunkParams)"
-    for kernel, row in (("chunk_softmax_kernel", "chunk_softmax"), ("chunk_grad_kernel", "chunk_grad"),
-                        ("chunk_weights_kernel", "chunk_weights"), ("chunk_dw_kernel", "chunk_dw"),
-                        ("chunk_row_scale_kernel", "row_prep"), ("target_grad_kernel", "row_prep"),
-                        ("row_prep_kernel", "row_prep"), ("merge_kernel", "merge"),
-                        ("chunk_dx_finalize_kernel", "chunk_dx_finalize"), ("chunk_scaled_x_kernel", "chunk_scaled_x")):
+    ours = (
+        "void marginops::cuda::(anonymous namespace)::{}<float, marginops::cuda::Variant<1, true, false, false> >"
+        "(marginops::cuda::HeadParams, marginops::cuda::ChunkParams)"
+    )
+    for kernel, row in (
+        ("chunk_softmax_kernel", "chunk_softmax"),
+        ("chunk_grad_kernel", "chunk_grad"),
+        ("chunk_weights_kernel", "chunk_weights"),
+        ("chunk_dw_kernel", "chunk_dw"),
+        ("chunk_row_scale_kernel", "row_prep"),
+        ("target_grad_kernel", "row_prep"),
+        ("row_prep_kernel", "row_prep"),
+        ("merge_kernel", "merge"),
+        ("chunk_dx_finalize_kernel", "chunk_dx_finalize"),
+        ("chunk_scaled_x_kernel", "chunk_scaled_x"),
+    ):
         assert cp.kernel_row(ours.format(kernel)) == row, kernel
     assert cp.kernel_row("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTT") == "gemm"
     assert cp.kernel_row("sm90_xmma_gemm_bf16f32_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1") == "gemm"
     assert cp.kernel_row("void at::native::bitonicSortKVInPlace<2, -1, 16, 16, long, long>(...)") == "sort"
-    assert cp.kernel_row("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float> >(...)") == "other"
+    assert (
+        cp.kernel_row("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float> >(...)")
+        == "other"
+    )
     # every row the model has is a row a measured kernel can land in
     res = gm.model(gm.Shape(1024, 512, 10**6), gm.GPUS["H100"], gm.load_counts(SASS))
     rows = {k for _, k in cp.model_rows(res)}
@@ -206,7 +232,10 @@ def test_comparison_of_a_synthetic_measurement():
     cp = load_profile()
     res = gm.model(gm.Shape(1024, 512, 10**6), gm.GPUS["H100"], gm.load_counts(SASS))
     mod = cp.model_rows(res)
-    measured = {p: {k: dict(ms=1.2 * v["ms"], launches=v["launches"]) for (q, k), v in mod.items() if q == p} for p in ("fwd", "bwd")}
+    measured = {
+        p: {k: dict(ms=1.2 * v["ms"], launches=v["launches"]) for (q, k), v in mod.items() if q == p}
+        for p in ("fwd", "bwd")
+    }
     walls = {}
     for p in ("fwd", "bwd"):
         gaps = sum(r["launch_ms"] for r in res["rows"] if r["pass_"] == p)
@@ -225,11 +254,34 @@ def test_comparison_of_a_synthetic_measurement():
 def test_chunked_profile_cpu_smoke_writes_the_model_beside_the_measurement(tmp_path):
     """What scripts/gpu-check's profile and acceptance stages run, at a CPU size: the comparison's
     code path end to end (against the H100 constants; on the CPU its ratios mean nothing)."""
-    proc = subprocess.run([sys.executable, "benchmarks/chunked_profile.py", "--device", "cpu", "--batch", "32", "--classes", "2000",
-                           "--repeat", "1", "--out", str(tmp_path)], check=True, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/chunked_profile.py",
+            "--device",
+            "cpu",
+            "--batch",
+            "32",
+            "--classes",
+            "2000",
+            "--repeat",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert "model (benchmarks/gpu_model.py, H100 constants) beside measured on cpu" in proc.stdout
     c = json.loads((tmp_path / "cpu-model-vs-measured.json").read_text())
     assert c["model_gpu"] == "H100" and "CPU smoke" in c["note"]
     assert c["step"]["measured_ms"] > 0 and c["step"]["model_ms"] > 0 and c["eager"]["measured_ms"] > 0
-    assert {r["kernel"] for r in c["kernels"]} >= {"chunk_softmax", "chunk_grad", "gemm", "launch gaps (wall - kernels)"}
+    assert {r["kernel"] for r in c["kernels"]} >= {
+        "chunk_softmax",
+        "chunk_grad",
+        "gemm",
+        "launch gaps (wall - kernels)",
+    }
     assert c["model_summary"].startswith("H100 B=32 D=32 C=2k fp32 arcface: step ")

@@ -6,11 +6,11 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import make_inputs, rel_err
 
 import marginops as mo
 from marginops import reference
 
-from conftest import make_inputs, rel_err
 
 def tiles(device_type, K=1):
     """(rows, classes) of a backward tile, (dx tiling, dW tiling): the CPU's tiles hold 256
@@ -22,7 +22,11 @@ def tile_maxima(P, label, valid, rows, cols):
     """Per tile: its corner and the largest probability of its valid rows' non-label entries."""
     B, C = P.shape
     P = P.masked_fill(label | ~valid[:, None], 0.0)
-    return [((i0, j0), float(P[i0 : i0 + rows, j0 : j0 + cols].max())) for i0 in range(0, B, rows) for j0 in range(0, C, cols)]
+    return [
+        ((i0, j0), float(P[i0 : i0 + rows, j0 : j0 + cols].max()))
+        for i0 in range(0, B, rows)
+        for j0 in range(0, C, cols)
+    ]
 
 
 def skipped_reference(x, W, y, margin, tiles, threshold=None, ignore_index=-100):

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from conftest import rel_err
 
 import marginops as mo
 from marginops import reference
-
-from conftest import rel_err
 
 
 def clone_heads(margin, bias=False, C=200, D=16, **kw):
@@ -17,7 +16,9 @@ def clone_heads(margin, bias=False, C=200, D=16, **kw):
     return fused, eager
 
 
-@pytest.mark.parametrize("margin", [mo.ArcFace(s=16.0), mo.SphereFace(), mo.Softmax()], ids=["arcface", "sphereface", "softmax"])
+@pytest.mark.parametrize(
+    "margin", [mo.ArcFace(s=16.0), mo.SphereFace(), mo.Softmax()], ids=["arcface", "sphereface", "softmax"]
+)
 def test_training_matches_eager_head(margin):
     fused, eager = clone_heads(margin, bias=isinstance(margin, mo.Softmax), return_accuracy=True)
     torch.manual_seed(1)
@@ -54,6 +55,8 @@ def test_head_options_pass_through():
     head = mo.MarginHead(8, 30, margin=mo.NormFace(s=10.0), reduction="none", ignore_index=3, label_smoothing=0.2)
     x, y = torch.randn(6, 8), torch.tensor([3, 1, 2, 3, 4, 5])
     loss = head(x, y)
-    ref = reference.margin_cross_entropy(x, head.weight, y, mo.NormFace(s=10.0), reduction="none", ignore_index=3, label_smoothing=0.2)
+    ref = reference.margin_cross_entropy(
+        x, head.weight, y, mo.NormFace(s=10.0), reduction="none", ignore_index=3, label_smoothing=0.2
+    )
     assert loss.shape == (6,) and float(loss[0].detach()) == 0.0 and float(loss[3].detach()) == 0.0
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)

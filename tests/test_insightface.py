@@ -3,20 +3,16 @@ and gradients (its formula written out in test_insightface_options.py) on gloo r
 insightface's per-rank state, and ShardedMarginHead's input handling ([B, 1] labels, messages,
 loss dtype)."""
 
-import os
-import tempfile
-
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import rel_err
+from test_distributed import spawn
+from test_insightface_options import insightface_formula
 
 import marginops as mo
 from marginops import distributed as mdist
 from marginops import insightface as mi
-
-from conftest import rel_err
-from test_distributed import spawn
-from test_insightface_options import insightface_formula
 
 f64 = torch.float64
 D, C = 8, 23
@@ -73,7 +69,9 @@ def check_against_insightface(rank, world):
     x32 = x[mine].float()
     assert head(x32, y[mine].view(-1, 1)).dtype == torch.float32
     assert head.double()(x[mine], y[mine]).dtype == f64
-    with pytest.raises(ValueError, match=r"labels must have shape \[B\] or \[B, 1\], got a 2-D tensor whose last dimension is 2"):
+    with pytest.raises(
+        ValueError, match=r"labels must have shape \[B\] or \[B, 1\], got a 2-D tensor whose last dimension is 2"
+    ):
         head(x[mine], y[mine].view(-1, 2))
     with pytest.raises(ValueError, match="x has 6 rows but labels has 5 entries"):
         head(x[mine], y[mine][:5])

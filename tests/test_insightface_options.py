@@ -8,11 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_inputs, rel_err
 
 import marginops as mo
 from marginops import reference
-
-from conftest import make_inputs, rel_err
 
 TOL = 1e-12
 
@@ -61,7 +60,12 @@ def test_op_matches_insightface_formula(name):
             cos[torch.arange(48), y] = -1
             assert (cos > p["t_f"]).sum() > 100, "the batch must exercise the filter"
     margin = mo.CombinedMargin(
-        s=30.0, m1=p["m1"], m2=p["m2"], m3=p["m3"], policy="none", straight_through=True,
+        s=30.0,
+        m1=p["m1"],
+        m2=p["m2"],
+        m3=p["m3"],
+        policy="none",
+        straight_through=True,
         interclass_filtering_threshold=p["t_f"],
     )
     want = insightface_formula(x, W, y, 30.0, p["m1"], p["m2"], p["m3"], p["t_f"])

@@ -8,11 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_inputs, rel_err
 
 import marginops as mo
 from marginops import reference, regularizers, subcenter
-
-from conftest import make_inputs, rel_err
 
 f64 = torch.float64
 B, D, C = 300, 16, 600
@@ -31,7 +30,9 @@ def zoo_inputs(name, device="cpu", dtype=f64, bias=False, ignore=0, seed=0, rows
     x, W, y, _ = make_inputs(rows, dim, classes * K, dtype=dtype, device=device, ignore=ignore, seed=seed)
     y = torch.where(y >= 0, y % classes, y)
     with torch.no_grad():  # some rows near their class, so margins and hard negatives both occur
-        x[ignore : ignore + rows // 4] = W[y[ignore : ignore + rows // 4] * K] * 2 + 0.5 * x[ignore : ignore + rows // 4]
+        x[ignore : ignore + rows // 4] = (
+            W[y[ignore : ignore + rows // 4] * K] * 2 + 0.5 * x[ignore : ignore + rows // 4]
+        )
     b = torch.randn(classes, dtype=dtype, device=device, requires_grad=True) if bias else None
     return x, W, y, b
 
@@ -47,7 +48,9 @@ def loss_and_grads(fn, margin, x, W, y, b, state=None, **kw):
 
 
 @pytest.mark.parametrize("name", list(ZOO))
-@pytest.mark.parametrize("reduction, ignore, smoothing, bias", list(itertools.product(["mean", "none"], [0, 5], [0.0, 0.1], [False, True])))
+@pytest.mark.parametrize(
+    "reduction, ignore, smoothing, bias", list(itertools.product(["mean", "none"], [0, 5], [0.0, 0.1], [False, True]))
+)
 def test_fused_matches_reference(device, name, reduction, ignore, smoothing, bias):
     margin = ZOO[name]
     x, W, y, b = zoo_inputs(name, device, bias=bias, ignore=ignore)
@@ -87,7 +90,12 @@ def test_gradcheck(device, name):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["subcenter", "curricular", "adaface", "magface"])
 def test_low_precision_error_within_twice_eager(device, dtype, name):
-    margin = {"subcenter": mo.SubCenterArcFace(s=64.0), "curricular": mo.CurricularFace(), "adaface": mo.AdaFace(), "magface": mo.MagFace(l_a=1.0, u_a=30.0)}[name]
+    margin = {
+        "subcenter": mo.SubCenterArcFace(s=64.0),
+        "curricular": mo.CurricularFace(),
+        "adaface": mo.AdaFace(),
+        "magface": mo.MagFace(l_a=1.0, u_a=30.0),
+    }[name]
     x, W, y, _ = zoo_inputs(name, device, rows=128, classes=500, dim=64)
     xl, Wl = (t.detach().to(dtype).requires_grad_() for t in (x, W))
     x64, W64 = (t.detach().double().requires_grad_() for t in (xl, Wl))
@@ -239,10 +247,14 @@ def test_lambda_schedule_anneals_sphereface():
     schedule = mo.LambdaSchedule()
     assert schedule(0) == 1000.0 and schedule(10) == pytest.approx(1000 / 2.2) and schedule(10**6) == 5.0
     torch.manual_seed(0)
-    head = mo.MarginHead(D, C, margin=mo.SphereFace(m=4), lambda_schedule=mo.LambdaSchedule(base=100.0, gamma=0.5, lambda_min=2.0)).double()
+    head = mo.MarginHead(
+        D, C, margin=mo.SphereFace(m=4), lambda_schedule=mo.LambdaSchedule(base=100.0, gamma=0.5, lambda_min=2.0)
+    ).double()
     x, _, y, _ = zoo_inputs("adaptive")
     for it in range(1, 4):  # SphereFace's Caffe layer counts the iteration from 1 at the first step
-        expected = reference.margin_cross_entropy(x, head.weight, y, mo.SphereFace(m=4, lambda_=max(2.0, 100.0 / (1 + 0.5 * it))))
+        expected = reference.margin_cross_entropy(
+            x, head.weight, y, mo.SphereFace(m=4, lambda_=max(2.0, 100.0 / (1 + 0.5 * it)))
+        )
         torch.testing.assert_close(head(x, y), expected)
     assert int(head.lambda_iteration) == 3
     head.eval()
@@ -262,9 +274,9 @@ def test_weighted_head_is_the_weighted_sum_ccl_style():
     x, _, y, _ = zoo_inputs("adaptive")
     feats = whiten(x)
     loss = head(feats, y)
-    expected = reference.margin_cross_entropy(feats, head.weight, y, mo.AdaptiveAngularMargin()) + 0.5 * reference.margin_cross_entropy(
-        feats, head.weight, y, mo.SphereFace(m=4)
-    )
+    expected = reference.margin_cross_entropy(
+        feats, head.weight, y, mo.AdaptiveAngularMargin()
+    ) + 0.5 * reference.margin_cross_entropy(feats, head.weight, y, mo.SphereFace(m=4))
     torch.testing.assert_close(loss, expected)
     got = torch.autograd.grad(loss, [head.weight, x], retain_graph=True)
     want = torch.autograd.grad(expected, [head.weight, x])
@@ -342,7 +354,11 @@ def test_subcenter_tools_find_noise_and_drop_subcenters():
         subcenter.dominant_subcenters(x, W, y + 100, K)
 
 
-@pytest.mark.parametrize("margin", [mo.Softmax(), mo.ArcFace(s=30.0), mo.SubCenterArcFace(K=2, s=30.0), mo.SphereFace()], ids=["softmax", "arcface", "subcenter", "sphereface"])
+@pytest.mark.parametrize(
+    "margin",
+    [mo.Softmax(), mo.ArcFace(s=30.0), mo.SubCenterArcFace(K=2, s=30.0), mo.SphereFace()],
+    ids=["softmax", "arcface", "subcenter", "sphereface"],
+)
 def test_inference_helpers(device, margin):
     torch.manual_seed(0)
     head = mo.MarginHead(D, C, margin=margin, bias=isinstance(margin, mo.Softmax)).double().to(device)

@@ -5,13 +5,10 @@ import math
 
 import pytest
 import torch
+from conftest import make_inputs, rel_err
 
 import marginops as mo
-from marginops import reference
-from marginops.margins import psi
-from marginops.margins import KIND_COMBINED, KIND_MULTIPLICATIVE, THETA_POLICIES
-
-from conftest import make_inputs, rel_err
+from marginops.margins import KIND_COMBINED, KIND_MULTIPLICATIVE, THETA_POLICIES, psi
 
 f64 = torch.float64
 
@@ -54,7 +51,12 @@ def test_configs_of_the_family():
     cos = mo.CosFace(s=64.0, m=0.35).config()
     assert (cos.margin_kind, cos.m1, cos.m2, cos.m3) == (KIND_COMBINED, 1.0, 0.0, 0.35)
     sphere = mo.SphereFace(m=4).config()
-    assert (sphere.margin_kind, sphere.normalize_x, sphere.normalize_w, sphere.m1) == (KIND_MULTIPLICATIVE, False, True, 4.0)
+    assert (sphere.margin_kind, sphere.normalize_x, sphere.normalize_w, sphere.m1) == (
+        KIND_MULTIPLICATIVE,
+        False,
+        True,
+        4.0,
+    )
     assert mo.LSoftmax(m=4).config().normalize_w is False
     assert mo.ArcFace(policy="easy").config().theta_policy == THETA_POLICIES["easy"]
     assert (mo.NormFace(s=10).config().normalize_x, mo.L2Softmax().config().normalize_w) == (True, False)
@@ -79,7 +81,14 @@ def _grid():
 PSI_CASES = [
     (KIND_COMBINED, policy, m1, m2, m3)
     for policy in THETA_POLICIES
-    for (m1, m2, m3) in [(1.0, 0.5, 0.0), (1.0, 0.0, 0.35), (1.0, 0.3, 0.2), (1.0, -0.2, 0.1), (1.35, 0.25, 0.1), (2.0, 0.0, 0.0)]
+    for (m1, m2, m3) in [
+        (1.0, 0.5, 0.0),
+        (1.0, 0.0, 0.35),
+        (1.0, 0.3, 0.2),
+        (1.0, -0.2, 0.1),
+        (1.35, 0.25, 0.1),
+        (2.0, 0.0, 0.0),
+    ]
     if not (policy == "fallback" and m1 != 1.0)
 ]
 PSI_CASES = [case + (0.0,) for case in PSI_CASES] + [
@@ -111,7 +120,9 @@ def _theta(c):
 def _psi(margin, c):
     cfg = margin.config()
     full = lambda v: torch.full_like(c, v)  # noqa: E731
-    return torch.ops.marginops.margin_psi(c, full(cfg.m1), full(cfg.m2), full(cfg.m3), cfg.margin_kind, cfg.theta_policy, cfg.lambda_)[0]
+    return torch.ops.marginops.margin_psi(
+        c, full(cfg.m1), full(cfg.m2), full(cfg.m3), cfg.margin_kind, cfg.theta_policy, cfg.lambda_
+    )[0]
 
 
 def test_psi_closed_forms():
@@ -149,7 +160,6 @@ def test_policies_shape_the_curve():
     assert (sphere.diff() > 0).all(), "SphereFace's ψ is monotonic"
     quarter = torch.tensor([math.cos(math.pi / 4) - 1e-10, math.cos(math.pi / 4) + 1e-10], dtype=f64)
     assert float(_psi(mo.SphereFace(m=4), quarter).diff().abs()) < 1e-8, "and continuous at θ = π/4"
-
 
 
 def test_combined_margin_default_policy_works_for_every_m1():

@@ -16,11 +16,10 @@ import re
 
 import pytest
 import torch
+from conftest import emulated_loss, rel_err
 
 import marginops as mo
 from marginops import reference
-
-from conftest import emulated_loss, rel_err
 
 f64 = torch.float64
 ROW_BLOCK, CLASS_TILE = 256, 256  # csrc/cpu/margin_ce_cpu.cpp: kRowBlock, kClassTile
@@ -93,9 +92,9 @@ def check_case(loss_fn, case, margin, dtype, B, C, D, bad, tol, expect):
     got_grads = torch.autograd.grad(got.sum(), leaves)
     rows = int((y != -100).sum())  # ignored rows have loss 0 (but eager's gradient there can be NaN)
     nan_rows = int(want.isnan().sum())
-    assert {"all_nan": nan_rows == rows, "some_nan": 0 < nan_rows < rows, "finite": bool(want.isfinite().all())}[expect], (
-        f"the reference's loss is not {expect} ({nan_rows} NaN rows of {rows})"
-    )
+    assert {"all_nan": nan_rows == rows, "some_nan": 0 < nan_rows < rows, "finite": bool(want.isfinite().all())}[
+        expect
+    ], f"the reference's loss is not {expect} ({nan_rows} NaN rows of {rows})"
     assert_like_reference(got, want, "loss", tol)
     for name, g, w in zip(("dx", "dW", "dbias"), got_grads, want_grads):
         assert_like_reference(g, w, name, tol)
@@ -162,7 +161,13 @@ def test_check_finite_still_names_the_first_bad_row():
 # -- the CUDA backends under the emulation: a few cases, small --------------------------------------
 
 EB, EC, ED, EBAD = 12, 150, 16, 131  # fused: 3 class tiles of 64 in 3 splits; chunked: chunks of 32
-EMULATED = ["nan_weight-softmax", "inf_weight-softmax", "neg_inf_weight-softmax", "nan_x-arcface", "neg_inf_bias-softmax"]
+EMULATED = [
+    "nan_weight-softmax",
+    "inf_weight-softmax",
+    "neg_inf_weight-softmax",
+    "nan_x-arcface",
+    "neg_inf_bias-softmax",
+]
 
 
 @pytest.mark.parametrize("backend", ["chunked", "fused"])
@@ -190,8 +195,10 @@ def test_cuda_backends_emulated_propagate_like_eager_logits(emu, backend, name):
 
 
 def check_sharded(rank, world, C):
+    from test_distributed import D as SD
+    from test_distributed import global_batch
+
     from marginops import distributed as mdist
-    from test_distributed import D as SD, global_batch
 
     W0, b0, x0, y0, rows = global_batch(world, C)
     first = mdist.class_range(C, world, 1)[0]  # rank 1's first class
@@ -230,7 +237,9 @@ def check_sharded(rank, world, C):
         br = b.clone().requires_grad_() if bias else None
         ref = reference.margin_cross_entropy(xr, Wr, y0, margin, bias=br, reduction="none")
         ref.sum().backward()
-        assert not ref.isfinite().all() or what.startswith(("bias", "W[first + 1] -inf")), what  # each case tests what it says
+        assert not ref.isfinite().all() or what.startswith(("bias", "W[first + 1] -inf")), (
+            what
+        )  # each case tests what it says
         where = f"{what}, rank {rank}"
         assert_like_reference(loss, ref[rows[rank]], f"{where}: loss", 1e-10)
         assert_like_reference(x_local.grad, xr.grad[rows[rank]], f"{where}: dx", 1e-10)

@@ -3,16 +3,26 @@ torch.compile(fullgraph=True) through the functional API and the head."""
 
 import pytest
 import torch
+from conftest import make_inputs, rel_err
 
 import marginops as mo
 from marginops import ops, reference
 
-from conftest import make_inputs, rel_err
-
 f64 = torch.float64
 
 
-def forward_args(device, margin, bias=False, row_margins=None, curricular=None, class_index=None, dtype=f64, C=40, num_classes=None, offset=0):
+def forward_args(
+    device,
+    margin,
+    bias=False,
+    row_margins=None,
+    curricular=None,
+    class_index=None,
+    dtype=f64,
+    C=40,
+    num_classes=None,
+    offset=0,
+):
     x, W, y, b = make_inputs(12, 6, C, dtype=dtype, device=device, bias=bias, ignore=2)
     y = torch.where(y >= 0, y + offset, y)
     return (x, W, y, b, row_margins, curricular, class_index, num_classes or C, offset, -100, *margin.config())
@@ -44,8 +54,12 @@ def test_opcheck_backward(device):
         grads = [torch.randn(12, dtype=ops.acc_dtype(x, W), device=device) for _ in range(3)]
         lse = torch.ops.marginops.margin_ce_forward(*args)[0].detach()
         detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        torch.library.opcheck(torch.ops.marginops.margin_ce_backward, (*grads, lse, *detached, [True, True, True, True]))
-        torch.library.opcheck(torch.ops.marginops.margin_ce_backward, (grads[0], None, None, lse, *detached, [True, False, False, False]))
+        torch.library.opcheck(
+            torch.ops.marginops.margin_ce_backward, (*grads, lse, *detached, [True, True, True, True])
+        )
+        torch.library.opcheck(
+            torch.ops.marginops.margin_ce_backward, (grads[0], None, None, lse, *detached, [True, False, False, False])
+        )
 
 
 def test_opcheck_psi():
@@ -54,7 +68,9 @@ def test_opcheck_psi():
     torch.library.opcheck(torch.ops.marginops.margin_psi, (c, ones, half, zero, 1, 0, 0.0))
 
 
-@pytest.mark.parametrize("margin", [mo.ArcFace(s=30.0), mo.SphereFace(), mo.Softmax()], ids=["arcface", "sphereface", "softmax"])
+@pytest.mark.parametrize(
+    "margin", [mo.ArcFace(s=30.0), mo.SphereFace(), mo.Softmax()], ids=["arcface", "sphereface", "softmax"]
+)
 def test_compile_fullgraph_functional(device, margin):
     torch._dynamo.reset()
     x, W, y, b = make_inputs(32, 8, 100, device=device, bias=True, ignore=3)
@@ -94,7 +110,10 @@ def test_compile_fullgraph_head_training_step(device):
     labels = torch.randint(0, 50, (64,), device=device)
     losses, ref_losses = [], []
     for _ in range(5):
-        for model, optimizer, out in ((compiled, opt, losses), (lambda i, y: ref_head(ref_backbone(i), y), ref_opt, ref_losses)):
+        for model, optimizer, out in (
+            (compiled, opt, losses),
+            (lambda i, y: ref_head(ref_backbone(i), y), ref_opt, ref_losses),
+        ):
             optimizer.zero_grad()
             loss = model(inputs, labels)
             loss.backward()
@@ -108,7 +127,12 @@ def test_compile_fullgraph_head_training_step(device):
 
 @pytest.mark.parametrize(
     "margin",
-    [mo.CurricularFace(s=16.0), mo.AdaFace(s=16.0), mo.MagFace(s=16.0, l_a=0.1, u_a=10.0), mo.SubCenterArcFace(K=2, s=16.0)],
+    [
+        mo.CurricularFace(s=16.0),
+        mo.AdaFace(s=16.0),
+        mo.MagFace(s=16.0, l_a=0.1, u_a=10.0),
+        mo.SubCenterArcFace(K=2, s=16.0),
+    ],
     ids=["curricular", "adaface", "magface", "subcenter"],
 )
 def test_compile_fullgraph_stateful_and_subcenter_heads(device, margin):
@@ -118,7 +142,7 @@ def test_compile_fullgraph_stateful_and_subcenter_heads(device, margin):
     eager = reference.MarginHead(8, 50, margin=margin).double().to(device)
     eager.load_state_dict(head.state_dict())
     compiled = torch.compile(lambda x, y: head(x, y), fullgraph=True)
-    for step in range(3):
+    for _ in range(3):
         x = torch.randn(32, 8, dtype=f64, device=device)
         y = torch.randint(0, 50, (32,), device=device)
         loss, ref = compiled(x, y), eager(x, y)

@@ -8,11 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-import marginops as mo
-
 from conftest import rel_err
 from test_distributed import spawn
+
+import marginops as mo
 
 f64 = torch.float64
 B, D, C = 24, 10, 37
@@ -115,7 +114,11 @@ def test_arcface_fallback_and_easy_margin():
     def easy(c):  # the margin only where c > 0
         return torch.where(c > 0, arc(c, m), c)
 
-    assert bool((torch.acos((x / x.norm(dim=1, keepdim=True) * (W / W.norm(dim=1, keepdim=True))[y]).sum(1)) + m > math.pi).any())
+    assert bool(
+        (
+            torch.acos((x / x.norm(dim=1, keepdim=True) * (W / W.norm(dim=1, keepdim=True))[y]).sum(1)) + m > math.pi
+        ).any()
+    )
     check(mo.ArcFace(s=30.0, m=m), logits(x, W, y, fallback, s=30.0), x, W, y)
     check(mo.ArcFace(s=30.0, m=m, policy="easy"), logits(x, W, y, easy, s=30.0), x, W, y)
 
@@ -184,7 +187,9 @@ def curricular_logits(x, W, y, s, m, t):
     cos = F.normalize(x.detach(), dim=1) @ F.normalize(W.detach(), dim=1).T
     hard = (cos > tau[:, None]) & ~F.one_hot(y, C).bool()
     assert 0 < int(hard.sum()) < hard.numel() - B, "hard negatives all or none"
-    return logits(x, W, y, lambda c: arc_fallback(c, m), s=s, negatives=lambda c: torch.where(c > tau[:, None], c * (t + c), c))
+    return logits(
+        x, W, y, lambda c: arc_fallback(c, m), s=s, negatives=lambda c: torch.where(c > tau[:, None], c * (t + c), c)
+    )
 
 
 def curricular_data(seed):
@@ -222,7 +227,7 @@ def test_curricularface_head_state():
         x = (x0.detach() + 0.5 * step * torch.randn(B, D, generator=g, dtype=f64)).requires_grad_()
         t = 0.3 * cos_y(x, head.weight, y).mean() + 0.7 * t
         z = curricular_logits(x, head.weight, y, 30.0, 0.5, t)
-        check(spec, z, x, head.weight, y, run=lambda: head(x, y))
+        check(spec, z, x, head.weight, y, run=lambda x=x, y=y: head(x, y))
         assert rel_err(head.margin_state.t, t) <= 1e-12, f"step {step}: t {float(head.margin_state.t)} vs {float(t)}"
 
 
@@ -250,7 +255,9 @@ def test_adaface_without_state():
     mean, std = norms.mean(), norms.std()
     g = (h * (norms - mean) / (std + 1e-3)).clamp(-1.0, 1.0)
     phi = angle(cos_y(x, W, y)) - m * g
-    assert bool((x.detach().norm(dim=1) > 100).any()) and bool((g == 1).any() and (g == -1).any() and (g.abs() < 1).any())
+    assert bool((x.detach().norm(dim=1) > 100).any()) and bool(
+        (g == 1).any() and (g == -1).any() and (g.abs() < 1).any()
+    )
     assert bool((phi < 1e-3).any() and (phi > math.pi - 1e-3).any()), "θ − m·g never clipped on both sides"
     check(mo.AdaFace(s=30.0, m=m, h=h), logits(x, W, y, adaface_target(x, m, h, mean, std), s=30.0), x, W, y)
 
@@ -268,8 +275,10 @@ def test_adaface_head_state():
         norms = x.detach().norm(dim=1).clamp(0.001, 100.0)
         mean, std = alpha * norms.mean() + (1 - alpha) * mean, alpha * norms.std() + (1 - alpha) * std
         z = logits(x, head.weight, y, adaface_target(x, m, h, mean, std), s=30.0)
-        check(spec, z, x, head.weight, y, run=lambda: head(x, y))
-        assert rel_err(head.margin_state.batch_mean, mean) <= 1e-12 and rel_err(head.margin_state.batch_std, std) <= 1e-12
+        check(spec, z, x, head.weight, y, run=lambda x=x, y=y: head(x, y))
+        assert (
+            rel_err(head.margin_state.batch_mean, mean) <= 1e-12 and rel_err(head.margin_state.batch_std, std) <= 1e-12
+        )
 
 
 def test_magface():

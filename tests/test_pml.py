@@ -3,11 +3,10 @@ gradients (float64)."""
 
 import pytest
 import torch
+from conftest import rel_err
 
 import marginops as mo
 from marginops import pml
-
-from conftest import rel_err
 
 L = pytest.importorskip("pytorch_metric_learning.losses")
 
@@ -59,6 +58,8 @@ def test_unconvertible():
     with pytest.raises(ValueError, match="MeanReducer"):
         pml.margin_from_pml(L.CosFaceLoss(num_classes=C, embedding_size=D, reducer=reducers.SumReducer()))
     with pytest.raises(ValueError, match="weight_regularizer"):
-        pml.margin_from_pml(L.CosFaceLoss(num_classes=C, embedding_size=D, weight_regularizer=regularizers.LpRegularizer()))
+        pml.margin_from_pml(
+            L.CosFaceLoss(num_classes=C, embedding_size=D, weight_regularizer=regularizers.LpRegularizer())
+        )
     with pytest.raises(ValueError, match="no marginops equivalent"):
         pml.margin_from_pml(L.ProxyAnchorLoss(num_classes=C, embedding_size=D))

@@ -12,15 +12,20 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from test_distributed import spawn
 
 import marginops as mo
 from marginops import distributed as mdist
 from marginops import functional, insightface, ops, regularizers, subcenter
 from marginops.margins import (
-    KIND_COMBINED, KIND_IDENTITY, KIND_MULTIPLICATIVE, THETA_POLICIES, OpConfig, masked_mean, target_cosines,
+    KIND_COMBINED,
+    KIND_IDENTITY,
+    KIND_MULTIPLICATIVE,
+    THETA_POLICIES,
+    OpConfig,
+    masked_mean,
+    target_cosines,
 )
-
-from test_distributed import spawn
 
 f64 = torch.float64
 
@@ -52,12 +57,22 @@ def test_functional_class_logits_topk_classes_and_cosine_margin():
     b = seeded(7, seed=6)
     # default margin: plain softmax logits x·Wᵀ (+ bias), chunked
     torch.testing.assert_close(functional.class_logits(x, W, chunk_size=3), x @ W.T, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(functional.class_logits(x, W[:7], bias=b, chunk_size=2), x @ W[:7].T + b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        functional.class_logits(x, W[:7], bias=b, chunk_size=2), x @ W[:7].T + b, rtol=1e-12, atol=1e-12
+    )
     # cosine_margin(K): cos θ of the best of K sub-centers (rows c·K … c·K + K − 1), s = 1
     cfg = functional.cosine_margin(2).config()
-    assert (cfg.normalize_x, cfg.normalize_w, cfg.s, cfg.subcenters, cfg.margin_kind) == (True, True, 1.0, 2, KIND_IDENTITY)
+    assert (cfg.normalize_x, cfg.normalize_w, cfg.s, cfg.subcenters, cfg.margin_kind) == (
+        True,
+        True,
+        1.0,
+        2,
+        KIND_IDENTITY,
+    )
     best = (unit(x) @ unit(W).T).view(7, 7, 2).amax(2)
-    torch.testing.assert_close(functional.class_logits(x, W, functional.cosine_margin(2), chunk_size=3), best, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        functional.class_logits(x, W, functional.cosine_margin(2), chunk_size=3), best, rtol=1e-12, atol=1e-12
+    )
     # topk_classes: kind="logit" is its default (the heads' is "cosine")
     values, classes = functional.topk_classes(x, W[:7], 3, bias=b)
     want = (x @ W[:7].T + b).topk(3, dim=1)
@@ -109,7 +124,14 @@ def test_current_margin_follows_the_lambda_schedule_in_training_only():
 
 def test_lambda_schedule_closed_form_and_floor():
     sched = mo.LambdaSchedule(base=200.0, gamma=0.5, power=1.5, lambda_min=10.0)
-    for it, want in [(0, 200.0), (2, 200.0 / 2.0**1.5), (6, 200.0 / 4.0**1.5), (10, 200.0 / 6.0**1.5), (14, 10.0), (100, 10.0)]:
+    for it, want in [
+        (0, 200.0),
+        (2, 200.0 / 2.0**1.5),
+        (6, 200.0 / 4.0**1.5),
+        (10, 200.0 / 6.0**1.5),
+        (14, 10.0),
+        (100, 10.0),
+    ]:
         assert sched(it) == pytest.approx(want, rel=1e-14), it
     assert mo.LambdaSchedule()(1) == pytest.approx(1000.0 / 1.12)  # SphereFace's defaults
 
@@ -130,7 +152,9 @@ def test_margin_state_buffers_are_copies_and_as_dict_aliases_them():
 
 def test_weighted_head_is_the_weighted_sum_of_hand_written_losses():
     C, s, m = 9, 10.0, 0.3
-    head = mo.WeightedMarginHead(5, C, terms=[(mo.NormFace(s=s), 0.25), (mo.CosFace(s=s, m=m), 2.0)], bias=True, label_smoothing=0.1, dtype=f64)
+    head = mo.WeightedMarginHead(
+        5, C, terms=[(mo.NormFace(s=s), 0.25), (mo.CosFace(s=s, m=m), 2.0)], bias=True, label_smoothing=0.1, dtype=f64
+    )
     with torch.no_grad():
         head.weight.copy_(seeded(C, 5, seed=8))
         head.bias.copy_(seeded(C, seed=9))
@@ -160,7 +184,9 @@ def test_head_stats_of_a_sampled_shard_by_hand():
     and the best margin-free logit with its global class id."""
     C, off, s, m = 15, 5, 10.0, 0.3
     W, x = seeded(C, 6, seed=11), seeded(6, 6, seed=12)
-    y = torch.tensor([5, 7, 6, 0, -100, 11])  # computed, computed, in the shard but not sampled, other shard, ignored, computed
+    y = torch.tensor(
+        [5, 7, 6, 0, -100, 11]
+    )  # computed, computed, in the shard but not sampled, other shard, ignored, computed
     index = torch.tensor([0, 2, 3, 6])
     G = off + index  # global ids of the computed classes: 5, 7, 8, 11
     stats = ops.head_stats(x, W[off:12], y, None, None, None, index, C, off, -100, mo.CosFace(s=s, m=m).config())
@@ -198,7 +224,9 @@ def test_loss_and_accuracy_from_hand_made_statistics():
     plain = functional.loss_from_stats(stats, y, C, -1, 0.0, "none")
     torch.testing.assert_close(plain, torch.tensor([2.0, 1.5, 1.0, 0.0], dtype=f64))
     extra = torch.tensor([0.5, 0.25, 1.0, 100.0], dtype=f64)  # the ignored row's extra term does not count
-    torch.testing.assert_close(functional.loss_from_stats(stats, y, C, -1, 0.0, "mean", extra), torch.tensor(6.25 / 3, dtype=f64))
+    torch.testing.assert_close(
+        functional.loss_from_stats(stats, y, C, -1, 0.0, "mean", extra), torch.tensor(6.25 / 3, dtype=f64)
+    )
     # accuracy: best_class == label over non-ignored rows: rows 0 and 2 of 3
     assert float(functional.accuracy_from_stats(stats, y, -1)) == pytest.approx(2 / 3, rel=1e-7)
 
@@ -218,9 +246,10 @@ def test_target_cosines_and_masked_mean_by_hand():
     W, x = seeded(4 * K, 5, seed=13), seeded(6, 5, seed=14)
     y = torch.tensor([0, 3, 1, 2, 0, 3])
     valid = torch.tensor([True, True, False, True, True, True])
-    want = torch.tensor([
-        max(float(unit(x[i]) @ unit(W[int(y[i]) * K + k])) for k in range(K)) if valid[i] else 0.0 for i in range(6)
-    ], dtype=f64)
+    want = torch.tensor(
+        [max(float(unit(x[i]) @ unit(W[int(y[i]) * K + k])) for k in range(K)) if valid[i] else 0.0 for i in range(6)],
+        dtype=f64,
+    )
     torch.testing.assert_close(target_cosines(x, W, y, valid, K), want, rtol=1e-12, atol=1e-12)
     v = torch.tensor([1.0, 2.0, 4.0, 8.0])
     assert float(masked_mean(v, torch.tensor([True, False, True, False]))) == 2.5
@@ -245,16 +274,28 @@ CONFIGS = [
     (mo.NormFace(s=20.0), OpConfig(KIND_IDENTITY, 0, True, True, 20.0, 1.0, 0.0, 0.0, 0.0)),
     (mo.LSoftmax(m=3, lambda_=0.5), OpConfig(KIND_MULTIPLICATIVE, 0, False, False, 1.0, 3.0, 0.0, 0.0, 0.5)),
     (mo.SphereFace(m=4), OpConfig(KIND_MULTIPLICATIVE, 0, False, True, 1.0, 4.0, 0.0, 0.0, 0.0)),
-    (mo.CosFace(s=30.0, m=0.35, interclass_filtering_threshold=0.2), OpConfig(_C, _N, True, True, 30.0, 1.0, 0.0, 0.35, 0.0, 1, 0.2, False)),
-    (mo.ArcFace(s=32.0, m=0.4, policy="easy", straight_through=True), OpConfig(_C, _E, True, True, 32.0, 1.0, 0.4, 0.0, 0.0, 1, 0.0, True)),
+    (
+        mo.CosFace(s=30.0, m=0.35, interclass_filtering_threshold=0.2),
+        OpConfig(_C, _N, True, True, 30.0, 1.0, 0.0, 0.35, 0.0, 1, 0.2, False),
+    ),
+    (
+        mo.ArcFace(s=32.0, m=0.4, policy="easy", straight_through=True),
+        OpConfig(_C, _E, True, True, 32.0, 1.0, 0.4, 0.0, 0.0, 1, 0.0, True),
+    ),
     (mo.CombinedMargin(s=64.0, m1=1.0, m2=0.3, m3=0.2), OpConfig(_C, _F, True, True, 64.0, 1.0, 0.3, 0.2, 0.0)),
-    (mo.CombinedMargin(s=64.0, m1=1.5, m2=0.1, m3=0.0), OpConfig(_C, THETA_POLICIES["continuous"], True, True, 64.0, 1.5, 0.1, 0.0, 0.0)),
+    (
+        mo.CombinedMargin(s=64.0, m1=1.5, m2=0.1, m3=0.0),
+        OpConfig(_C, THETA_POLICIES["continuous"], True, True, 64.0, 1.5, 0.1, 0.0, 0.0),
+    ),
     (mo.SubCenterArcFace(K=3, s=30.0, m=0.5), OpConfig(_C, _F, True, True, 30.0, 1.0, 0.5, 0.0, 0.0, 3)),
     (mo.CurricularFace(s=30.0, m=0.5), OpConfig(_C, _F, True, True, 30.0, 1.0, 0.5, 0.0, 0.0)),
     (mo.AdaFace(s=30.0, m=0.4), OpConfig(_C, THETA_POLICIES["clip"], True, True, 30.0, 1.0, 0.0, 0.4, 0.0)),
     (mo.MagFace(s=30.0), OpConfig(_C, _F, True, True, 30.0, 1.0, 0.0, 0.0, 0.0)),
     (mo.AdaptiveAngularMargin(), OpConfig(_C, THETA_POLICIES["continuous"], False, True, 1.0, 1.0, 0.0, 0.0, 0.0)),
-    (mo.AdaptiveAngularMargin(s=20.0), OpConfig(_C, THETA_POLICIES["continuous"], True, True, 20.0, 1.0, 0.0, 0.0, 0.0)),
+    (
+        mo.AdaptiveAngularMargin(s=20.0),
+        OpConfig(_C, THETA_POLICIES["continuous"], True, True, 20.0, 1.0, 0.0, 0.0, 0.0),
+    ),
 ]
 
 
@@ -272,7 +313,9 @@ def test_insightface_foreign_modules_and_specs_map_by_attributes():
 
     arc = insightface.to_margin(Arc())
     assert arc.config() == OpConfig(_C, _N, True, True, 48.0, 1.0, 0.45, 0.0, 0.0, 1, 0.0, True)
-    assert insightface.to_margin(Arc(), semantics="marginops").config() == OpConfig(_C, _F, True, True, 48.0, 1.0, 0.45, 0.0, 0.0)
+    assert insightface.to_margin(Arc(), semantics="marginops").config() == OpConfig(
+        _C, _F, True, True, 48.0, 1.0, 0.45, 0.0, 0.0
+    )
     assert insightface.to_margin(Cos()).config() == OpConfig(_C, _N, True, True, 40.0, 1.0, 0.0, 0.3, 0.0, 1, 0.0, True)
     spec = mo.ArcFace()
     assert insightface.to_margin(spec) is spec
@@ -295,7 +338,9 @@ def subcenter_data():
 
 
 def hand_cosines(W, x, y, K):
-    return torch.tensor([[float(unit(x[i]) @ unit(W[int(y[i]) * K + k])) for k in range(K)] for i in range(len(y))], dtype=f64)
+    return torch.tensor(
+        [[float(unit(x[i]) @ unit(W[int(y[i]) * K + k])) for k in range(K)] for i in range(len(y))], dtype=f64
+    )
 
 
 def test_dominant_subcenters_is_the_argmax_of_hand_counts():
@@ -408,7 +453,17 @@ def write_checkpoint(directory, meta, shards):
     records = []
     for r, (start, end, weight, bias, state) in enumerate(shards):
         path = os.path.join(directory, f"shard-{r:05d}-of-{world:05d}.pt")
-        torch.save({"class_start": start, "class_end": end, "weight": weight, "bias": bias, "margin_state": state, "meta": meta}, path)
+        torch.save(
+            {
+                "class_start": start,
+                "class_end": end,
+                "weight": weight,
+                "bias": bias,
+                "margin_state": state,
+                "meta": meta,
+            },
+            path,
+        )
         records.append(file_record(path))
     with open(os.path.join(directory, "meta.json"), "w") as f:
         json.dump({**meta, "world_size": world, "shards": records}, f)
@@ -446,21 +501,36 @@ def test_save_sharded_of_a_head_writes_one_shard_and_meta(tmp_path):
     assert sorted(os.listdir(tmp_path / "one")) == ["meta.json", "shard-00000-of-00001.pt"]
     meta = json.loads((tmp_path / "one" / "meta.json").read_text())
     shard_file = str(tmp_path / "one" / "shard-00000-of-00001.pt")
-    assert meta == {"num_classes": 4, "embedding_size": 3, "subcenters": 1, "bias": True, "margin": repr(head.margin), "world_size": 1,
-                    "shards": [file_record(shard_file)]}
+    assert meta == {
+        "num_classes": 4,
+        "embedding_size": 3,
+        "subcenters": 1,
+        "bias": True,
+        "margin": repr(head.margin),
+        "world_size": 1,
+        "shards": [file_record(shard_file)],
+    }
     shard = torch.load(tmp_path / "one" / "shard-00000-of-00001.pt", weights_only=True)
     assert (shard["class_start"], shard["class_end"]) == (0, 4)
-    assert torch.equal(shard["weight"], torch.arange(12.0).view(4, 3)) and torch.equal(shard["bias"], torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert torch.equal(shard["weight"], torch.arange(12.0).view(4, 3)) and torch.equal(
+        shard["bias"], torch.tensor([1.0, 2.0, 3.0, 4.0])
+    )
     assert shard["margin_state"]["t"].tolist() == [0.25]
     # and the margin state comes back with load_sharded
     other = mo.MarginHead(3, 4, margin=mo.CurricularFace(s=8.0), bias=True)
     mdist.load_sharded(other, str(tmp_path / "one"))
-    assert other.margin_state.t.tolist() == [0.25] and torch.equal(other.bias.detach(), torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert other.margin_state.t.tolist() == [0.25] and torch.equal(
+        other.bias.detach(), torch.tensor([1.0, 2.0, 3.0, 4.0])
+    )
 
 
 def test_import_insightface_softmax_fc_files_in_any_order(tmp_path):
     D = 3
-    shards = [torch.full((4, D), 0.0), torch.full((4, D), 1.0), torch.full((3, D), 2.0)]  # 11 classes over 3 ranks: 4, 4, 3
+    shards = [
+        torch.full((4, D), 0.0),
+        torch.full((4, D), 1.0),
+        torch.full((3, D), 2.0),
+    ]  # 11 classes over 3 ranks: 4, 4, 3
     paths = []
     for r, w in enumerate(shards):
         paths.append(str(tmp_path / f"softmax_fc_gpu_{r}.pt"))
@@ -491,7 +561,9 @@ def _sharded_by_hand(rank, world, ckpt, out):
     # save_sharded: one file per rank with its range; rank 0 writes meta.json
     mdist.save_sharded(head, out)
     mine = torch.load(os.path.join(out, f"shard-{rank:05d}-of-00002.pt"), weights_only=True)
-    assert (mine["class_start"], mine["class_end"]) == (start, end) and torch.equal(mine["weight"], W[2 * start : 2 * end])
+    assert (mine["class_start"], mine["class_end"]) == (start, end) and torch.equal(
+        mine["weight"], W[2 * start : 2 * end]
+    )
     dist.barrier()
     with open(os.path.join(out, "meta.json")) as f:
         assert json.load(f)["world_size"] == 2
@@ -500,7 +572,9 @@ def _sharded_by_hand(rank, world, ckpt, out):
     x = seeded(7, 5, seed=42)
     y = torch.tensor([0, 12, 6, 7, -100, 3, 9])
     rows = [slice(0, 3), slice(3, 7)][rank]  # batch sizes 3 and 4
-    norm = mdist.ShardedMarginHead(5, C, mo.NormFace(s=s), bias=True, label_smoothing=0.1, return_accuracy=True, dtype=f64)
+    norm = mdist.ShardedMarginHead(
+        5, C, mo.NormFace(s=s), bias=True, label_smoothing=0.1, return_accuracy=True, dtype=f64
+    )
     with torch.no_grad():
         norm.weight.copy_(Wf[start:end])
         norm.bias.copy_(bf[start:end])

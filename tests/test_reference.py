@@ -6,11 +6,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_inputs
 
 import marginops as mo
 from marginops import reference
-
-from conftest import make_inputs
 
 f64 = torch.float64
 
@@ -28,7 +27,9 @@ def with_target(logits, y, target):
 def test_softmax_is_plain_cross_entropy():
     x, W, y, b = make_inputs(16, 8, 30, bias=True, requires_grad=False)
     expected = F.cross_entropy(x @ W.T + b, y, label_smoothing=0.1)
-    torch.testing.assert_close(reference.margin_cross_entropy(x, W, y, mo.Softmax(), bias=b, label_smoothing=0.1), expected)
+    torch.testing.assert_close(
+        reference.margin_cross_entropy(x, W, y, mo.Softmax(), bias=b, label_smoothing=0.1), expected
+    )
 
 
 def test_arcface_is_insightface_formula():
@@ -44,7 +45,9 @@ def test_arcface_is_insightface_formula():
     torch.testing.assert_close(reference.margin_cross_entropy(x, W, y, mo.ArcFace(s=s, m=m)), expected)
     easy = torch.where(c > 0, c * math.cos(m) - sin * math.sin(m), c)
     expected_easy = F.cross_entropy(s * with_target(cos, y, easy), y)
-    torch.testing.assert_close(reference.margin_cross_entropy(x, W, y, mo.ArcFace(s=s, m=m, policy="easy")), expected_easy)
+    torch.testing.assert_close(
+        reference.margin_cross_entropy(x, W, y, mo.ArcFace(s=s, m=m, policy="easy")), expected_easy
+    )
 
 
 def test_cosface_and_combined_honour_every_margin():
@@ -76,9 +79,12 @@ def test_sphereface_and_lsoftmax_use_feature_norms():
 
 def test_normalized_softmaxes():
     x, W, y, _ = make_inputs(16, 8, 30, requires_grad=False)
-    torch.testing.assert_close(reference.margin_cross_entropy(x, W, y, mo.NormFace(s=20.0)), F.cross_entropy(20.0 * cos_matrix(x, W), y))
     torch.testing.assert_close(
-        reference.margin_cross_entropy(x, W, y, mo.L2Softmax(s=16.0)), F.cross_entropy(16.0 * F.normalize(x, dim=1) @ W.T, y)
+        reference.margin_cross_entropy(x, W, y, mo.NormFace(s=20.0)), F.cross_entropy(20.0 * cos_matrix(x, W), y)
+    )
+    torch.testing.assert_close(
+        reference.margin_cross_entropy(x, W, y, mo.L2Softmax(s=16.0)),
+        F.cross_entropy(16.0 * F.normalize(x, dim=1) @ W.T, y),
     )
     torch.testing.assert_close(
         reference.margin_cross_entropy(x, W, y, mo.WeightNormSoftmax()), F.cross_entropy(x @ F.normalize(W, dim=1).T, y)
@@ -88,14 +94,20 @@ def test_normalized_softmaxes():
 def test_lsoftmax_lambda_anneals_to_softmax():
     x, W, y, _ = make_inputs(16, 8, 30, requires_grad=False)
     soft = reference.margin_cross_entropy(x, W, y, mo.Softmax())
-    gaps = [float((reference.margin_cross_entropy(x, W, y, mo.LSoftmax(m=4, lambda_=lam)) - soft).abs()) for lam in (0.0, 10.0, 1e4)]
+    gaps = [
+        float((reference.margin_cross_entropy(x, W, y, mo.LSoftmax(m=4, lambda_=lam)) - soft).abs())
+        for lam in (0.0, 10.0, 1e4)
+    ]
     assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-2
 
 
 def test_per_row_margins_match_scalar_margins():
     x, W, y, _ = make_inputs(16, 8, 30, requires_grad=False)
     m = torch.full((16,), 0.4, dtype=f64)
-    torch.testing.assert_close(reference.margin_cross_entropy(x, W, y, mo.ArcFace(m=m)), reference.margin_cross_entropy(x, W, y, mo.ArcFace(m=0.4)))
+    torch.testing.assert_close(
+        reference.margin_cross_entropy(x, W, y, mo.ArcFace(m=m)),
+        reference.margin_cross_entropy(x, W, y, mo.ArcFace(m=0.4)),
+    )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -226,7 +226,9 @@ def _check_sharded(rank, world):
     if rank == 1:
         with torch.no_grad():
             head.weight[2, 0] = float("inf")
-    with pytest.raises(ValueError, match=re.escape(f"rank 1: weight[2] (class {mdist.class_range(C, world, 1)[0] + 2}) holds NaN/Inf")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"rank 1: weight[2] (class {mdist.class_range(C, world, 1)[0] + 2}) holds NaN/Inf")
+    ):
         head(x, y)
     with torch.no_grad():
         head.weight.copy_(W[lo:hi])
@@ -268,7 +270,9 @@ def test_bench_memory_is_never_printed_as_zero_and_fused_reads_real_bytes():
     peak = measure._peak_extra(fn, x, W, y, torch.device("cpu"), tries=2)
     if peak is not None:  # Linux: the fused step's own buffers are seen, not rounded away
         assert 0 < peak < 8 * 2**20
-        eager = measure._peak_extra(impls.IMPLS["reference"].make(case, torch.device("cpu")), x, W, y, torch.device("cpu"))
+        eager = measure._peak_extra(
+            impls.IMPLS["reference"].make(case, torch.device("cpu")), x, W, y, torch.device("cpu")
+        )
         assert eager > 64 * 20_000 * 4  # at least one [B, C] float32 logits tensor
 
 
@@ -295,7 +299,8 @@ def test_bench_headline_states_speed_memory_and_largest_c_ratios():
     lines = report.headline(rows)
     assert [(l["impl"], l["against"], l["classes"]) for l in lines] == [("fused", "reference", 300_000)]
     assert lines[0]["text"] == (
-        "fused vs eager at C = 300k (arcface, float32, B=256, D=128): 3.2x faster, 240x less memory, fits 4x more classes"
+        "fused vs eager at C = 300k (arcface, float32, B=256, D=128): 3.2x faster, 240x less memory, fits 4x more "
+        "classes"
     )
     assert "x 3 GEMMs (reference cost)" in report.text_table(rows) and "not a floor" in report.LEGEND
 
@@ -305,8 +310,23 @@ def test_bench_json_keeps_old_fields_and_adds_spread_and_headline(tmp_path):
     import subprocess
     import sys
 
-    subprocess.run([sys.executable, "-m", "marginops", "bench", "--quick", "--no-max-classes", "--classes", "500,1000",
-                    "--out", str(tmp_path)], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "marginops",
+            "bench",
+            "--quick",
+            "--no-max-classes",
+            "--classes",
+            "500,1000",
+            "--out",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     data = json.loads((tmp_path / "cpu-bench.json").read_text())
     for r in data["results"]:
         if r["status"] == "ok":
@@ -329,8 +349,12 @@ def test_demo_gives_identical_numbers_on_two_runs(tmp_path):
     tables = []
     for run in ("a", "b"):
         out = tmp_path / run
-        subprocess.run([sys.executable, "-m", "marginops", "demo", "--epochs", "1", "--dims", "2", "--out", str(out)],
-                       check=True, capture_output=True, text=True)
+        subprocess.run(
+            [sys.executable, "-m", "marginops", "demo", "--epochs", "1", "--dims", "2", "--out", str(out)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         tables.append((out / "verification.md").read_text())
     assert tables[0] == tables[1]
     assert tables[0].count("| 2 |") == 5

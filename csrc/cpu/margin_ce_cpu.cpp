@@ -62,9 +62,8 @@ at::Tensor bias_columns(const HeadArgs& a) {
 // The weight rows of classes [begin, begin + size) of the computed ones: K per class.
 at::Tensor class_rows(const HeadArgs& a, int64_t begin, int64_t size) {
   const int64_t K = a.cfg.subcenters;
-  at::Tensor cls = a.class_index.defined()
-                       ? a.class_index.narrow(0, begin, size)
-                       : at::arange(begin, begin + size, a.labels.options());
+  at::Tensor cls = a.class_index.defined() ? a.class_index.narrow(0, begin, size)
+                                           : at::arange(begin, begin + size, a.labels.options());
   if (K == 1) return cls;
   return (cls.unsqueeze(1) * K + at::arange(K, cls.options()).unsqueeze(0)).reshape({-1});
 }
@@ -129,10 +128,8 @@ RowData<T> prepare_rows(const HeadArgs& a, const at::Tensor& bias_cols) {
     r.tside[i] = make_side<T>(ptr<T>(wnorm)[n * K + best], cfg.normalize_w, T(1));
     const T* m = rm.defined() ? ptr<T>(rm) + 3 * i : nullptr;
     r.target[i] = target_logit<T>(cfg.kind, cfg.policy, ptr<T>(u)[n * K + best], r.row[i], r.tside[i],
-                                  m ? m[0] : T(cfg.m1), m ? m[1] : T(cfg.m2),
-                                  m ? m[2] : T(cfg.m3), T(cfg.lambda),
-                                  bias_cols.defined() ? ptr<T>(bias_cols)[r.tcol[i]] : T(0),
-                                  cfg.straight_through);
+                                  m ? m[0] : T(cfg.m1), m ? m[1] : T(cfg.m2), m ? m[2] : T(cfg.m3), T(cfg.lambda),
+                                  bias_cols.defined() ? ptr<T>(bias_cols)[r.tcol[i]] : T(0), cfg.straight_through);
   }
   return r;
 }
@@ -141,8 +138,8 @@ RowData<T> prepare_rows(const HeadArgs& a, const at::Tensor& bias_cols) {
 template <typename T>
 struct ClassTile {
   int64_t begin = 0, size = 0;
-  at::Tensor ws;    // [size·K, D] view into the chunk's workspace
-  at::Tensor rows;  // [size·K] weight rows, or undefined when they are contiguous
+  at::Tensor ws;             // [size·K, D] view into the chunk's workspace
+  at::Tensor rows;           // [size·K] weight rows, or undefined when they are contiguous
   std::vector<Side<T>> col;  // per weight row
 };
 
@@ -203,8 +200,8 @@ at::Tensor block_view(const at::Tensor& flat, int64_t rows, int64_t cols) {
 
 // Class logits of a block from its weight-row logits [rb, tc·K]: the max over each class's K
 // rows, with the winning row in kidx; zs itself when K = 1.
-at::Tensor class_logits(const at::Tensor& zs, int64_t K, const at::Tensor& z_buf,
-                        const at::Tensor& k_buf, at::Tensor& kidx) {
+at::Tensor class_logits(const at::Tensor& zs, int64_t K, const at::Tensor& z_buf, const at::Tensor& k_buf,
+                        at::Tensor& kidx) {
   if (K == 1) return zs;
   const int64_t rb = zs.size(0), tc = zs.size(1) / K;
   at::Tensor z = block_view(z_buf, rb, tc);
@@ -226,8 +223,7 @@ at::Tensor to_rows(const at::Tensor& v, const at::Tensor& kidx, int64_t K, const
 // CurricularFace: a non-target logit z⁰ = s·c with c > τ_i becomes s·c·(t_i + c). Returns the
 // change to add to z⁰ and, in factor, ∂(new)/∂(old) = t_i + 2c (1 where the entry is not hard).
 template <typename T>
-at::Tensor hard_negatives(const RowData<T>& rd, const at::Tensor& z0, int64_t i0, T s,
-                          at::Tensor* factor) {
+at::Tensor hard_negatives(const RowData<T>& rd, const at::Tensor& z0, int64_t i0, T s, at::Tensor* factor) {
   const int64_t rb = z0.size(0);
   const at::Tensor tau = rd.hard_tau.narrow(0, i0, rb).unsqueeze(1);
   const at::Tensor t = rd.hard_t.narrow(0, i0, rb).unsqueeze(1);
@@ -241,8 +237,7 @@ at::Tensor hard_negatives(const RowData<T>& rd, const at::Tensor& z0, int64_t i0
 // margin-free cosine z⁰/s exceeds cfg.interclass_filter, the label entries excepted; they get
 // logit 0 and no gradient. Undefined when the filter is off.
 template <typename T>
-at::Tensor filtered_entries(const RowData<T>& rd, const HeadConfig& cfg, const at::Tensor& z0, int64_t i0,
-                            int64_t j0) {
+at::Tensor filtered_entries(const RowData<T>& rd, const HeadConfig& cfg, const at::Tensor& z0, int64_t i0, int64_t j0) {
   if (!(cfg.interclass_filter > 0)) return at::Tensor();
   at::Tensor f = (z0 / T(cfg.s)).gt(cfg.interclass_filter).contiguous();
   bool* fp = f.data_ptr<bool>();
@@ -290,8 +285,7 @@ struct RowStats {
 };
 
 template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
-    const HeadArgs& a) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(const HeadArgs& a) {
   const int64_t B = a.rows, C = a.columns, K = a.cfg.subcenters;
   const at::Tensor bias_cols = bias_columns(a);
   const RowData<T> rd = prepare_rows<T>(a, bias_cols);
@@ -323,8 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_t
           at::Tensor zs = block_view(zs_buf, rb, tc * K);
           at::mm_out(zs, rd.xs.narrow(0, i0, rb), tile.ws.t());
           at::Tensor z = class_logits(zs, K, z_buf, k_buf, kidx);
-          const at::Tensor hard = rd.hard_tau.defined() ? hard_negatives(rd, z, i0, T(a.cfg.s), nullptr)
-                                                        : at::Tensor();
+          const at::Tensor hard = rd.hard_tau.defined() ? hard_negatives(rd, z, i0, T(a.cfg.s), nullptr) : at::Tensor();
           const at::Tensor filt = filtered_entries(rd, a.cfg, z, i0, j0);
           if (bias_cols.defined()) z.add_(bias_cols.narrow(0, j0, tc).unsqueeze(0));
           T* zp = ptr<T>(z);
@@ -434,9 +427,11 @@ bool negligible_block(const at::Tensor& P, int64_t i0, int64_t rb, const T* gl, 
 }
 
 template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_typed(
-    const HeadArgs& a, const at::Tensor& g_lse_in, const at::Tensor& g_t_in,
-    const at::Tensor& g_sum_in, const at::Tensor& lse_in, std::array<bool, 4> mask, double grad_skip) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_typed(const HeadArgs& a, const at::Tensor& g_lse_in,
+                                                                          const at::Tensor& g_t_in,
+                                                                          const at::Tensor& g_sum_in,
+                                                                          const at::Tensor& lse_in,
+                                                                          std::array<bool, 4> mask, double grad_skip) {
   const HeadConfig& cfg = a.cfg;
   const int64_t B = a.rows, D = a.dim, C = a.columns, K = cfg.subcenters;
   const auto acc = a.acc_dtype();
@@ -458,8 +453,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_typed(
   at::Tensor dm = at::zeros({need_dm ? B : 0, 3}, opts);
   for (int64_t i = 0; i < B; ++i) {
     if (rd.tcol[i] < 0) continue;
-    const T g = (gl ? gl[i] * std::exp(rd.target[i].logit - ptr<T>(lse)[i]) : T(0)) +
-                (gs ? gs[i] : T(0)) + (gt ? gt[i] : T(0));
+    const T g =
+        (gl ? gl[i] * std::exp(rd.target[i].logit - ptr<T>(lse)[i]) : T(0)) + (gs ? gs[i] : T(0)) + (gt ? gt[i] : T(0));
     g_target[i] = g;
     if (!rd.has_margin) continue;
     tg[i] = target_grad<T>(rd.target[i], rd.row[i], rd.tside[i], g);
@@ -514,7 +509,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_typed(
           at::Tensor zs = block_view(zs_buf, rb, tw);
           at::mm_out(zs, xs_b, tile.ws.t());
           at::Tensor z0 = class_logits(zs, K, z_buf, k_buf, kidx);  // margin-free, no bias
-          at::Tensor g = block_view(g_buf, rb, tc);                  // becomes ∂L/∂z
+          at::Tensor g = block_view(g_buf, rb, tc);                 // becomes ∂L/∂z
           if (bias_cols.defined()) {
             at::add_out(g, z0, bias_cols.narrow(0, j0, tc).unsqueeze(0));
           } else {
@@ -662,14 +657,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_ce_backward(
     const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_target,
-    const std::optional<at::Tensor>& grad_sum, const at::Tensor& lse, MO_HEAD_PARAMS,
-    std::array<bool, 4> output_mask, double grad_skip, int64_t backend, int64_t workspace_bytes) {
+    const std::optional<at::Tensor>& grad_sum, const at::Tensor& lse, MO_HEAD_PARAMS, std::array<bool, 4> output_mask,
+    double grad_skip, int64_t backend, int64_t workspace_bytes) {
   at::NoGradGuard no_grad;
   check_cpu_backend(backend, workspace_bytes, x);
   const HeadArgs a = check_head_args(MO_HEAD_PARAM_NAMES);
   check_grad_skip(grad_skip);
-  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == a.rows, "lse must have shape [", a.rows,
-                    "], got ", lse.sizes());
+  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == a.rows, "lse must have shape [", a.rows, "], got ", lse.sizes());
   const at::Tensor gl = check_row_grad(grad_lse, a, "grad_lse");
   const at::Tensor gt = check_row_grad(grad_target, a, "grad_target_logit");
   const at::Tensor gs = check_row_grad(grad_sum, a, "grad_logit_sum");
@@ -727,20 +721,18 @@ std::tuple<at::Tensor, at::Tensor> topk_typed(const HeadArgs& a, int64_t k) {
 
 std::tuple<at::Tensor, at::Tensor> margin_topk(const at::Tensor& x, const at::Tensor& weight,
                                                const std::optional<at::Tensor>& bias,
-                                               const std::optional<at::Tensor>& class_index,
-                                               int64_t k, int64_t class_offset, bool normalize_x,
-                                               bool normalize_w, double s, int64_t subcenters) {
+                                               const std::optional<at::Tensor>& class_index, int64_t k,
+                                               int64_t class_offset, bool normalize_x, bool normalize_w, double s,
+                                               int64_t subcenters) {
   at::NoGradGuard no_grad;
   TORCH_CHECK_VALUE(x.dim() == 2, "x must have shape [B, D], got ", x.sizes());
   const at::Tensor no_labels = at::full({x.size(0)}, -1, x.options().dtype(at::kLong));
   const int64_t local = weight.dim() == 2 && subcenters >= 1 ? weight.size(0) / subcenters : 0;
-  const HeadArgs a = check_head_args(x, weight, no_labels, bias, std::nullopt, std::nullopt,
-                                     class_index, class_offset + std::max<int64_t>(local, 1),
-                                     class_offset, -1, kIdentity, kNone, normalize_x, normalize_w,
-                                     s, 1.0, 0.0, 0.0, 0.0, subcenters);
+  const HeadArgs a = check_head_args(x, weight, no_labels, bias, std::nullopt, std::nullopt, class_index,
+                                     class_offset + std::max<int64_t>(local, 1), class_offset, -1, kIdentity, kNone,
+                                     normalize_x, normalize_w, s, 1.0, 0.0, 0.0, 0.0, subcenters);
   if (a.class_index.defined()) check_class_index_values(a.class_index, local);
-  TORCH_CHECK_VALUE(k >= 1 && k <= a.columns, "k = ", k, " must lie in [1, ", a.columns,
-                    "] (the number of classes)");
+  TORCH_CHECK_VALUE(k >= 1 && k <= a.columns, "k = ", k, " must lie in [1, ", a.columns, "] (the number of classes)");
   if (a.acc_dtype() == at::kDouble) return topk_typed<double>(a, k);
   return topk_typed<float>(a, k);
 }

@@ -19,8 +19,8 @@
 namespace marginops::cuda {
 namespace {
 
-constexpr int kMaxSegments = 16;   // forward slots per row
-constexpr int kSegmentMin = 256;   // classes per segment at least (small chunks: fewer segments)
+constexpr int kMaxSegments = 16;  // forward slots per row
+constexpr int kSegmentMin = 256;  // classes per segment at least (small chunks: fewer segments)
 constexpr int64_t kNoKey = std::numeric_limits<int64_t>::max();
 
 // The GEMM operand type of a dispatch tuple: cuBLAS rounds float32 to TF32 itself when torch
@@ -37,7 +37,10 @@ __device__ __forceinline__ int64_t lower_bound(const int64_t* sorted, int64_t n,
   int64_t lo = 0, hi = n;
   while (lo < hi) {
     const int64_t mid = (lo + hi) / 2;
-    if (sorted[mid] < key) lo = mid + 1; else hi = mid;
+    if (sorted[mid] < key)
+      lo = mid + 1;
+    else
+      hi = mid;
   }
   return lo;
 }
@@ -152,7 +155,8 @@ __global__ void __launch_bounds__(kThreads) chunk_dw_kernel(HeadParams p, ChunkP
       for (int64_t t = lo; t < hi; ++t) {
         const int64_t i = c.sorted_rows[t];
         const RowInfo<ACC>& row = rows[i];
-        v += row.side.scale * row.tside.scale * row.tg.tile_grad * convert<ACC>(static_cast<const TX*>(p.x)[i * p.D + d]);
+        v += row.side.scale * row.tside.scale * row.tg.tile_grad *
+             convert<ACC>(static_cast<const TX*>(p.x)[i * p.D + d]);
       }
       out[d] = convert<TW>(wcoef != ACC(0) ? v + wcoef * tinv * wv : v);  // no 0·inf where eager has no Ŵ term
     }
@@ -198,24 +202,32 @@ __global__ void __launch_bounds__(kThreads) chunk_dx_finalize_kernel(HeadParams 
 
 // ---- launches -----------------------------------------------------------------------------------
 
-unsigned ceil_div(int64_t n, int64_t per) { return static_cast<unsigned>((n + per - 1) / per); }
+unsigned ceil_div(int64_t n, int64_t per) {
+  return static_cast<unsigned>((n + per - 1) / per);
+}
 
-size_t dtype_size(DType t) { return t == kDouble ? 8 : (t == kFloat ? 4 : 2); }
+size_t dtype_size(DType t) {
+  return t == kDouble ? 8 : (t == kFloat ? 4 : 2);
+}
 
-size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+size_t align256(size_t n) {
+  return (n + 255) / 256 * 256;
+}
 
 template <typename F>
 cudaError_t typed(const HeadParams& p, F&& f) {
-  return dispatch(p, [&](auto tx, auto tw, auto op, auto acc) {
-    return f(tx, tw, Operand<decltype(op)>(), acc);
-  });
+  return dispatch(p, [&](auto tx, auto tw, auto op, auto acc) { return f(tx, tw, Operand<decltype(op)>(), acc); });
 }
 
 }  // namespace
 
-int64_t chunk_ldu(int64_t classes, int64_t K) { return (classes * K + 7) / 8 * 8; }
+int64_t chunk_ldu(int64_t classes, int64_t K) {
+  return (classes * K + 7) / 8 * 8;
+}
 
-DType chunk_operand_dtype(DType x, DType w) { return x == kDouble && w != kDouble ? kFloat : x; }
+DType chunk_operand_dtype(DType x, DType w) {
+  return x == kDouble && w != kDouble ? kFloat : x;
+}
 
 ChunkPlan plan_chunks(const HeadParams& p, bool backward, bool need_db, size_t budget) {
   const DType op = chunk_operand_dtype(p.x_dtype, p.w_dtype);
@@ -260,8 +272,8 @@ ChunkPlan plan_chunks(const HeadParams& p, bool backward, bool need_db, size_t b
   pl.col_norm = p.cfg.normalize_w ? n * acc : 0;
   pl.col_inv = p.cfg.normalize_w && !pl.prescale_w ? n * acc : 0;
   pl.total = align256(pl.rows) + align256(pl.slots) + align256(pl.slot_best) + align256(pl.logits) + align256(pl.grad) +
-             align256(pl.w_copy) + align256(pl.col_norm) + align256(pl.col_inv) + align256(pl.dx_acc) + align256(pl.xs) +
-             align256(pl.row_keys) + align256(pl.scalar);
+             align256(pl.w_copy) + align256(pl.col_norm) + align256(pl.col_inv) + align256(pl.dx_acc) +
+             align256(pl.xs) + align256(pl.row_keys) + align256(pl.scalar);
   return pl;
 }
 
@@ -298,8 +310,8 @@ cudaError_t chunk_scaled_x(const HeadParams& p, const ChunkParams& c, cudaStream
 cudaError_t chunk_weights(const HeadParams& p, const ChunkParams& c, cudaStream_t stream) {
   if ((c.w_copy == nullptr && c.col_norm == nullptr) || c.n == 0) return cudaSuccess;
   return typed(p, [&](auto, auto tw, auto op, auto acc) {
-    MO_LAUNCH((chunk_weights_kernel<decltype(tw), decltype(op), decltype(acc)>), ceil_div(c.n * p.K, kWarps), kThreads, 0,
-              stream, p, c);
+    MO_LAUNCH((chunk_weights_kernel<decltype(tw), decltype(op), decltype(acc)>), ceil_div(c.n * p.K, kWarps), kThreads,
+              0, stream, p, c);
     return cudaGetLastError();
   });
 }
@@ -349,8 +361,8 @@ cudaError_t chunk_dw(const HeadParams& p, const ChunkParams& c, cudaStream_t str
 cudaError_t chunk_dx_finalize(const HeadParams& p, const ChunkParams& c, cudaStream_t stream) {
   if (p.B == 0) return cudaSuccess;
   return typed(p, [&](auto tx, auto tw, auto op, auto acc) {
-    MO_LAUNCH((chunk_dx_finalize_kernel<decltype(tx), decltype(tw), decltype(op), decltype(acc)>), ceil_div(p.B, kWarps),
-              kThreads, 0, stream, p, c);
+    MO_LAUNCH((chunk_dx_finalize_kernel<decltype(tx), decltype(tw), decltype(op), decltype(acc)>),
+              ceil_div(p.B, kWarps), kThreads, 0, stream, p, c);
     return cudaGetLastError();
   });
 }

@@ -39,9 +39,9 @@ namespace marginops::cuda {
 struct ChunkPlan {
   int64_t classes = 0;  // Cc, classes per chunk (a multiple of 64 unless all C fit)
   int64_t chunks = 0;
-  int segments = 1;     // forward slots per row: column segments of a chunk
-  int64_t ldx = 0;      // columns of xs and dw_acc: D, or D + 8 with the bias column
-  bool copy_w = false;  // the chunk's weight rows are copied (gather, conversion or prescale)
+  int segments = 1;         // forward slots per row: column segments of a chunk
+  int64_t ldx = 0;          // columns of xs and dw_acc: D, or D + 8 with the bias column
+  bool copy_w = false;      // the chunk's weight rows are copied (gather, conversion or prescale)
   bool prescale_w = false;  // the copy holds W/‖W‖ (float16 operands with normalized weights)
   // Bytes of each buffer, and of all of them 256-aligned (one allocation).
   size_t rows = 0, slots = 0, slot_best = 0, logits = 0, grad = 0, w_copy = 0, col_norm = 0, col_inv = 0;
@@ -56,23 +56,23 @@ ChunkPlan plan_chunks(const HeadParams& p, bool backward, bool need_db, size_t b
 
 // One chunk's pointers (buffers carved from the plan's workspace).
 struct ChunkParams {
-  int64_t c0 = 0, n = 0;       // the chunk's classes among the computed ones
-  bool first = false;          // the first chunk: the forward's slots start empty
+  int64_t c0 = 0, n = 0;  // the chunk's classes among the computed ones
+  bool first = false;     // the first chunk: the forward's slots start empty
   int segments = 1;
   bool prescale_w = false;
-  const void* wc = nullptr;    // [n·K, D] operand dtype: a view of weight, or w_copy
-  void* w_copy = nullptr;      // operand dtype [Cc·K, D], or null (no copy)
-  void* col_norm = nullptr;    // acc [Cc·K]: ‖W_q‖, or null when weights are not normalized
-  void* col_inv = nullptr;     // acc [Cc·K]: 1 / max(‖W_q‖, eps), where u is scaled by it (else null)
-  int64_t ldu = 0;             // columns of u and G: chunk_ldu(n, K)
-  float filter_f = 0;          // float32 kernels' interclass filter: filter_threshold(cfg) (+inf: off)
-  void* logits = nullptr;      // acc [B, ldu] (u); in the backward also dw_acc [n·K, ldx]
-  void* grad = nullptr;        // operand dtype [B, ldu]
+  const void* wc = nullptr;  // [n·K, D] operand dtype: a view of weight, or w_copy
+  void* w_copy = nullptr;    // operand dtype [Cc·K, D], or null (no copy)
+  void* col_norm = nullptr;  // acc [Cc·K]: ‖W_q‖, or null when weights are not normalized
+  void* col_inv = nullptr;   // acc [Cc·K]: 1 / max(‖W_q‖, eps), where u is scaled by it (else null)
+  int64_t ldu = 0;           // columns of u and G: chunk_ldu(n, K)
+  float filter_f = 0;        // float32 kernels' interclass filter: filter_threshold(cfg) (+inf: off)
+  void* logits = nullptr;    // acc [B, ldu] (u); in the backward also dw_acc [n·K, ldx]
+  void* grad = nullptr;      // operand dtype [B, ldu]
   int64_t ldx = 0;
-  void* xs = nullptr;          // operand dtype [B, ldx]
-  void* dx_acc = nullptr;      // acc [B, D]
-  void* row_scale_max = nullptr;      // acc [1]: R
-  int64_t* row_keys = nullptr;        // [B] target position tcol·K + tsub, or INT64_MAX
+  void* xs = nullptr;                    // operand dtype [B, ldx]
+  void* dx_acc = nullptr;                // acc [B, D]
+  void* row_scale_max = nullptr;         // acc [1]: R
+  int64_t* row_keys = nullptr;           // [B] target position tcol·K + tsub, or INT64_MAX
   const int64_t* sorted_keys = nullptr;  // row_keys sorted, and the rows in that order
   const int64_t* sorted_rows = nullptr;
 };

@@ -67,7 +67,9 @@ __device__ __forceinline__ float exp2_(float x) {
   return std::exp2(x);
 #endif
 }
-__device__ __forceinline__ double exp2_(double x) { return exp2(x); }
+__device__ __forceinline__ double exp2_(double x) {
+  return exp2(x);
+}
 
 // a·b rounded on its own, never contracted into an FMA with what follows: the backward's logit
 // z = a·w must round as the forward's did, so that z − lse is exact where z is the row's max.
@@ -87,8 +89,12 @@ __device__ __forceinline__ double mul_rn(double a, double b) {
 }
 
 // max that ignores NaN (fmax on both sides, so the emulation picks what the device picks).
-__device__ __forceinline__ float vmax(float a, float b) { return fmaxf(a, b); }
-__device__ __forceinline__ double vmax(double a, double b) { return fmax(a, b); }
+__device__ __forceinline__ float vmax(float a, float b) {
+  return fmaxf(a, b);
+}
+__device__ __forceinline__ double vmax(double a, double b) {
+  return fmax(a, b);
+}
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
@@ -107,13 +113,13 @@ __device__ __forceinline__ ACC lowest() {
 // The row's constants, hoisted out of the element loops.
 template <typename ACC>
 struct RowConsts {
-  ACC alpha;     // α_i
-  ACC a;         // z = a·w: α_i, or 1 with bias
-  ACC aw;        // a·log2 e
-  ACC cs;        // α_i / s: an unbiased w to its cosine (hard negatives)
-  ACC tau, t;    // CurricularFace: c > tau → z = s·c·(t + c) + bias (tau = +inf: none)
-  ACC thr;       // interclass filter: c > thr → z = 0 (+inf: off)
-  int tcol;      // the row's target column in this chunk, or -1
+  ACC alpha;   // α_i
+  ACC a;       // z = a·w: α_i, or 1 with bias
+  ACC aw;      // a·log2 e
+  ACC cs;      // α_i / s: an unbiased w to its cosine (hard negatives)
+  ACC tau, t;  // CurricularFace: c > tau → z = s·c·(t + c) + bias (tau = +inf: none)
+  ACC thr;     // interclass filter: c > thr → z = 0 (+inf: off)
+  int tcol;    // the row's target column in this chunk, or -1
 };
 
 template <typename ACC, typename V>
@@ -453,8 +459,8 @@ __global__ void __launch_bounds__(kThreads, 1) chunk_grad_kernel(HeadParams p, C
   const ACC* bias = V::kBias ? static_cast<const ACC*>(p.bias) + c.c0 : nullptr;
   if (!(row.gscale > ACC(0))) {  // no gradient in this row (ignored, or a zero incoming gradient):
     // 0·p, which is NaN where the row's lse is (a NaN or +inf logit), as eager's log_softmax backward
-    const OP fill = convert<OP>(row.lse == row.lse && row.gscale == row.gscale ? ACC(0)
-                                                                               : std::numeric_limits<ACC>::quiet_NaN());
+    const OP fill =
+        convert<OP>(row.lse == row.lse && row.gscale == row.gscale ? ACC(0) : std::numeric_limits<ACC>::quiet_NaN());
     for (int j = lo * per + lane; j < hi * per && j < n; j += 32) {
       for (int k = 0; k < K; ++k) g[j * K + k] = fill;
     }
@@ -489,9 +495,7 @@ cudaError_t with_variant(const HeadParams& p, const ChunkParams& c, F&& f) {
       return hardneg ? f(Variant<S, decltype(nw)::value, decltype(b)::value, true>())
                      : f(Variant<S, decltype(nw)::value, decltype(b)::value, false>());
     };
-    const auto b2 = [&](auto nw) {
-      return bias ? b3(nw, std::true_type()) : b3(nw, std::false_type());
-    };
+    const auto b2 = [&](auto nw) { return bias ? b3(nw, std::true_type()) : b3(nw, std::false_type()); };
     return normw ? b2(std::true_type()) : b2(std::false_type());
   };
   if (p.K == 1) return flags(std::integral_constant<int, 1>());

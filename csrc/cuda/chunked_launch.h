@@ -129,8 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_backward_op(
     const auto stream = Runtime::stream();
     const DType op = chunk_operand_dtype(p.x_dtype, p.w_dtype);
     Runtime::check(chunk_row_prep(p, c, true, stream));
-    const auto [sorted_keys, sorted_rows] =
-        at::from_blob(c.row_keys, {p.B}, a.x.options().dtype(at::kLong)).sort();
+    const auto [sorted_keys, sorted_rows] = at::from_blob(c.row_keys, {p.B}, a.x.options().dtype(at::kLong)).sort();
     launch.keep.push_back(sorted_keys);
     launch.keep.push_back(sorted_rows);
     c.sorted_keys = sorted_keys.data_ptr<int64_t>();
@@ -143,7 +142,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_backward_op(
       Runtime::gemm(op, false, true, p.B, nk, p.D, p.x, p.D, c.wc, p.D, 0.0, c.logits, c.ldu);  // u = x · Wcᵀ
       Runtime::check(chunk_grad(p, c, stream));
       // dx_acc [B, D] += Ĝ · Wc
-      if (p.dx) Runtime::gemm(op, false, false, p.B, p.D, nk, c.grad, c.ldu, c.wc, p.D, t == 0 ? 0.0 : 1.0, c.dx_acc, p.D);
+      if (p.dx)
+        Runtime::gemm(op, false, false, p.B, p.D, nk, c.grad, c.ldu, c.wc, p.D, t == 0 ? 0.0 : 1.0, c.dx_acc, p.D);
       if (need_dw) {
         // dw_acc [n·K, ldx] = Ĝᵀ · xs, over u's buffer (u is spent)
         Runtime::gemm(op, true, false, nk, c.ldx, p.B, c.grad, c.ldu, c.xs, c.ldx, 0.0, c.logits, c.ldx);
@@ -186,8 +186,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_a
 template <typename Runtime>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_any(
     const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_target,
-    const std::optional<at::Tensor>& grad_sum, const at::Tensor& lse, MO_HEAD_PARAMS,
-    std::array<bool, 4> output_mask, double grad_skip, int64_t backend, int64_t workspace_bytes) {
+    const std::optional<at::Tensor>& grad_sum, const at::Tensor& lse, MO_HEAD_PARAMS, std::array<bool, 4> output_mask,
+    double grad_skip, int64_t backend, int64_t workspace_bytes) {
   check_backend(backend, workspace_bytes);
   const size_t budget = workspace_budget(workspace_bytes);
   if (chunk_backend(backend, bias, curricular) == kFused) {

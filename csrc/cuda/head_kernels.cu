@@ -27,13 +27,13 @@
 namespace marginops::cuda {
 namespace {
 
-constexpr int kBK = 32;        // depth of one step of a logit tile's product
-constexpr int kFwdRows = 64;   // rows of a forward tile
-constexpr int kDxRows = 32;    // rows of a dx tile
-constexpr int kDwRows = 64;    // rows streamed per step of the dW pass
-constexpr int kTileW = 64;     // weight rows of a forward / dx class tile
-constexpr int kDwW = 32;       // weight rows owned by a dW block
-constexpr int kChunk = 64;     // columns of D per step of the dx / dW products
+constexpr int kBK = 32;       // depth of one step of a logit tile's product
+constexpr int kFwdRows = 64;  // rows of a forward tile
+constexpr int kDxRows = 32;   // rows of a dx tile
+constexpr int kDwRows = 64;   // rows streamed per step of the dW pass
+constexpr int kTileW = 64;    // weight rows of a forward / dx class tile
+constexpr int kDwW = 32;      // weight rows owned by a dW block
+constexpr int kChunk = 64;    // columns of D per step of the dx / dW products
 
 template <typename ACC>
 constexpr int kSlab = std::is_same_v<ACC, double> ? 256 : 512;  // columns of D one block accumulates
@@ -98,7 +98,8 @@ using ForwardSmem = TileSmem<kFwdRows, kTileW, 0, 0, 0, OP, ACC>;
 template <typename OP, typename ACC>
 using DxSmem = TileSmem<kDxRows, kTileW, kTileW, kDxRows, kDxRows, OP, ACC>;  // Cs: W rows; extra: Σ G z⁰ per row
 template <typename OP, typename ACC>
-using DwSmem = TileSmem<kDwRows, kDwW, kDwRows, kDwW, 3 * kDwW, OP, ACC>;  // Cs: x rows; extra: three sums per weight row
+using DwSmem =
+    TileSmem<kDwRows, kDwW, kDwRows, kDwW, 3 * kDwW, OP, ACC>;  // Cs: x rows; extra: three sums per weight row
 
 // ---- prepass --------------------------------------------------------------------------------
 
@@ -121,8 +122,8 @@ __global__ void __launch_bounds__(kThreads) w_norm_kernel(HeadParams p) {
 // prologue() runs after the first barrier, when every warp is done with the previous tile: the
 // forward and dx kernels fill wr for the new class tile there.
 template <int ROWS, int NW, typename TX, typename TW, typename OP, typename ACC, typename Prologue>
-__device__ __forceinline__ void logit_tile(const HeadParams& p, int64_t i0, const int64_t* wr, Prologue prologue, OP* As,
-                                           OP* Bs, ACC* Ss) {
+__device__ __forceinline__ void logit_tile(const HeadParams& p, int64_t i0, const int64_t* wr, Prologue prologue,
+                                           OP* As, OP* Bs, ACC* Ss) {
   constexpr int lda = kBK + kPad<OP>, lds = NW + kPad<ACC>;
   __syncthreads();  // every warp is done with the previous tile's Ss and wr
   prologue();
@@ -281,7 +282,8 @@ __global__ void __launch_bounds__(kThreads, 1) dx_kernel(HeadParams p) {
   const ACC* wnorm = static_cast<const ACC*>(p.w_norm);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int cpt = kTileW / static_cast<int>(p.K);
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * BM, s = blockIdx.y, d_begin = static_cast<int64_t>(blockIdx.z) * SLAB;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * BM, s = blockIdx.y,
+                d_begin = static_cast<int64_t>(blockIdx.z) * SLAB;
   const int64_t d_end = d_begin + SLAB < p.D ? d_begin + SLAB : p.D;
   int64_t t0, t1;
   split_tiles(p, cpt, blockIdx.y, t0, t1);
@@ -323,7 +325,8 @@ __global__ void __launch_bounds__(kThreads, 1) dx_kernel(HeadParams p) {
           const int pos = c * static_cast<int>(p.K) + k;
           const ACC g = convert<ACC>(Gs[r * ldg + pos]);
           const TW* w = static_cast<const TW*>(p.w) + wrow(pos) * p.D;
-          for (int64_t d = d_begin + lane; g != ACC(0) && d < d_end; d += 32) acc[r * lacc + (d - d_begin)] += g * convert<ACC>(w[d]);
+          for (int64_t d = d_begin + lane; g != ACC(0) && d < d_end; d += 32)
+            acc[r * lacc + (d - d_begin)] += g * convert<ACC>(w[d]);
         }
       }
       continue;  // the next tile's first barrier orders these writes
@@ -482,7 +485,8 @@ __global__ void __launch_bounds__(kThreads, 1) dw_kernel(HeadParams p) {
     const ACC wv = convert<ACC>(w[r * p.D + d]);
     // Ŵ's term only where it has a coefficient: 0·W would make an infinite weight entry NaN where
     // eager's dW = Gᵀx (unnormalized weights) has none.
-    dw[r * p.D + d] = convert<TW>(col.scale * acc[pos * lacc + e % SLAB] + (coef != ACC(0) ? wv * col.inv * coef : ACC(0)));
+    dw[r * p.D + d] =
+        convert<TW>(col.scale * acc[pos * lacc + e % SLAB] + (coef != ACC(0) ? wv * col.inv * coef : ACC(0)));
   }
   if (p.dbias && blockIdx.y == 0) {
     for (int c = threadIdx.x; c < cpt; c += blockDim.x) {
@@ -507,7 +511,9 @@ cudaError_t launch(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, c
   return cudaGetLastError();
 }
 
-unsigned blocks(int64_t n, int64_t per) { return static_cast<unsigned>((n + per - 1) / per); }
+unsigned blocks(int64_t n, int64_t per) {
+  return static_cast<unsigned>((n + per - 1) / per);
+}
 
 template <typename TX, typename TW, typename OP, typename ACC>
 cudaError_t forward_typed(const HeadParams& p, cudaStream_t stream) {
@@ -515,7 +521,9 @@ cudaError_t forward_typed(const HeadParams& p, cudaStream_t stream) {
   if ((err = launch(w_norm_kernel<TW, ACC>, dim3(blocks(p.C * p.K, kWarps)), 0, stream, p)) != cudaSuccess) return err;
   if ((err = launch(row_prep_kernel<TX, TW, ACC>, dim3(blocks(p.B, kWarps)), 0, stream, p)) != cudaSuccess) return err;
   const dim3 grid(blocks(p.B, kFwdRows), p.splits);
-  if ((err = launch(forward_kernel<TX, TW, OP, ACC>, grid, smem_bytes<ForwardSmem<OP, ACC>>(), stream, p)) != cudaSuccess) return err;
+  if ((err = launch(forward_kernel<TX, TW, OP, ACC>, grid, smem_bytes<ForwardSmem<OP, ACC>>(), stream, p)) !=
+      cudaSuccess)
+    return err;
   if (p.B == 0) return cudaSuccess;
   MO_LAUNCH(merge_kernel<ACC>, blocks(p.B, 256), 256, 0, stream, p);
   return cudaGetLastError();
@@ -533,7 +541,8 @@ cudaError_t backward_typed(const HeadParams& p, cudaStream_t stream) {
   const unsigned slabs = blocks(p.D, kSlab<ACC>);
   if (p.dx) {
     const dim3 grid(blocks(p.B, kDxRows), p.splits, slabs);
-    if ((err = launch(dx_kernel<TX, TW, OP, ACC>, grid, smem_bytes<DxSmem<OP, ACC>>(), stream, p)) != cudaSuccess) return err;
+    if ((err = launch(dx_kernel<TX, TW, OP, ACC>, grid, smem_bytes<DxSmem<OP, ACC>>(), stream, p)) != cudaSuccess)
+      return err;
     if (p.B * p.D > 0) {
       MO_LAUNCH((dx_finalize_kernel<TX, ACC>), blocks(p.B * p.D, 256), 256, 0, stream, p);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
@@ -541,7 +550,8 @@ cudaError_t backward_typed(const HeadParams& p, cudaStream_t stream) {
   }
   if (p.dw || p.dbias) {
     const dim3 grid(blocks(p.C, kDwW / p.K), slabs);
-    if ((err = launch(dw_kernel<TX, TW, OP, ACC>, grid, smem_bytes<DwSmem<OP, ACC>>(), stream, p)) != cudaSuccess) return err;
+    if ((err = launch(dw_kernel<TX, TW, OP, ACC>, grid, smem_bytes<DwSmem<OP, ACC>>(), stream, p)) != cudaSuccess)
+      return err;
   }
   return cudaSuccess;
 }
@@ -593,7 +603,9 @@ Workspace workspace_bytes(const HeadParams& p, int sm_count, bool backward) {
 }
 
 // The tile kernels index class tiles in 32 bits (split_tiles): fewer than 2^31 classes per call.
-bool class_count_ok(const HeadParams& p) { return p.C < (int64_t(1) << 31) - kTileW; }
+bool class_count_ok(const HeadParams& p) {
+  return p.C < (int64_t(1) << 31) - kTileW;
+}
 
 cudaError_t head_forward(const HeadParams& p, cudaStream_t stream) {
   if (!class_count_ok(p)) return cudaErrorInvalidValue;
@@ -615,15 +627,15 @@ cudaError_t margin_psi(const void* c, const void* m1, const void* m2, const void
   if (n == 0) return cudaSuccess;
   const unsigned grid = blocks(n, 256);
   if (is_double) {
-    MO_LAUNCH(psi_kernel<double>, grid, 256, 0, stream,
-        static_cast<const double*>(c), static_cast<const double*>(m1), static_cast<const double*>(m2),
-        static_cast<const double*>(m3), n, kind, policy, lambda, static_cast<double*>(v), static_cast<double*>(dc),
-        static_cast<double*>(d1), static_cast<double*>(d2), static_cast<double*>(d3));
+    MO_LAUNCH(psi_kernel<double>, grid, 256, 0, stream, static_cast<const double*>(c), static_cast<const double*>(m1),
+              static_cast<const double*>(m2), static_cast<const double*>(m3), n, kind, policy, lambda,
+              static_cast<double*>(v), static_cast<double*>(dc), static_cast<double*>(d1), static_cast<double*>(d2),
+              static_cast<double*>(d3));
   } else {
-    MO_LAUNCH(psi_kernel<float>, grid, 256, 0, stream,
-        static_cast<const float*>(c), static_cast<const float*>(m1), static_cast<const float*>(m2),
-        static_cast<const float*>(m3), n, kind, policy, lambda, static_cast<float*>(v), static_cast<float*>(dc),
-        static_cast<float*>(d1), static_cast<float*>(d2), static_cast<float*>(d3));
+    MO_LAUNCH(psi_kernel<float>, grid, 256, 0, stream, static_cast<const float*>(c), static_cast<const float*>(m1),
+              static_cast<const float*>(m2), static_cast<const float*>(m3), n, kind, policy, lambda,
+              static_cast<float*>(v), static_cast<float*>(dc), static_cast<float*>(d1), static_cast<float*>(d2),
+              static_cast<float*>(d3));
   }
   return cudaGetLastError();
 }

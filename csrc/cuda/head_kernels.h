@@ -19,11 +19,11 @@ namespace marginops::cuda {
 
 enum DType : int32_t { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
 
-// A bad index a kernel met (the one recorded first, not necessarily the lowest): a label outside [0, num_classes) that is not ignore_index, or
-// a class_index entry outside the weight's classes or out of order. It lives in host memory mapped
-// into the device: row_prep_kernel writes it, the launcher reads it at the next call (or at
-// check_errors()) without synchronizing and raises the ValueError the host check raises. kind is
-// written last; claimed makes the first finder the only writer.
+// A bad index a kernel met (the one recorded first, not necessarily the lowest): a label outside [0, num_classes) that
+// is not ignore_index, or a class_index entry outside the weight's classes or out of order. It lives in host memory
+// mapped into the device: row_prep_kernel writes it, the launcher reads it at the next call (or at check_errors())
+// without synchronizing and raises the ValueError the host check raises. kind is written last; claimed makes the first
+// finder the only writer.
 enum ErrorKind : int32_t { kNoError = 0, kBadLabel = 1, kBadClassIndex = 2, kUnsortedClassIndex = 3 };
 struct DeviceError {
   int32_t claimed;
@@ -52,9 +52,9 @@ struct HeadParams {
   DeviceError* error = nullptr;  // where row_prep_kernel records a bad label or class_index
 
   // Workspace, sized by workspace_bytes(): per-row prepass data and per-weight-row norms.
-  void* rows = nullptr;    // RowInfo<acc>[B]
-  void* w_norm = nullptr;  // acc [C·K]
-  int splits = 1;          // class splits of the forward and dx passes
+  void* rows = nullptr;             // RowInfo<acc>[B]
+  void* w_norm = nullptr;           // acc [C·K]
+  int splits = 1;                   // class splits of the forward and dx passes
   void* partial = nullptr;          // acc [splits, B, 4] (max, sum-exp, logit sum, best logit)
   int64_t* partial_best = nullptr;  // [splits, B] best computed column
 
@@ -71,12 +71,12 @@ struct HeadParams {
   const void* g_sum = nullptr;
   const void* lse_in = nullptr;  // the forward's lse, acc [B]
   double grad_skip = 0;          // see margin_ce_backward's schema; 0: every tile (exact)
-  void* dx_part = nullptr;    // acc [splits, B, D]
-  void* rsum_part = nullptr;  // acc [splits, B]
-  void* dx = nullptr;         // x_dtype [B, D], or null
-  void* dw = nullptr;         // w_dtype [weight_rows, D], or null (rows not computed: caller zeroes)
-  void* dbias = nullptr;      // acc [C], or null
-  void* dm = nullptr;         // acc [B, 3], or null
+  void* dx_part = nullptr;       // acc [splits, B, D]
+  void* rsum_part = nullptr;     // acc [splits, B]
+  void* dx = nullptr;            // x_dtype [B, D], or null
+  void* dw = nullptr;            // w_dtype [weight_rows, D], or null (rows not computed: caller zeroes)
+  void* dbias = nullptr;         // acc [C], or null
+  void* dm = nullptr;            // acc [B, 3], or null
 };
 
 // Whether the (x, weight) dtype pair has kernels: equal dtypes, or float32 weight with float16 /
@@ -96,7 +96,7 @@ cudaError_t head_backward(const HeadParams& p, cudaStream_t stream);
 
 // ψ elementwise (margin_psi op): c, m1, m2, m3 and the five outputs are acc [n].
 cudaError_t margin_psi(const void* c, const void* m1, const void* m2, const void* m3, int64_t n, int32_t kind,
-                       int32_t policy, double lambda, bool is_double, void* out_value, void* out_dc,
-                       void* out_dm1, void* out_dm2, void* out_dm3, cudaStream_t stream);
+                       int32_t policy, double lambda, bool is_double, void* out_value, void* out_dc, void* out_dm1,
+                       void* out_dm2, void* out_dm3, cudaStream_t stream);
 
 }  // namespace marginops::cuda

@@ -20,19 +20,27 @@ namespace marginops::cuda {
 
 inline DType dtype_of(at::ScalarType t) {
   switch (t) {
-    case at::kHalf: return kHalf;
-    case at::kBFloat16: return kBFloat16;
-    case at::kFloat: return kFloat;
-    default: return kDouble;
+    case at::kHalf:
+      return kHalf;
+    case at::kBFloat16:
+      return kBFloat16;
+    case at::kFloat:
+      return kFloat;
+    default:
+      return kDouble;
   }
 }
 
 inline at::ScalarType scalar_type_of(DType t) {
   switch (t) {
-    case kHalf: return at::kHalf;
-    case kBFloat16: return at::kBFloat16;
-    case kFloat: return at::kFloat;
-    default: return at::kDouble;
+    case kHalf:
+      return at::kHalf;
+    case kBFloat16:
+      return at::kBFloat16;
+    case kFloat:
+      return at::kFloat;
+    default:
+      return at::kDouble;
   }
 }
 
@@ -72,9 +80,12 @@ inline void raise_recorded_error(DeviceError* e) {
       " (found by the CUDA kernels of an earlier call, whose results where it was used are NaN or wrong; "
       "marginops.set_sync_checks(True) checks each call on the host before it runs)";
   switch (kind) {
-    case kBadLabel: raise_bad_label(r.index, r.value, r.limit, r.ignore, where);
-    case kBadClassIndex: raise_bad_class_index(r.index, r.value, r.limit, where);
-    default: raise_unsorted_class_index(r.index, r.limit, r.value, where);
+    case kBadLabel:
+      raise_bad_label(r.index, r.value, r.limit, r.ignore, where);
+    case kBadClassIndex:
+      raise_bad_class_index(r.index, r.value, r.limit, where);
+    default:
+      raise_unsorted_class_index(r.index, r.limit, r.value, where);
   }
 }
 
@@ -92,7 +103,8 @@ Launch prepare_params(const HeadArgs& a) {
   raise_recorded_error(error);
   if (sync_checks() && !Runtime::capturing()) {
     check_label_values(Runtime::to_host(a.labels), cfg);
-    if (a.class_index.defined()) check_class_index_values(Runtime::to_host(a.class_index), a.weight.size(0) / cfg.subcenters);
+    if (a.class_index.defined())
+      check_class_index_values(Runtime::to_host(a.class_index), a.weight.size(0) / cfg.subcenters);
   }
   const auto acc = a.acc_dtype();
   Launch l;
@@ -131,8 +143,8 @@ Launch prepare(const HeadArgs& a, bool backward) {
   HeadParams& p = l.p;
   const Workspace w = workspace_bytes(p, Runtime::sm_count(), backward);
   p.splits = w.splits;
-  WorkspaceCarver ws(w.rows + w.w_norm + w.partial + w.partial_best + w.dx_part + w.rsum_part + 6 * 255,
-                     a.x.options(), l);
+  WorkspaceCarver ws(w.rows + w.w_norm + w.partial + w.partial_best + w.dx_part + w.rsum_part + 6 * 255, a.x.options(),
+                     l);
   p.rows = ws.take(w.rows);
   p.w_norm = ws.take(w.w_norm);
   p.partial = ws.take(w.partial);
@@ -150,7 +162,8 @@ inline const void* row_grad(const at::Tensor& g, at::ScalarType acc, Launch& l) 
 }
 
 template <typename Runtime>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_op(MO_HEAD_PARAMS, double /*grad_skip*/) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_op(MO_HEAD_PARAMS,
+                                                                                  double /*grad_skip*/) {
   const HeadArgs a = check_head_args(MO_HEAD_PARAM_NAMES);
   const auto guard = Runtime::guard(x.device());
   Launch l = prepare<Runtime>(a, false);
@@ -170,12 +183,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_o
 // gradients' buffers per output_mask (p.dx, p.dw, p.dbias, p.dm set; null when not asked for),
 // then run(l) launches the kernels, then the bias gradient is scattered to its classes.
 template <typename Runtime, typename Run>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_with(
-    const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_target,
-    const std::optional<at::Tensor>& grad_sum, const at::Tensor& lse, const HeadArgs& a,
-    std::array<bool, 4> output_mask, Launch& l, Run run) {
-  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == a.rows, "lse must have shape [", a.rows,
-                    "], got ", lse.sizes());
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_with(const std::optional<at::Tensor>& grad_lse,
+                                                                         const std::optional<at::Tensor>& grad_target,
+                                                                         const std::optional<at::Tensor>& grad_sum,
+                                                                         const at::Tensor& lse, const HeadArgs& a,
+                                                                         std::array<bool, 4> output_mask, Launch& l,
+                                                                         Run run) {
+  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == a.rows, "lse must have shape [", a.rows, "], got ", lse.sizes());
   const auto acc = a.acc_dtype();
   const auto opts = a.x.options();
   l.p.g_lse = row_grad(check_row_grad(grad_lse, a, "grad_lse"), acc, l);
@@ -207,10 +221,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_with(
 }
 
 template <typename Runtime>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
-    const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_target,
-    const std::optional<at::Tensor>& grad_sum, const at::Tensor& lse, MO_HEAD_PARAMS,
-    std::array<bool, 4> output_mask, double grad_skip) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(const std::optional<at::Tensor>& grad_lse,
+                                                                       const std::optional<at::Tensor>& grad_target,
+                                                                       const std::optional<at::Tensor>& grad_sum,
+                                                                       const at::Tensor& lse, MO_HEAD_PARAMS,
+                                                                       std::array<bool, 4> output_mask,
+                                                                       double grad_skip) {
   const HeadArgs a = check_head_args(MO_HEAD_PARAM_NAMES);
   check_grad_skip(grad_skip);
   const auto guard = Runtime::guard(x.device());
@@ -221,9 +237,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
 }
 
 template <typename Runtime>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> psi_op(
-    const at::Tensor& cos, const at::Tensor& m1, const at::Tensor& m2, const at::Tensor& m3,
-    int64_t margin_kind, int64_t theta_policy, double lambda) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> psi_op(const at::Tensor& cos,
+                                                                              const at::Tensor& m1,
+                                                                              const at::Tensor& m2,
+                                                                              const at::Tensor& m3, int64_t margin_kind,
+                                                                              int64_t theta_policy, double lambda) {
   TORCH_CHECK_VALUE(cos.scalar_type() == at::kFloat || cos.scalar_type() == at::kDouble,
                     "cos must be float32 or float64, got ", cos.scalar_type());
   for (const at::Tensor* t : {&m1, &m2, &m3}) {
@@ -236,28 +254,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> psi_op(
   for (auto& t : out) t = at::empty_like(c);
   Runtime::check(margin_psi(c.data_ptr(), a.data_ptr(), b.data_ptr(), d.data_ptr(), c.numel(),
                             static_cast<int32_t>(margin_kind), static_cast<int32_t>(theta_policy), lambda,
-                            c.scalar_type() == at::kDouble, out[0].data_ptr(), out[1].data_ptr(),
-                            out[2].data_ptr(), out[3].data_ptr(), out[4].data_ptr(),
-                            Runtime::stream()));
+                            c.scalar_type() == at::kDouble, out[0].data_ptr(), out[1].data_ptr(), out[2].data_ptr(),
+                            out[3].data_ptr(), out[4].data_ptr(), Runtime::stream()));
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
 // Top-k classes a chunk of classes at a time: temporaries of B × chunk, never B × C.
 template <typename Runtime>
 std::tuple<at::Tensor, at::Tensor> topk_op(const at::Tensor& x, const at::Tensor& weight,
-                                                    const std::optional<at::Tensor>& bias,
-                                                    const std::optional<at::Tensor>& class_index, int64_t k,
-                                                    int64_t class_offset, bool normalize_x, bool normalize_w,
-                                                    double s, int64_t subcenters) {
+                                           const std::optional<at::Tensor>& bias,
+                                           const std::optional<at::Tensor>& class_index, int64_t k,
+                                           int64_t class_offset, bool normalize_x, bool normalize_w, double s,
+                                           int64_t subcenters) {
   at::NoGradGuard no_grad;
   TORCH_CHECK_VALUE(x.dim() == 2, "x must have shape [B, D], got ", x.sizes());
   const at::Tensor no_labels = at::full({x.size(0)}, -1, x.options().dtype(at::kLong));
   const int64_t local = weight.dim() == 2 && subcenters >= 1 ? weight.size(0) / subcenters : 0;
   const HeadArgs a = check_head_args(x, weight, no_labels, bias, std::nullopt, std::nullopt, class_index,
-                                     class_offset + std::max<int64_t>(local, 1), class_offset, -1, 0, 2,
-                                     normalize_x, normalize_w, s, 1.0, 0.0, 0.0, 0.0, subcenters);
+                                     class_offset + std::max<int64_t>(local, 1), class_offset, -1, 0, 2, normalize_x,
+                                     normalize_w, s, 1.0, 0.0, 0.0, 0.0, subcenters);
   // inference, not a training step: checked on the host (index_select would assert on the device)
-  if (a.class_index.defined() && !Runtime::capturing()) check_class_index_values(Runtime::to_host(a.class_index), local);
+  if (a.class_index.defined() && !Runtime::capturing())
+    check_class_index_values(Runtime::to_host(a.class_index), local);
   TORCH_CHECK_VALUE(k >= 1 && k <= a.columns, "k = ", k, " must lie in [1, ", a.columns, "] (the number of classes)");
   const auto guard = Runtime::guard(x.device());
   const auto acc = a.acc_dtype();
@@ -269,13 +287,13 @@ std::tuple<at::Tensor, at::Tensor> topk_op(const at::Tensor& x, const at::Tensor
   at::Tensor cols = at::full({B, k}, -1, xs.options().dtype(at::kLong));
   for (int64_t c0 = 0; c0 < a.columns; c0 += chunk) {
     const int64_t n = std::min(chunk, a.columns - c0);
-    at::Tensor cls = a.class_index.defined() ? a.class_index.narrow(0, c0, n)
-                                              : at::arange(c0, c0 + n, cols.options());
+    at::Tensor cls = a.class_index.defined() ? a.class_index.narrow(0, c0, n) : at::arange(c0, c0 + n, cols.options());
     at::Tensor rows = (cls.unsqueeze(1) * K + at::arange(K, cls.options()).unsqueeze(0)).reshape({-1});
     at::Tensor w = a.weight.index_select(0, rows).to(acc);
     if (normalize_w) w = w / at::linalg_vector_norm(w, 2, {1}, true).clamp_min(1e-12);
     at::Tensor z = at::mm(xs, w.t()).view({B, n, K}).amax(2);
-    if (a.bias.defined()) z = z + (a.class_index.defined() ? a.bias.index_select(0, cls) : a.bias.narrow(0, c0, n)).to(acc);
+    if (a.bias.defined())
+      z = z + (a.class_index.defined() ? a.bias.index_select(0, cls) : a.bias.narrow(0, c0, n)).to(acc);
     const auto [top, pos] = at::cat({vals, z}, 1).topk(k, 1);
     cols = at::cat({cols, at::arange(c0, c0 + n, cols.options()).unsqueeze(0).expand({B, n})}, 1).gather(1, pos);
     vals = top;

@@ -67,8 +67,8 @@ __device__ __forceinline__ ACC warp_max_nan(ACC v) {
 }
 
 // Records a bad index in p.error (the first recorded wins; see DeviceError).
-__device__ __forceinline__ void report_error(DeviceError* e, int32_t kind, int64_t index, int64_t value,
-                                             int64_t limit, int64_t ignore) {
+__device__ __forceinline__ void report_error(DeviceError* e, int32_t kind, int64_t index, int64_t value, int64_t limit,
+                                             int64_t ignore) {
   if (e == nullptr || atomicCAS(&e->claimed, 0, 1) != 0) return;
   e->index = index;
   e->value = value;
@@ -132,7 +132,10 @@ __global__ void __launch_bounds__(kThreads) row_prep_kernel(HeadParams p) {
       int64_t lo = 0, hi = p.C;  // lower bound of local in class_index
       while (lo < hi) {
         const int64_t mid = (lo + hi) / 2;
-        if (p.class_index[mid] < local) lo = mid + 1; else hi = mid;
+        if (p.class_index[mid] < local)
+          lo = mid + 1;
+        else
+          hi = mid;
       }
       if (lo < p.C && p.class_index[lo] == local) info.tcol = lo;
     } else if (local >= 0 && local < p.C) {
@@ -172,16 +175,16 @@ __global__ void __launch_bounds__(kThreads) row_prep_kernel(HeadParams p) {
 }
 
 // One (row, class) entry: from u = the K products x_i · W_jk and wn = their weight rows' norms
-// (null: β = 1, the weight rows being unnormalized or already normalized), the class logit z⁰ = max_k α β_k u_k (no bias), its winning
-// sub-center, and everything the loss and its gradient need of it.
+// (null: β = 1, the weight rows being unnormalized or already normalized), the class logit z⁰ = max_k α β_k u_k (no
+// bias), its winning sub-center, and everything the loss and its gradient need of it.
 template <typename ACC>
 struct Entry {
-  ACC z0;       // margin-free logit without bias
-  ACC plain;    // z⁰ + bias: what accuracy compares
-  ACC z;        // the logit the softmax sees (hard negatives, margin)
-  ACC factor;   // ∂z/∂z⁰ off the target (CurricularFace: t + 2c on hard negatives)
-  int32_t k;    // winning sub-center
-  bool target;  // the margin's target entry
+  ACC z0;         // margin-free logit without bias
+  ACC plain;      // z⁰ + bias: what accuracy compares
+  ACC z;          // the logit the softmax sees (hard negatives, margin)
+  ACC factor;     // ∂z/∂z⁰ off the target (CurricularFace: t + 2c on hard negatives)
+  int32_t k;      // winning sub-center
+  bool target;    // the margin's target entry
   bool filtered;  // interclass filtering: z = 0, no gradient (factor 0)
 };
 
@@ -307,7 +310,8 @@ cudaError_t dispatch(const HeadParams& p, F&& f) {
     return p.allow_tf32 ? f(float(), float(), tf32_t(), float()) : f(float(), float(), float(), float());
   }
   if (p.x_dtype == kHalf && p.w_dtype == kHalf) return f(__half(), __half(), __half(), float());
-  if (p.x_dtype == kBFloat16 && p.w_dtype == kBFloat16) return f(__nv_bfloat16(), __nv_bfloat16(), __nv_bfloat16(), float());
+  if (p.x_dtype == kBFloat16 && p.w_dtype == kBFloat16)
+    return f(__nv_bfloat16(), __nv_bfloat16(), __nv_bfloat16(), float());
   if (p.x_dtype == kHalf && p.w_dtype == kFloat) return f(__half(), float(), __half(), float());
   if (p.x_dtype == kBFloat16 && p.w_dtype == kFloat) return f(__nv_bfloat16(), float(), __nv_bfloat16(), float());
   return cudaErrorInvalidValue;

@@ -85,7 +85,8 @@ __device__ __forceinline__ T warp_max(T v) {
 }
 
 template <typename OP>
-constexpr bool kTensorCore = std::is_same_v<OP, __half> || std::is_same_v<OP, __nv_bfloat16> || std::is_same_v<OP, tf32_t>;
+constexpr bool kTensorCore =
+    std::is_same_v<OP, __half> || std::is_same_v<OP, __nv_bfloat16> || std::is_same_v<OP, tf32_t>;
 
 // Row padding of shared tiles, in elements: keeps WMMA's 32-byte alignment for 16-bit and float
 // tiles and breaks bank conflicts.
@@ -98,13 +99,13 @@ constexpr int kPad = sizeof(T) == 2 ? 8 : (sizeof(T) == 4 ? 4 : 2);
 // these issue the same wmma instructions (same fragment layout) with .shared and a 32-bit shared
 // address; elsewhere (tests/cuda_emu) they are nvcuda::wmma's.
 #if defined(__CUDA_ARCH__)
-#define MO_WMMA_LD4(KIND, LAYOUT, SHAPE, TYPE, frag, addr, ld)                                                  \
-  do {                                                                                                     \
-    unsigned* r_ = reinterpret_cast<unsigned*>((frag).x);                                                  \
+#define MO_WMMA_LD4(KIND, LAYOUT, SHAPE, TYPE, frag, addr, ld)                                                      \
+  do {                                                                                                              \
+    unsigned* r_ = reinterpret_cast<unsigned*>((frag).x);                                                           \
     asm volatile("wmma.load." KIND ".sync.aligned." LAYOUT "." SHAPE ".shared." TYPE " {%0, %1, %2, %3}, [%4], %5;" \
-                 : "=r"(r_[0]), "=r"(r_[1]), "=r"(r_[2]), "=r"(r_[3])                                        \
-                 : "r"(addr), "r"(ld)                                                                      \
-                 : "memory");                                                                              \
+                 : "=r"(r_[0]), "=r"(r_[1]), "=r"(r_[2]), "=r"(r_[3])                                               \
+                 : "r"(addr), "r"(ld)                                                                               \
+                 : "memory");                                                                                       \
   } while (0)
 #endif
 
@@ -115,16 +116,28 @@ __device__ __forceinline__ void load_operand(Frag& f, const Mem* p, unsigned ld)
   const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
   if constexpr (std::is_same_v<Mem, __nv_bfloat16>) {
     if constexpr (kA) {
-      if constexpr (COL) MO_WMMA_LD4("a", "col", "m16n16k16", "bf16", f, a, ld); else MO_WMMA_LD4("a", "row", "m16n16k16", "bf16", f, a, ld);
+      if constexpr (COL)
+        MO_WMMA_LD4("a", "col", "m16n16k16", "bf16", f, a, ld);
+      else
+        MO_WMMA_LD4("a", "row", "m16n16k16", "bf16", f, a, ld);
     } else {
-      if constexpr (COL) MO_WMMA_LD4("b", "col", "m16n16k16", "bf16", f, a, ld); else MO_WMMA_LD4("b", "row", "m16n16k16", "bf16", f, a, ld);
+      if constexpr (COL)
+        MO_WMMA_LD4("b", "col", "m16n16k16", "bf16", f, a, ld);
+      else
+        MO_WMMA_LD4("b", "row", "m16n16k16", "bf16", f, a, ld);
     }
     return;
   } else if constexpr (std::is_same_v<Mem, float>) {  // TF32
     if constexpr (kA) {
-      if constexpr (COL) MO_WMMA_LD4("a", "col", "m16n16k8", "tf32", f, a, ld); else MO_WMMA_LD4("a", "row", "m16n16k8", "tf32", f, a, ld);
+      if constexpr (COL)
+        MO_WMMA_LD4("a", "col", "m16n16k8", "tf32", f, a, ld);
+      else
+        MO_WMMA_LD4("a", "row", "m16n16k8", "tf32", f, a, ld);
     } else {
-      if constexpr (COL) MO_WMMA_LD4("b", "col", "m16n16k8", "tf32", f, a, ld); else MO_WMMA_LD4("b", "row", "m16n16k8", "tf32", f, a, ld);
+      if constexpr (COL)
+        MO_WMMA_LD4("b", "col", "m16n16k8", "tf32", f, a, ld);
+      else
+        MO_WMMA_LD4("b", "row", "m16n16k8", "tf32", f, a, ld);
     }
     return;
   }
@@ -139,7 +152,8 @@ __device__ __forceinline__ void load_accumulator(Frag& f, const float* p, unsign
   if constexpr (MK == 8) {
     const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
     asm volatile("wmma.load.c.sync.aligned.row.m16n16k8.shared.f32 {%0, %1, %2, %3, %4, %5, %6, %7}, [%8], %9;"
-                 : "=f"(f.x[0]), "=f"(f.x[1]), "=f"(f.x[2]), "=f"(f.x[3]), "=f"(f.x[4]), "=f"(f.x[5]), "=f"(f.x[6]), "=f"(f.x[7])
+                 : "=f"(f.x[0]), "=f"(f.x[1]), "=f"(f.x[2]), "=f"(f.x[3]), "=f"(f.x[4]), "=f"(f.x[5]), "=f"(f.x[6]),
+                   "=f"(f.x[7])
                  : "r"(a), "r"(ld)
                  : "memory");
     return;
@@ -154,8 +168,8 @@ __device__ __forceinline__ void store_accumulator(float* p, const Frag& f, unsig
     const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
     asm volatile("wmma.store.d.sync.aligned.row.m16n16k8.shared.f32 [%0], {%1, %2, %3, %4, %5, %6, %7, %8}, %9;"
                  :
-                 : "r"(a), "f"(f.x[0]), "f"(f.x[1]), "f"(f.x[2]), "f"(f.x[3]), "f"(f.x[4]), "f"(f.x[5]), "f"(f.x[6]), "f"(f.x[7]),
-                   "r"(ld)
+                 : "r"(a), "f"(f.x[0]), "f"(f.x[1]), "f"(f.x[2]), "f"(f.x[3]), "f"(f.x[4]), "f"(f.x[5]), "f"(f.x[6]),
+                   "f"(f.x[7]), "r"(ld)
                  : "memory");
     return;
   }
@@ -175,7 +189,7 @@ __device__ __forceinline__ void tile_mma(const OP* A, int lda, const OP* B, int 
     constexpr bool kTf32 = std::is_same_v<OP, tf32_t>;
     constexpr int MK = kTf32 ? 8 : 16;  // depth of one WMMA step: m16n16k8 for TF32, m16n16k16 for 16-bit
     using Frag = std::conditional_t<kTf32, wmma::precision::tf32, OP>;  // fragment element type
-    using Mem = std::conditional_t<kTf32, float, OP>;                    // what a fragment loads from
+    using Mem = std::conditional_t<kTf32, float, OP>;                   // what a fragment loads from
     static_assert(M % 16 == 0 && N % 16 == 0 && KK % MK == 0, "tile sizes must be multiples of the WMMA shape");
     using LA = std::conditional_t<A_COL, wmma::col_major, wmma::row_major>;
     using LB = std::conditional_t<B_COL, wmma::col_major, wmma::row_major>;
@@ -190,8 +204,10 @@ __device__ __forceinline__ void tile_mma(const OP* A, int lda, const OP* B, int 
       for (int kk = 0; kk < KK / MK; ++kk) {
         wmma::fragment<wmma::matrix_a, 16, 16, MK, Frag, LA> a;
         wmma::fragment<wmma::matrix_b, 16, 16, MK, Frag, LB> b;
-        load_operand<true, A_COL>(a, A_COL ? a_mem + (kk * MK) * lda + mi * 16 : a_mem + (mi * 16) * lda + kk * MK, lda);
-        load_operand<false, B_COL>(b, B_COL ? b_mem + (ni * 16) * ldb + kk * MK : b_mem + (kk * MK) * ldb + ni * 16, ldb);
+        load_operand<true, A_COL>(a, A_COL ? a_mem + (kk * MK) * lda + mi * 16 : a_mem + (mi * 16) * lda + kk * MK,
+                                  lda);
+        load_operand<false, B_COL>(b, B_COL ? b_mem + (ni * 16) * ldb + kk * MK : b_mem + (kk * MK) * ldb + ni * 16,
+                                   ldb);
         if constexpr (kTf32) {
           for (int t = 0; t < a.num_elements; ++t) a.x[t] = wmma::__float_to_tf32(a.x[t]);
           for (int t = 0; t < b.num_elements; ++t) b.x[t] = wmma::__float_to_tf32(b.x[t]);
@@ -235,8 +251,8 @@ struct VecBytes<8> {
 // each thread moves 16 bytes per trip (8 16-bit, 4 float or 2 double elements) and converts them
 // in registers; groups that cross col_end, and unaligned matrices, take the element path.
 template <typename TS, typename TG, typename RowOf>
-__device__ __forceinline__ void load_tile(TS* dst, int ld_s, int rows, int cols, const TG* src, int64_t ld, int64_t col0,
-                                          int64_t col_end, RowOf row_of) {
+__device__ __forceinline__ void load_tile(TS* dst, int ld_s, int rows, int cols, const TG* src, int64_t ld,
+                                          int64_t col0, int64_t col_end, RowOf row_of) {
   constexpr int V = 16 / sizeof(TG);  // elements per 16-byte global load
   using LoadV = typename VecBytes<16>::type;
   using StoreV = typename VecBytes<V * sizeof(TS)>::type;
@@ -257,7 +273,8 @@ __device__ __forceinline__ void load_tile(TS* dst, int ld_s, int rows, int cols,
         for (int t = 0; t < V; ++t) out[t] = convert<TS>(in[t]);
       } else {
 #pragma unroll
-        for (int t = 0; t < V; ++t) out[t] = (g >= 0 && gc + t < col_end) ? convert<TS>(src[g * ld + gc + t]) : convert<TS>(0.0f);
+        for (int t = 0; t < V; ++t)
+          out[t] = (g >= 0 && gc + t < col_end) ? convert<TS>(src[g * ld + gc + t]) : convert<TS>(0.0f);
       }
       StoreV packed;
       memcpy(&packed, out, sizeof(packed));

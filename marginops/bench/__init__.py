@@ -49,13 +49,32 @@ from .measure import environment, precise_host_memory, sweep
 from .report import LEGEND, checks, checks_text, headline_text, largest_classes, text_table, write
 
 DEFAULTS = {
-    "cpu": dict(batch=256, dim=128, classes="10000,30000,100000,300000", dtype="float32", margins="arcface",
-                impls="fused,reference,compiled,pml", repeat=5, repeat_time_s=2.0, max_budget_mib=512, max_limit=4_000_000,
-                time_budget_s=None),
-    "cuda": dict(batch=1024, dim=512, classes="100000,300000,1000000,3000000", dtype="bfloat16",
-                 margins="arcface,cosface,softmax,normface",
-                 impls="chunked,fused-tiles,reference,compiled,pml,cce,liger,torch-lce,torch-lce-chunked", repeat=10,
-                 repeat_time_s=1.0, max_budget_mib=None, max_limit=200_000_000, time_budget_s=1800),
+    "cpu": dict(
+        batch=256,
+        dim=128,
+        classes="10000,30000,100000,300000",
+        dtype="float32",
+        margins="arcface",
+        impls="fused,reference,compiled,pml",
+        repeat=5,
+        repeat_time_s=2.0,
+        max_budget_mib=512,
+        max_limit=4_000_000,
+        time_budget_s=None,
+    ),
+    "cuda": dict(
+        batch=1024,
+        dim=512,
+        classes="100000,300000,1000000,3000000",
+        dtype="bfloat16",
+        margins="arcface,cosface,softmax,normface",
+        impls="chunked,fused-tiles,reference,compiled,pml,cce,liger,torch-lce,torch-lce-chunked",
+        repeat=10,
+        repeat_time_s=1.0,
+        max_budget_mib=None,
+        max_limit=200_000_000,
+        time_budget_s=1800,
+    ),
 }
 SOFTMAX_PEERS = ("cut_cross_entropy", "liger_kernel")
 TORCH_LCE = torch_lce_missing() is None  # torch's own F.linear_cross_entropy (torch >= 2.13): softmax and NormFace
@@ -63,18 +82,42 @@ PRESETS = {
     # scripts/gpu-check's bench stage: one bounded run (issue #10 item 6). ArcFace at three C first
     # (the issue #10 checks); then, at C = 1M only and with a shorter list of implementations,
     # plain softmax (for the softmax-only peers) and NormFace (for torch's linear_cross_entropy).
-    "gpu-check": dict(batch=1024, dim=512, classes="100000,1000000,3000000", dtype="bfloat16",
-                      margins=",".join(["arcface"] + (["softmax"] if TORCH_LCE or any(importlib.util.find_spec(p) for p in SOFTMAX_PEERS)
-                                                      else []) + (["normface"] if TORCH_LCE else [])),
-                      impls="chunked,fused-tiles,reference,compiled,cce,liger,torch-lce,torch-lce-chunked", repeat=10,
-                      repeat_time_s=0.5, max_budget_mib=None, max_limit=200_000_000, time_budget_s=360, no_max_classes=True,
-                      hard_checks=True,
-                      # per margin: its class counts and implementations, where not the preset's
-                      by_margin={m: dict(classes="1000000", impls="chunked,reference,cce,liger,torch-lce,torch-lce-chunked")
-                                 for m in ("softmax", "normface")}),
+    "gpu-check": dict(
+        batch=1024,
+        dim=512,
+        classes="100000,1000000,3000000",
+        dtype="bfloat16",
+        margins=",".join(
+            ["arcface"]
+            + (["softmax"] if TORCH_LCE or any(importlib.util.find_spec(p) for p in SOFTMAX_PEERS) else [])
+            + (["normface"] if TORCH_LCE else [])
+        ),
+        impls="chunked,fused-tiles,reference,compiled,cce,liger,torch-lce,torch-lce-chunked",
+        repeat=10,
+        repeat_time_s=0.5,
+        max_budget_mib=None,
+        max_limit=200_000_000,
+        time_budget_s=360,
+        no_max_classes=True,
+        hard_checks=True,
+        # per margin: its class counts and implementations, where not the preset's
+        by_margin={
+            m: dict(classes="1000000", impls="chunked,reference,cce,liger,torch-lce,torch-lce-chunked")
+            for m in ("softmax", "normface")
+        },
+    ),
 }
-QUICK = dict(batch=32, dim=16, classes="500,2000", margins="arcface", impls="fused,reference", repeat=5, repeat_time_s=0.1,
-             max_budget_mib=64, max_limit=200_000)
+QUICK = dict(
+    batch=32,
+    dim=16,
+    classes="500,2000",
+    margins="arcface",
+    impls="fused,reference",
+    repeat=5,
+    repeat_time_s=0.1,
+    max_budget_mib=64,
+    max_limit=200_000,
+)
 
 
 def _default(key: str) -> str:
@@ -83,27 +126,53 @@ def _default(key: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device to benchmark on (cuda when a GPU is visible, else cpu)")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device to benchmark on (cuda when a GPU is visible, else cpu)",
+    )
     p.add_argument("--batch", type=int, help=f"rows B (after all-gather, for a sharded head) ({_default('batch')})")
     p.add_argument("--dim", type=int, help=f"embedding size D ({_default('dim')})")
     p.add_argument("--classes", help=f"comma-separated class counts C ({_default('classes')})")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help=f"dtype of x and W ({_default('dtype')})")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help=f"dtype of x and W ({_default('dtype')})"
+    )
     p.add_argument("--margins", help=f"comma-separated, of {', '.join(sorted(MARGINS))} ({_default('margins')})")
-    p.add_argument("--impls", help=f"comma-separated, of {', '.join(sorted(IMPLS))}; missing peers are reported, not run "
-                                   f"({_default('impls')})")
-    p.add_argument("--repeat", type=int, help=f"least number of timed runs per measurement; the median is reported with "
-                                              f"the min-max spread ({_default('repeat')})")
-    p.add_argument("--repeat-time-s", type=float, help="keep timing a measurement while its timed runs total less than this "
-                                                       f"many seconds, up to 100 runs ({_default('repeat_time_s')})")
+    p.add_argument(
+        "--impls",
+        help=f"comma-separated, of {', '.join(sorted(IMPLS))}; missing peers are reported, not run "
+        f"({_default('impls')})",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        help=f"least number of timed runs per measurement; the median is reported with "
+        f"the min-max spread ({_default('repeat')})",
+    )
+    p.add_argument(
+        "--repeat-time-s",
+        type=float,
+        help="keep timing a measurement while its timed runs total less than this "
+        f"many seconds, up to 100 runs ({_default('repeat_time_s')})",
+    )
     p.add_argument("--no-max-classes", action="store_true", help="skip the search for the largest C that fits")
-    p.add_argument("--max-budget-mib", type=int, help=f"host memory budget for the largest-C search on the CPU "
-                                                      f"(default: {DEFAULTS['cpu']['max_budget_mib']}; on a GPU the device memory)")
+    p.add_argument(
+        "--max-budget-mib",
+        type=int,
+        help=f"host memory budget for the largest-C search on the CPU "
+        f"(default: {DEFAULTS['cpu']['max_budget_mib']}; on a GPU the device memory)",
+    )
     p.add_argument("--quick", action="store_true", help="a CI-sized run (B=32, D=16, C=500 and 2000, fused and eager)")
-    p.add_argument("--preset", choices=sorted(PRESETS),
-                   help="gpu-check: the bounded GPU sweep scripts/gpu-check runs (see above) (default: none)")
-    p.add_argument("--time-budget-s", type=float,
-                   help="stop starting measurements after this many seconds (default: 1800 on a GPU, none on the CPU)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="gpu-check: the bounded GPU sweep scripts/gpu-check runs (see above) (default: none)",
+    )
+    p.add_argument(
+        "--time-budget-s",
+        type=float,
+        help="stop starting measurements after this many seconds (default: 1800 on a GPU, none on the CPU)",
+    )
     p.add_argument("--out", default="marginops-bench", help="folder for the JSON, Markdown and PNG outputs")
 
 
@@ -158,7 +227,18 @@ def run(args) -> int:
         cfg.update(PRESETS[preset])
     if args.quick:
         cfg.update(QUICK)
-    for key in ("batch", "dim", "classes", "dtype", "margins", "impls", "repeat", "repeat_time_s", "max_budget_mib", "time_budget_s"):
+    for key in (
+        "batch",
+        "dim",
+        "classes",
+        "dtype",
+        "margins",
+        "impls",
+        "repeat",
+        "repeat_time_s",
+        "max_budget_mib",
+        "time_budget_s",
+    ):
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
     find_max = not (args.no_max_classes or cfg.get("no_max_classes", False))
@@ -170,12 +250,14 @@ def run(args) -> int:
         return 2
     narrowed = {} if args.classes is not None or args.impls is not None else cfg.get("by_margin", {})
     groups = case_groups(cfg, margins, impls, narrowed)
-    cases = [c for g in groups for c in g[0]]
     if device.type == "cpu":
         precise_host_memory()
     env = environment(device)
-    print(f"marginops bench on {env.get('gpu', env.get('cpu'))} ({device}), torch {env['torch']}: "
-          + ", ".join(f"{len(c)} cases x {len(i)} implementations" for c, i in groups), flush=True)
+    print(
+        f"marginops bench on {env.get('gpu', env.get('cpu'))} ({device}), torch {env['torch']}: "
+        + ", ".join(f"{len(c)} cases x {len(i)} implementations" for c, i in groups),
+        flush=True,
+    )
     step, close = _progress()
     budget = None if cfg["max_budget_mib"] is None else int(cfg["max_budget_mib"]) * 2**20
     deadline = None if cfg.get("time_budget_s") is None else time.monotonic() + float(cfg["time_budget_s"])
@@ -186,15 +268,39 @@ def run(args) -> int:
 
     def interrupted(signum, frame):  # e.g. `timeout` in scripts/gpu-check: keep what was measured
         found = checks(results)
-        write(results, env, config, args.out, prefix, found, f"interrupted by signal {signum}: partial results", plots=False)
-        print(f"\nmarginops bench: interrupted (signal {signum}); partial results in {args.out}", file=sys.stderr, flush=True)
+        write(
+            results,
+            env,
+            config,
+            args.out,
+            prefix,
+            found,
+            f"interrupted by signal {signum}: partial results",
+            plots=False,
+        )
+        print(
+            f"\nmarginops bench: interrupted (signal {signum}); partial results in {args.out}",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(124)
 
     previous = signal.signal(signal.SIGTERM, interrupted)
     try:
         for group_cases, group_impls in groups:
-            sweep(group_cases, group_impls, device, int(cfg["repeat"]), budget, find_max, int(cfg["max_limit"]), step, deadline,
-                  results, time_budget_s=cfg.get("repeat_time_s"))
+            sweep(
+                group_cases,
+                group_impls,
+                device,
+                int(cfg["repeat"]),
+                budget,
+                find_max,
+                int(cfg["max_limit"]),
+                step,
+                deadline,
+                results,
+                time_budget_s=cfg.get("repeat_time_s"),
+            )
     finally:
         signal.signal(signal.SIGTERM, previous)
     close()
@@ -213,8 +319,16 @@ def run(args) -> int:
             print(f"(on the host: inputs, gradients and peak extra memory within {cfg['max_budget_mib']} MiB)")
     found = checks(results)
     if cfg.get("hard_checks") and not found:  # the preset's shape did not run chunked at all
-        found = {"memory_64mib": dict(what="chunked at B=1024 D=512 C=1,000,000 bfloat16 arcface", value_mib=None,
-                                      limit_mib=64, hard=True, passed=False, note="not in this run")}
+        found = {
+            "memory_64mib": dict(
+                what="chunked at B=1024 D=512 C=1,000,000 bfloat16 arcface",
+                value_mib=None,
+                limit_mib=64,
+                hard=True,
+                passed=False,
+                note="not in this run",
+            )
+        }
     if found:
         print()
         print(checks_text(found))

@@ -82,7 +82,9 @@ class Impl:
 
     def extra_bytes(self, case: Case) -> int:
         e = torch.empty((), dtype=case.torch_dtype).element_size()
-        return int(self.logits * case.batch * case.classes * e + self.weights * case.classes * case.dim * e + self.fixed)
+        return int(
+            self.logits * case.batch * case.classes * e + self.weights * case.classes * case.dim * e + self.fixed
+        )
 
 
 class Fused(Impl):
@@ -239,14 +241,26 @@ class TorchLinearCrossEntropy(Impl):
 
 class TorchLinearCrossEntropyChunked(TorchLinearCrossEntropy):
     name = "torch-lce-chunked"
-    description = ("torch F.linear_cross_entropy, chunked path (options=LinearCrossEntropyOptions()); "
-                   "NormFace: s·x̂ and Ŵ made outside it")
+    description = (
+        "torch F.linear_cross_entropy, chunked path (options=LinearCrossEntropyOptions()); "
+        "NormFace: s·x̂ and Ŵ made outside it"
+    )
     chunked = True
     logits, weights = 1.0, 2.0  # a chunk of rows' logits (at most the whole batch's); dW accumulated
 
 
 IMPLS: Dict[str, Impl] = {
     i.name: i
-    for i in (Fused(), Chunked(), FusedTiles(), Reference(), Compiled(), PytorchMetricLearning(), CutCrossEntropy(), Liger(),
-              TorchLinearCrossEntropy(), TorchLinearCrossEntropyChunked())
+    for i in (
+        Fused(),
+        Chunked(),
+        FusedTiles(),
+        Reference(),
+        Compiled(),
+        PytorchMetricLearning(),
+        CutCrossEntropy(),
+        Liger(),
+        TorchLinearCrossEntropy(),
+        TorchLinearCrossEntropyChunked(),
+    )
 }

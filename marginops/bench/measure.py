@@ -197,7 +197,10 @@ def _peak_extra(fn, x, W, y, device, tries: int = 1) -> Optional[int]:
 def memory_method(device: torch.device) -> str:
     if device.type == "cuda":
         return "torch.cuda.max_memory_allocated above the inputs, minus the gradients"
-    return "peak resident set (VmHWM) above the inputs, every allocation >= 4 KiB its own mmap, minus the gradients; least of up to 3 readings"
+    return (
+        "peak resident set (VmHWM) above the inputs, every allocation >= 4 KiB its own mmap, minus the gradients; "
+        "least of up to 3 readings"
+    )
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -219,7 +222,12 @@ def truth_loss(case: Case, device: torch.device, x, W, y) -> Optional[float]:
 
 
 def measure(
-    case: Case, impl_name: str, device: torch.device, repeat: int, truth: Optional[float], inputs=None,
+    case: Case,
+    impl_name: str,
+    device: torch.device,
+    repeat: int,
+    truth: Optional[float],
+    inputs=None,
     time_budget_s: Optional[float] = None,
 ) -> Result:
     impl = IMPLS[impl_name]
@@ -253,8 +261,18 @@ def measure(
     err = None if truth is None else abs(loss - truth) / max(abs(truth), 1e-30)
     seconds = statistics.median(times)
     return Result(
-        case, impl_name, "ok", 1e3 * seconds, peak, case.flops / seconds / 1e12, loss, err,
-        time_ms_min=1e3 * min(times), time_ms_max=1e3 * max(times), repeats=len(times), memory_method=memory_method(device),
+        case,
+        impl_name,
+        "ok",
+        1e3 * seconds,
+        peak,
+        case.flops / seconds / 1e12,
+        loss,
+        err,
+        time_ms_min=1e3 * min(times),
+        time_ms_max=1e3 * max(times),
+        repeats=len(times),
+        memory_method=memory_method(device),
     )
 
 
@@ -263,7 +281,9 @@ def gemm_floor(case: Case, device: torch.device, repeat: int, time_budget_s: Opt
     memory): a reference cost, the matmul work of one step done the plain way — not a floor (a
     fused design can beat it: it never writes or reads a [B, C] matrix)."""
     e = torch.empty((), dtype=case.torch_dtype).element_size()
-    reason = fits_estimate(e * (2 * case.classes * case.dim + 2 * case.batch * case.classes + 2 * case.batch * case.dim), device)
+    reason = fits_estimate(
+        e * (2 * case.classes * case.dim + 2 * case.batch * case.classes + 2 * case.batch * case.dim), device
+    )
     if reason:
         return Result(case, "gemm3", "skipped: " + reason)
     try:
@@ -285,7 +305,7 @@ def gemm_floor(case: Case, device: torch.device, repeat: int, time_budget_s: Opt
             return time.perf_counter() - t0
 
         times = timed_runs(once, repeat, time_budget_s)
-        del G, x, W
+        G = x = W = None  # free them: three() is not called again
     except Exception as e:  # noqa: BLE001
         return Result(case, "gemm3", "oom" if _is_oom(e) else f"error: {type(e).__name__}: {e}")
     finally:
@@ -293,8 +313,15 @@ def gemm_floor(case: Case, device: torch.device, repeat: int, time_budget_s: Opt
             torch.cuda.empty_cache()
     seconds = statistics.median(times)
     return Result(
-        case, "gemm3", "ok", 1e3 * seconds, None, case.flops / seconds / 1e12,
-        time_ms_min=1e3 * min(times), time_ms_max=1e3 * max(times), repeats=len(times),
+        case,
+        "gemm3",
+        "ok",
+        1e3 * seconds,
+        None,
+        case.flops / seconds / 1e12,
+        time_ms_min=1e3 * min(times),
+        time_ms_max=1e3 * max(times),
+        repeats=len(times),
     )
 
 
@@ -343,7 +370,12 @@ class SearchCut(Exception):
 
 
 def max_classes(
-    case: Case, impl_name: str, device: torch.device, budget_bytes: Optional[int], limit: int, precision: float = 0.05,
+    case: Case,
+    impl_name: str,
+    device: torch.device,
+    budget_bytes: Optional[int],
+    limit: int,
+    precision: float = 0.05,
     deadline: Optional[float] = None,
 ) -> int:
     """The largest class count (to `precision`) at which one step fits: doubling from
@@ -390,7 +422,10 @@ def environment(device: torch.device) -> Dict[str, str]:
             import subprocess
 
             env["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
             ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             env["driver"] = "unknown"
@@ -436,7 +471,9 @@ def sweep(
         if device.type == "cuda":
             torch.cuda.empty_cache()
         progress(f"gemm3 {case.batch}x{case.dim}x{case.classes}")
-        results.append(Result(case, "gemm3", "skipped: time budget") if late() else gemm_floor(case, device, repeat, time_budget_s))
+        results.append(
+            Result(case, "gemm3", "skipped: time budget") if late() else gemm_floor(case, device, repeat, time_budget_s)
+        )
     if find_max:
         firsts: Dict[tuple, Case] = {}
         for r in results:
@@ -452,7 +489,9 @@ def sweep(
                     continue
                 progress(f"largest C for {name} {case.dtype} {case.margin}")
                 try:
-                    ok[0].max_classes = max_classes(case, name, device, max_classes_budget, max_limit, deadline=deadline)
+                    ok[0].max_classes = max_classes(
+                        case, name, device, max_classes_budget, max_limit, deadline=deadline
+                    )
                 except SearchCut as cut:
                     ok[0].max_classes = cut.lower
                     ok[0].status = f"ok (largest C search cut by the time budget: at least {cut.lower:,})"

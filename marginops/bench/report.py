@@ -44,6 +44,7 @@ def fmt_bytes(n: Optional[float]) -> str:
 def _spread(r: Result) -> str:
     if r.time_ms_min is None or r.time_ms_max is None:
         return "-"
+
     def ms(v: float) -> str:
         return f"{v:.1f}" if v >= 10 else f"{v:.3g}"
 
@@ -87,12 +88,27 @@ def rows(results: List[Result]) -> List[Dict[str, str]]:
 
 
 COLUMNS = [
-    "case", "impl", "ms", "ms min-max", "x ref time", "x compiled", GEMM_COLUMN, "TFLOP/s", "peak extra", "x ref mem",
-    "loss err", "max C", "status",
+    "case",
+    "impl",
+    "ms",
+    "ms min-max",
+    "x ref time",
+    "x compiled",
+    GEMM_COLUMN,
+    "TFLOP/s",
+    "peak extra",
+    "x ref mem",
+    "loss err",
+    "max C",
+    "status",
 ]
 OURS = ("fused", "chunked", "fused-tiles")  # marginops' implementations
-DISPLAY = {"reference": "eager", "compiled": "torch.compile(eager)", "torch-lce": "torch F.linear_cross_entropy",
-           "torch-lce-chunked": "torch F.linear_cross_entropy (chunked)"}
+DISPLAY = {
+    "reference": "eager",
+    "compiled": "torch.compile(eager)",
+    "torch-lce": "torch F.linear_cross_entropy",
+    "torch-lce-chunked": "torch F.linear_cross_entropy (chunked)",
+}
 
 
 def _count(c: int) -> str:
@@ -128,10 +144,21 @@ def headline(results: List[Result]) -> List[dict]:
                     continue
                 C = max(both)
                 a, o = by_c[C][mine], by_c[C][other]
-                line = dict(impl=mine, against=other, classes=C, dtype=dtype, margin=margin, batch=b, dim=d,
-                            speedup=o.time_ms / a.time_ms if a.time_ms and o.time_ms else None,
-                            memory_ratio=(o.peak_extra_bytes / a.peak_extra_bytes
-                                          if a.peak_extra_bytes and o.peak_extra_bytes is not None else None))
+                line = dict(
+                    impl=mine,
+                    against=other,
+                    classes=C,
+                    dtype=dtype,
+                    margin=margin,
+                    batch=b,
+                    dim=d,
+                    speedup=o.time_ms / a.time_ms if a.time_ms and o.time_ms else None,
+                    memory_ratio=(
+                        o.peak_extra_bytes / a.peak_extra_bytes
+                        if a.peak_extra_bytes and o.peak_extra_bytes is not None
+                        else None
+                    ),
+                )
                 firsts = [r for r in rs if r.max_classes]
                 ma = next((r.max_classes for r in firsts if r.impl == mine), None)
                 mo_ = next((r.max_classes for r in firsts if r.impl == other), None)
@@ -142,10 +169,16 @@ def headline(results: List[Result]) -> List[dict]:
                 if line["memory_ratio"]:
                     parts.append(_ratio(line["memory_ratio"], "less memory", "more memory"))
                 if line["max_classes_ratio"]:
-                    parts.append(f"fits {line['max_classes_ratio']:.3g}x " + ("more classes" if line["max_classes_ratio"] >= 1 else "the classes"))
+                    parts.append(
+                        f"fits {line['max_classes_ratio']:.3g}x "
+                        + ("more classes" if line["max_classes_ratio"] >= 1 else "the classes")
+                    )
                 name = DISPLAY.get(other, other)
-                line["text"] = (f"{mine} vs {name} at C = {_count(C)} ({margin}, {dtype}, B={b}, D={d}): " + ", ".join(parts)
-                                if parts else f"{mine} vs {name} at C = {_count(C)}: no ratio measured")
+                line["text"] = (
+                    f"{mine} vs {name} at C = {_count(C)} ({margin}, {dtype}, B={b}, D={d}): " + ", ".join(parts)
+                    if parts
+                    else f"{mine} vs {name} at C = {_count(C)}: no ratio measured"
+                )
                 out.append(line)
     return out
 
@@ -190,7 +223,10 @@ def largest_classes(results: List[Result]) -> str:
             groups.setdefault((r.case.dtype, r.case.margin, r.case.batch, r.case.dim), []).append(r)
     for (dtype, margin, b, d), rs in groups.items():
         best = max(r.max_classes for r in rs)
-        parts = [f"{r.impl} {r.max_classes:,}" + (f" ({r.max_classes / best:.2f}x)" if r.max_classes != best else "") for r in rs]
+        parts = [
+            f"{r.impl} {r.max_classes:,}" + (f" ({r.max_classes / best:.2f}x)" if r.max_classes != best else "")
+            for r in rs
+        ]
         lines.append(f"largest C that fits, {margin} {dtype} B={b} D={d}: " + ", ".join(parts))
     return "\n".join(lines)
 
@@ -220,6 +256,7 @@ SPEED_TARGETS = dict(max_time_vs_eager=0.5, min_tflops=300.0)  # reported, never
 def checks(results: List[Result], impl: str = "chunked") -> Dict[str, dict]:
     """The "64 MB check" (hard) and the speed acceptance (soft) of `impl` at CHECK_SHAPE: {} when
     the run did not include that shape; a criterion whose measurement is missing fails."""
+
     def at(name):
         for r in results:
             c = r.case
@@ -237,22 +274,30 @@ def checks(results: List[Result], impl: str = "chunked") -> Dict[str, dict]:
     mib = None if not ok or mine.peak_extra_bytes is None else mine.peak_extra_bytes / MiB
     out["memory_64mib"] = dict(
         what=f"{impl} forward+backward at {shape}: peak above inputs and gradients <= {MEMORY_LIMIT_MIB} MiB",
-        value_mib=mib, limit_mib=MEMORY_LIMIT_MIB, hard=True,
-        passed=mib is not None and mib <= MEMORY_LIMIT_MIB, note=why or (None if mib is not None else "not measured"),
+        value_mib=mib,
+        limit_mib=MEMORY_LIMIT_MIB,
+        hard=True,
+        passed=mib is not None and mib <= MEMORY_LIMIT_MIB,
+        note=why or (None if mib is not None else "not measured"),
     )
     eager_ok = eager is not None and is_ok(eager) and eager.time_ms
     ratio = mine.time_ms / eager.time_ms if ok and eager_ok and mine.time_ms else None
     out["time_vs_eager"] = dict(
         what=f"{impl} time <= {SPEED_TARGETS['max_time_vs_eager']} x eager reference's at {shape}",
-        value=ratio, limit=SPEED_TARGETS["max_time_vs_eager"], hard=False,
+        value=ratio,
+        limit=SPEED_TARGETS["max_time_vs_eager"],
+        hard=False,
         passed=ratio is not None and ratio <= SPEED_TARGETS["max_time_vs_eager"],
         note=why or (None if eager_ok else "eager reference: " + (eager.status if eager else "not run")),
     )
     tflops = mine.tflops if ok else None
     out["tflops"] = dict(
         what=f"{impl} >= {SPEED_TARGETS['min_tflops']:g} algorithmic TFLOP/s (6·B·D·C / time) at {shape}",
-        value=tflops, limit=SPEED_TARGETS["min_tflops"], hard=False,
-        passed=tflops is not None and tflops >= SPEED_TARGETS["min_tflops"], note=why,
+        value=tflops,
+        limit=SPEED_TARGETS["min_tflops"],
+        hard=False,
+        passed=tflops is not None and tflops >= SPEED_TARGETS["min_tflops"],
+        note=why,
     )
     return out
 
@@ -299,17 +344,30 @@ def plot(results: List[Result], path_prefix: str, env: Optional[Dict[str, str]] 
         for ax, (key, rs) in zip(axes[0], sorted(groups.items())):
             for impl in dict.fromkeys(r.impl for r in rs):
                 pts = sorted(
-                    ((r.case.classes, getattr(r, metric) * scale, r) for r in rs
-                     if r.impl == impl and getattr(r, metric)),  # a log axis cannot show 0
+                    (
+                        (r.case.classes, getattr(r, metric) * scale, r)
+                        for r in rs
+                        if r.impl == impl and getattr(r, metric)
+                    ),  # a log axis cannot show 0
                     key=lambda p: p[0],
                 )
                 if not pts:
                     continue
                 xs, ys = [p[0] for p in pts], [p[1] for p in pts]
                 if metric == "time_ms" and all(p[2].time_ms_min is not None for p in pts):
-                    err = [[y - p[2].time_ms_min for y, p in zip(ys, pts)], [p[2].time_ms_max - y for y, p in zip(ys, pts)]]
-                    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=labels.get(impl, impl),
-                                ls="--" if impl == "gemm3" else "-")
+                    err = [
+                        [y - p[2].time_ms_min for y, p in zip(ys, pts)],
+                        [p[2].time_ms_max - y for y, p in zip(ys, pts)],
+                    ]
+                    ax.errorbar(
+                        xs,
+                        ys,
+                        yerr=err,
+                        marker="o",
+                        capsize=3,
+                        label=labels.get(impl, impl),
+                        ls="--" if impl == "gemm3" else "-",
+                    )
                 else:
                     ax.plot(xs, ys, marker="o", label=labels.get(impl, impl), ls="--" if impl == "gemm3" else "-")
             ax.set_xscale("log")
@@ -320,8 +378,13 @@ def plot(results: List[Result], path_prefix: str, env: Optional[Dict[str, str]] 
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
         if metric == "time_ms" and any(r.impl == "gemm3" for rs in groups.values() for r in rs):
-            fig.text(0.01, 0.005, "3 GEMMs: x·Wᵀ, G·W, Gᵀ·x of the shape:\na reference cost, not a lower bound",
-                     fontsize=7, color="0.35")
+            fig.text(
+                0.01,
+                0.005,
+                "3 GEMMs: x·Wᵀ, G·W, Gᵀ·x of the shape:\na reference cost, not a lower bound",
+                fontsize=7,
+                color="0.35",
+            )
         fig.tight_layout(rect=(0, 0.05, 1, 1))
         out = f"{path_prefix}{name}"
         fig.savefig(out, dpi=110)
@@ -331,12 +394,23 @@ def plot(results: List[Result], path_prefix: str, env: Optional[Dict[str, str]] 
 
 
 def write(
-    results: List[Result], env: Dict[str, str], config: dict, out_dir: str, prefix: str,
-    found_checks: Optional[Dict[str, dict]] = None, note: Optional[str] = None, plots: bool = True,
+    results: List[Result],
+    env: Dict[str, str],
+    config: dict,
+    out_dir: str,
+    prefix: str,
+    found_checks: Optional[Dict[str, dict]] = None,
+    note: Optional[str] = None,
+    plots: bool = True,
 ) -> List[str]:
     os.makedirs(out_dir, exist_ok=True)
     base = os.path.join(out_dir, prefix)
-    doc = {"environment": env, "config": config, "results": [r.to_json() for r in results], "headline": headline(results)}
+    doc = {
+        "environment": env,
+        "config": config,
+        "results": [r.to_json() for r in results],
+        "headline": headline(results),
+    }
     if found_checks:
         doc["checks"] = found_checks
     if note:
@@ -350,10 +424,17 @@ def write(
         if note:
             f.write(f"**{note}**\n\n")
         if found_checks:
-            f.write("Checks (issue #10):\n\n" + "".join(f"- {line}\n" for line in checks_text(found_checks).splitlines()) + "\n")
+            f.write(
+                "Checks (issue #10):\n\n"
+                + "".join(f"- {line}\n" for line in checks_text(found_checks).splitlines())
+                + "\n"
+            )
         head = headline_text(results, env)
         if head:
-            f.write("".join(f"- {line.strip()}\n" if line.startswith("  ") else f"{line}\n\n" for line in head.splitlines()) + "\n")
+            f.write(
+                "".join(f"- {line.strip()}\n" if line.startswith("  ") else f"{line}\n\n" for line in head.splitlines())
+                + "\n"
+            )
         f.write(f"{markdown_table(results)}\n\n{LEGEND}\n")
         if largest:
             f.write("\n" + largest.replace("\n", "\n\n") + "\n")

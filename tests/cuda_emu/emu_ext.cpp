@@ -72,8 +72,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward_any", &backward_any<EmuRuntime>, "margin_ce_backward's CUDA entry point");
   m.def("psi", &psi_op<EmuRuntime>);
   m.def("topk", &topk_op<EmuRuntime>);
-  m.def("check_errors", [] { marginops::cuda::raise_recorded_error(&g_error); },
-        "raises what the emulated kernels recorded (marginops.check_errors on CUDA)");
+  m.def(
+      "check_errors", [] { marginops::cuda::raise_recorded_error(&g_error); },
+      "raises what the emulated kernels recorded (marginops.check_errors on CUDA)");
   m.def("set_sync_checks", [](bool on) { marginops::set_sync_checks(on); }, "host checks before each launch");
   m.def("host_copies", [] { return g_host_copies; }, "device-to-host copies by the launchers so far");
   m.def("set_sm_count", [](int n) { g_sm_count = n; }, "SMs the workspace sizing assumes (it sets the class splits)");

@@ -38,7 +38,9 @@ template <class F>
 inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) {
   return cudaSuccess;
 }
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline cudaError_t cudaGetLastError() {
+  return cudaSuccess;
+}
 
 struct dim3 {
   unsigned x, y, z;
@@ -110,7 +112,9 @@ void launch(dim3 grid, dim3 threads, size_t smem, F&& body) {
       }
 }
 
-inline Warp& my_warp() { return *block->warps[thread_idx.x / 32]; }
+inline Warp& my_warp() {
+  return *block->warps[thread_idx.x / 32];
+}
 
 }  // namespace fake_cuda
 
@@ -122,7 +126,9 @@ inline Warp& my_warp() { return *block->warps[thread_idx.x / 32]; }
 #define MO_LAUNCH(kernel, grid, threads, smem, stream, ...) \
   fake_cuda::launch(dim3(grid), dim3(threads), (smem), [&] { kernel(__VA_ARGS__); })
 
-inline void __syncthreads() { fake_cuda::block->bar.arrive_and_wait(); }
+inline void __syncthreads() {
+  fake_cuda::block->bar.arrive_and_wait();
+}
 // Three barriers: earlier readers are done, the vote is reset, every vote is in.
 inline int __syncthreads_or(int predicate) {
   fake_cuda::Block& b = *fake_cuda::block;
@@ -133,7 +139,9 @@ inline int __syncthreads_or(int predicate) {
   b.bar.arrive_and_wait();
   return b.vote.load();
 }
-inline void __syncwarp(unsigned = 0xffffffffu) { fake_cuda::my_warp().bar.arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) {
+  fake_cuda::my_warp().bar.arrive_and_wait();
+}
 
 template <class T>
 T __shfl_xor_sync(unsigned, T v, int lane_mask) {
@@ -152,12 +160,22 @@ inline int atomicCAS(int* a, int compare, int value) {
   std::atomic_ref<int>(*a).compare_exchange_strong(compare, value);
   return compare;
 }
-inline void __threadfence_system() { std::atomic_thread_fence(std::memory_order_seq_cst); }
-inline float atomicAdd(float* a, float v) { return std::atomic_ref<float>(*a).fetch_add(v); }
-inline double atomicAdd(double* a, double v) { return std::atomic_ref<double>(*a).fetch_add(v); }
+inline void __threadfence_system() {
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+}
+inline float atomicAdd(float* a, float v) {
+  return std::atomic_ref<float>(*a).fetch_add(v);
+}
+inline double atomicAdd(double* a, double v) {
+  return std::atomic_ref<double>(*a).fetch_add(v);
+}
 
-inline float max(float a, float b) { return a < b ? b : a; }
-inline double max(double a, double b) { return a < b ? b : a; }
+inline float max(float a, float b) {
+  return a < b ? b : a;
+}
+inline double max(double a, double b) {
+  return a < b ? b : a;
+}
 
 // ---- cuda_fp16.h / cuda_bf16.h ----
 struct __half {
@@ -202,7 +220,7 @@ struct matrix_b {};
 struct accumulator {};
 namespace precision {
 struct tf32 {};
-}
+}  // namespace precision
 enum layout_t { mem_row_major, mem_col_major };
 
 template <class Use, int M, int N, int K, class T, class Layout = void>
@@ -214,9 +232,15 @@ struct fragment {
 template <class T>
 using mem_t = std::conditional_t<std::is_same_v<T, precision::tf32>, float, T>;
 
-inline float as_float(float v) { return v; }
-inline float as_float(__half v) { return __half2float(v); }
-inline float as_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+inline float as_float(float v) {
+  return v;
+}
+inline float as_float(__half v) {
+  return __half2float(v);
+}
+inline float as_float(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
 
 // cvt.rna.tf32.f32: round to nearest, ties away from zero, to a 10-bit mantissa.
 inline float __float_to_tf32(float v) {
