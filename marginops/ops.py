@@ -34,14 +34,14 @@ def head_stats(
     x: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    row_margins: Optional[torch.Tensor],
-    curricular: Optional[torch.Tensor],
-    class_index: Optional[torch.Tensor],
-    num_classes: int,
-    class_offset: int,
-    ignore_index: int,
-    cfg: OpConfig,
+    bias: Optional[torch.Tensor] = None,
+    row_margins: Optional[torch.Tensor] = None,
+    curricular: Optional[torch.Tensor] = None,
+    class_index: Optional[torch.Tensor] = None,
+    num_classes: Optional[int] = None,
+    class_offset: int = 0,
+    ignore_index: int = -100,
+    cfg: Optional[OpConfig] = None,
     grad_skip: float = 0.0,
     backend: int = 0,
     workspace_bytes: int = 0,
@@ -50,11 +50,13 @@ def head_stats(
     shard; with class_index, only those of its classes). Differentiable in x, weight, bias and
     row_margins; ``grad_skip`` > 0 lets the backward skip negligible tiles (see
     margin_ce_backward's schema). ``backend`` and ``workspace_bytes`` are the ops' codes (see
-    ``_checks.check_backend``).
+    ``_checks.check_backend``). ``num_classes`` and ``cfg`` are required.
 
     First-order gradients only: a backward with ``create_graph=True`` through it raises a
     RuntimeError (see ``_backward``), and so does a call under a ``torch.func`` gradient
     transform (``grad``, ``vjp``, ``jacrev``, ``jvp``, ...), whose backward always builds a graph."""
+    if num_classes is None or cfg is None:
+        raise TypeError("head_stats() needs the keyword arguments num_classes and cfg")
     _refuse_func_transforms()
     return HeadStats(
         *_ops.margin_ce_forward(
@@ -74,6 +76,27 @@ def head_stats(
             workspace_bytes,
         )
     )
+
+
+def topk(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    k: int,
+    cfg: OpConfig,
+    bias: Optional[torch.Tensor] = None,
+    class_index: Optional[torch.Tensor] = None,
+    class_offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest margin-free logits of each row among the computed classes (the classes
+    [class_offset, class_offset + C / subcenters), or those of class_index) and their global class
+    ids: (values [B, k] float32/float64, classes [B, k] int64), without a [B, C] tensor. Uses cfg's
+    normalize_x, normalize_w, s and subcenters. Not differentiable."""
+    with torch.no_grad():
+        values, classes = _ops.margin_topk(
+            x, weight, bias, class_index, k, class_offset, cfg.normalize_x, cfg.normalize_w, cfg.s, cfg.subcenters
+        )
+    return values, classes
 
 
 FIRST_ORDER_ONLY = (
