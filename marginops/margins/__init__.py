@@ -1,0 +1,59 @@
+"""Margin specs: each method of the margin-softmax family as a choice of
+(normalize x?, normalize W?, scale s, target transform ψ); the formula is in docs/design.md,
+"The margin-softmax family".
+
+Angles are in radians. Margins given as a ``[B]`` tensor instead of a float apply per row (the
+extension point of AdaFace, MagFace and the like); their values are not range-checked, and
+gradients flow to them (except to a per-row m1, which must not require grad).
+
+  base            ψ, OpConfig, RowContext/RowTerms, target_cosines, the Margin base, constants
+  softmax         Softmax, WeightNormSoftmax, L2Softmax, NormFace
+  multiplicative  LSoftmax, SphereFace, LambdaSchedule
+  additive        CosFace, ArcFace, CombinedMargin, SubCenterArcFace
+  adaptive        CurricularFace, AdaFace, MagFace, AdaptiveAngularMargin
+"""
+
+from .adaptive import AdaFace, AdaptiveAngularMargin, CurricularFace, MagFace
+from .additive import ArcFace, CombinedMargin, CosFace, SubCenterArcFace
+from .base import (  # noqa: F401  (the constants, Scalar, masked_mean, target_cosines: outside __all__)
+    CLIP_EPS,
+    COS_EPS,
+    KIND_COMBINED,
+    KIND_IDENTITY,
+    KIND_MULTIPLICATIVE,
+    NORM_EPS,
+    THETA_POLICIES,
+    Margin,
+    OpConfig,
+    RowContext,
+    RowTerms,
+    Scalar,
+    masked_mean,
+    psi,
+    target_cosines,
+)
+from .multiplicative import LambdaSchedule, LSoftmax, SphereFace
+from .softmax import L2Softmax, NormFace, Softmax, WeightNormSoftmax
+
+__all__ = [
+    "Margin",
+    "OpConfig",
+    "Softmax",
+    "WeightNormSoftmax",
+    "L2Softmax",
+    "NormFace",
+    "LSoftmax",
+    "SphereFace",
+    "CosFace",
+    "ArcFace",
+    "CombinedMargin",
+    "SubCenterArcFace",
+    "CurricularFace",
+    "AdaFace",
+    "MagFace",
+    "AdaptiveAngularMargin",
+    "LambdaSchedule",
+    "RowContext",
+    "RowTerms",
+    "psi",
+]
