@@ -1,7 +1,8 @@
 """Eager PyTorch implementation of the margin-softmax family: the oracle of every test and the
 baseline of every benchmark. It materializes the [B, C] logits, as the heads users run today do
 (insightface's CombinedMarginLoss, pytorch-metric-learning's ArcFaceLoss, ...), but computes the
-margin with the same clamps and branches as the fused kernels (csrc/margin_math.h)."""
+margin with the same clamps and branches as the compiled kernels (csrc/margin_math.h). Importing it
+needs no compiled extension: ``MarginHead`` (which subclasses marginops.nn's) is built on first use."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import nn as _nn
 from ._checks import check_backend, check_grad_skip, check_head_inputs, check_label_values
 from .margins import KIND_IDENTITY, NORM_EPS, Margin, RowContext, Softmax, psi, target_cosines
 
@@ -146,7 +146,24 @@ def unchecked_margin_cross_entropy(
     return loss, correct.sum() / valid.sum()
 
 
-class MarginHead(_nn.MarginHead):
-    """:class:`marginops.MarginHead` computed by the eager reference (same parameters)."""
+_MARGIN_HEAD = None
 
-    _loss_fn = staticmethod(margin_cross_entropy)
+
+def __getattr__(name: str):
+    """``MarginHead``: :class:`marginops.MarginHead` computed by the eager reference (same
+    parameters). Defined on first use, so that importing this module needs no compiled extension
+    (marginops.nn loads it)."""
+    global _MARGIN_HEAD
+    if name != "MarginHead":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _MARGIN_HEAD is None:
+        from . import nn as _nn
+
+        class MarginHead(_nn.MarginHead):
+            """:class:`marginops.MarginHead` computed by the eager reference (same parameters)."""
+
+            _loss_fn = staticmethod(margin_cross_entropy)
+
+        MarginHead.__module__, MarginHead.__qualname__ = __name__, "MarginHead"  # pickles by name
+        _MARGIN_HEAD = MarginHead
+    return _MARGIN_HEAD

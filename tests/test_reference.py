@@ -1,7 +1,10 @@
 """The eager reference against independent formulations of each method (as the papers and
 insightface / pytorch-metric-learning write them), so the oracle itself is checked."""
 
+import ast
 import math
+import os
+import pickle
 
 import pytest
 import torch
@@ -118,3 +121,83 @@ def test_ignore_index_and_accuracy(reduction):
     torch.testing.assert_close(loss, F.cross_entropy(logits, y, reduction=reduction))
     valid = y != -100
     assert float(acc) == pytest.approx(float((logits.argmax(1) == y)[valid].double().mean()))
+
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "marginops")
+NEEDS_EXTENSION = {"marginops.ops", "marginops._C", "marginops.nn", "marginops.functional"}
+
+
+def _module_file(name):
+    """The file of module ``name`` inside marginops, or None (outside the package, or absent)."""
+    parts = name.split(".")
+    if parts[0] != "marginops":
+        return None
+    base = os.path.join(PACKAGE, *parts[1:])
+    for path in (base + ".py", os.path.join(base, "__init__.py")):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _imports_at_load(path, name):
+    """The modules that loading ``path`` (module ``name``) imports: every import statement at any
+    depth except inside a function body (a function's imports run when it is called), with each
+    ``from X import y`` counted as both X and X.y (y may be a submodule)."""
+    package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+    found = set()
+
+    def visit(node):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            if isinstance(child, ast.Import):
+                found.update(a.name for a in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                if child.level:
+                    base = package.split(".")[: len(package.split(".")) - child.level + 1]
+                    source = ".".join(base + ([child.module] if child.module else []))
+                else:
+                    source = child.module
+                if source != "__future__":
+                    found.add(source)
+                    found.update(f"{source}.{a.name}" for a in child.names)
+            visit(child)
+
+    visit(ast.parse(open(path).read(), path))
+    parents = {".".join(m.split(".")[:i]) for m in found for i in range(1, m.count(".") + 1)}
+    return found | parents
+
+
+def test_reference_imports_nothing_that_needs_the_extension():
+    """marginops.reference (the oracle) must load without the compiled extension: neither it nor a
+    module it imports, transitively inside marginops (marginops/__init__.py aside: it imports
+    everything), imports marginops.ops, marginops._C, marginops.nn or marginops.functional at load."""
+    seen, todo, chains = set(), ["marginops.reference"], {"marginops.reference": ["marginops.reference"]}
+    while todo:
+        name = todo.pop()
+        if name in seen or name == "marginops":
+            continue
+        seen.add(name)
+        path = _module_file(name)
+        if path is None:
+            continue
+        for dep in _imports_at_load(path, name):
+            if dep.startswith("marginops") and dep not in chains:
+                chains[dep] = chains[name] + [dep]
+                todo.append(dep)
+    bad = sorted(NEEDS_EXTENSION & set(chains))
+    assert not bad, "imported at load: " + "; ".join(" -> ".join(chains[b]) for b in bad)
+    assert "marginops.margins.base" in seen and "marginops._checks" in seen  # the walk reached them
+
+
+def test_reference_margin_head_is_built_once_and_pickles():
+    assert reference.MarginHead is reference.MarginHead
+    assert issubclass(reference.MarginHead, mo.MarginHead)
+    assert reference.MarginHead._loss_fn is reference.margin_cross_entropy
+    head = reference.MarginHead(4, 6, margin=mo.CosFace(s=8.0, m=0.2), dtype=f64)
+    again = pickle.loads(pickle.dumps(head))
+    assert type(again) is reference.MarginHead
+    x, y = torch.randn(5, 4, dtype=f64), torch.tensor([0, 1, 2, 3, 5])
+    torch.testing.assert_close(again(x, y), head(x, y))
+    with pytest.raises(AttributeError):
+        reference.NoSuchName  # noqa: B018
