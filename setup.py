@@ -19,7 +19,7 @@ def _flag(name):
 
 
 # The oldest torch whose ATen has the out_dtype overloads of mm_out/addmm_out (torch 2.8) that
-# csrc/cuda/head_cuda.cpp's GEMMs use; verified on a GPU with torch 2.11 (scripts/gpu-check).
+# csrc/cuda/register_cuda.cpp's GEMMs use; verified on a GPU with torch 2.11 (scripts/gpu-check).
 CUDA_TORCH_FLOOR = (2, 8)
 
 
@@ -80,7 +80,7 @@ def extension():
     if not want_cuda():
         return CppExtension("marginops._C", srcs, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
-    srcs += sources("csrc/cuda/*.cu") + sources("csrc/cuda/*.cpp")
+    srcs += sources("csrc/cuda/*/*.cu") + sources("csrc/cuda/*.cpp")
     return CUDAExtension(
         "marginops._C",
         srcs,

@@ -5,11 +5,11 @@
                                     [--margin arcface] [--workspace 64] [--gpu H100,H200,A100]
                                     [--sass benchmarks/results/sass-cost.json] [--json PATH]
 
-What it does. The step is the launch sequence of csrc/cuda/chunked_launch.h (forward:
+What it does. The step is the launch sequence of csrc/cuda/chunked/chunked_launch.h (forward:
 row_prep · per chunk chunk_weights, GEMM u = x·Wcᵀ, chunk_softmax · merge; backward: row_prep,
 target_grad, row_scale · sort of the row keys · chunk_scaled_x · per chunk chunk_weights, GEMM u,
 chunk_grad, GEMM dx_acc += G·Wc, GEMM dw_acc = Gᵀ·xs, chunk_dw · chunk_dx_finalize), with the
-chunk size Cc of plan_chunks() (csrc/cuda/chunk_kernels.cu) reimplemented below in Python — the
+chunk size Cc of plan_chunks() (csrc/cuda/chunked/chunk_kernels.cu) reimplemented below in Python — the
 CPU build of the extension has no plan_chunks; tests/test_gpu_model.py checks this copy against
 the C++ one compiled for the CPU emulation (tests/cuda_emu). Every launch gets
 
@@ -167,12 +167,12 @@ MARGINS = {
     "curricular": (1, True, True, True, True),
 }
 
-# ---- plan_chunks, reimplemented (csrc/cuda/chunk_kernels.cu) ------------------------------------
+# ---- plan_chunks, reimplemented (csrc/cuda/chunked/chunk_kernels.cu) --------------------------------
 
 K_MAX_SEGMENTS = 16
 K_SEGMENT_MIN = 256
 INT32_MAX = 2**31 - 1
-# sizeof(RowInfo<float>), sizeof(RowInfo<double>) (csrc/cuda/head_rows.cuh with margin_math.h's Side,
+# sizeof(RowInfo<float>), sizeof(RowInfo<double>) (csrc/cuda/rows.cuh with margin_math.h's Side,
 # Target, TargetGrad): B of them come off the budget before the chunks; a few bytes more or less
 # move Cc by at most one step of 64 classes (tests/test_gpu_model.py compares with the C++ plan)
 ROWINFO_BYTES = {4: 152, 8: 280}
@@ -199,7 +199,7 @@ def plan_chunks(
     class_index: bool = False,
     w_dtype: Optional[str] = None,
 ) -> dict:
-    """plan_chunks() of csrc/cuda/chunk_kernels.cu, line for line, for x in `dtype` and W in
+    """plan_chunks() of csrc/cuda/chunked/chunk_kernels.cu, line for line, for x in `dtype` and W in
     `w_dtype` (default the same); float64 is not modelled (acc float32)."""
     w_dtype = w_dtype or dtype
     op = dtype  # chunk_operand_dtype: x's (float64 x with 16-bit W aside)

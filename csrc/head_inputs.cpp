@@ -163,7 +163,7 @@ at::Tensor check_row_grad(const std::optional<at::Tensor>& grad, const HeadArgs&
 }
 
 void check_backend(int64_t backend, int64_t workspace_bytes) {
-  TORCH_CHECK_VALUE(backend >= kAuto && backend <= kFused, "backend must be 0 (auto), 1 (chunked) or 2 (fused), got ",
+  TORCH_CHECK_VALUE(backend >= kAuto && backend <= kTiles, "backend must be 0 (auto), 1 (chunked) or 2 (tiles), got ",
                     backend);
   TORCH_CHECK_VALUE(workspace_bytes >= 0, "workspace_bytes must be >= 0 (0: the default, ", kDefaultWorkspaceBytes,
                     " bytes), got ", workspace_bytes);

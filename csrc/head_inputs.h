@@ -54,9 +54,9 @@ inline HeadArgs check_head_args(MO_HEAD_PARAMS_BASE) {
 at::Tensor check_row_grad(const std::optional<at::Tensor>& grad, const HeadArgs& args, const char* name);
 
 // The ops' `backend` argument: auto (the device's default: CUDA's chunked, the CPU's tiled path),
-// or one of CUDA's two; and `workspace_bytes`, the chunked backend's budget for all its extra
-// memory (0: kDefaultWorkspaceBytes).
-enum Backend : int64_t { kAuto = 0, kChunked = 1, kFused = 2 };
+// or one of CUDA's two (cuda/chunked/, cuda/tiles/); and `workspace_bytes`, the chunked backend's budget for all its
+// extra memory (0: kDefaultWorkspaceBytes).
+enum Backend : int64_t { kAuto = 0, kChunked = 1, kTiles = 2 };
 constexpr int64_t kDefaultWorkspaceBytes = int64_t(64) << 20;
 void check_backend(int64_t backend, int64_t workspace_bytes);
 size_t workspace_budget(int64_t workspace_bytes);

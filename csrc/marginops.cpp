@@ -1,5 +1,5 @@
 // Op schemas (defined once here) and the stub that makes this library importable as
-// marginops._C. Implementations register per dispatch key: csrc/cpu/, csrc/cuda/.
+// marginops._C. Implementations register per dispatch key: csrc/cpu/, csrc/cuda/ (register_cuda.cpp).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -27,7 +27,7 @@ TORCH_LIBRARY(marginops, m) {
   //   lse = logsumexp_j z_ij, target_logit = z_iy (0 where y is not computed here),
   //   logit_sum = Σ_j z_ij, best_logit/best_class = max/argmax_j of the margin-free logits.
   // grad_skip only reaches the backward (see below); the forward takes it so autograd can.
-  // backend: 0 auto (CUDA: chunked; the CPU's tiled path), 1 chunked, 2 fused (CUDA only);
+  // backend: 0 auto (CUDA: chunked; the CPU's tiled path), 1 chunked, 2 tiles (CUDA only);
   // workspace_bytes: the chunked backend's budget for all its extra memory, 0 = 64 MiB.
   m.def("margin_ce_forward(" MO_HEAD_ARGS
         ", float grad_skip=0., int backend=0, int workspace_bytes=0) -> (Tensor lse, Tensor target_logit, Tensor "
@@ -50,7 +50,7 @@ TORCH_LIBRARY(marginops, m) {
       "margin_topk(Tensor x, Tensor weight, Tensor? bias, Tensor? class_index, int k, "
       "int class_offset, bool normalize_x, bool normalize_w, float s, int subcenters) -> "
       "(Tensor values, Tensor classes)");
-  // ψ and its derivatives, elementwise, exactly as the fused kernels apply them (for tests).
+  // ψ and its derivatives, elementwise, exactly as the kernels apply them (for tests).
   // Labels and class_index on CUDA are checked by the kernels, without a synchronization; a bad
   // value raises its ValueError at the next call on that device, or here (after synchronizing
   // every device that ran the ops). set_sync_checks(True) adds the host check before each CUDA

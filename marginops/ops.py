@@ -1,5 +1,11 @@
-"""The registered ops (schemas in csrc/marginops.cpp): fake kernels for tracing, autograd, and a
-typed wrapper. ``head_stats`` is the one entry point the functional API and the sharded head use."""
+"""The registered ops (schemas in csrc/marginops.cpp, head arguments in csrc/head_params.h): fake
+kernels for tracing, autograd, and typed wrappers. ``head_stats`` is the one entry point of the
+training ops, ``topk`` the one of margin_topk.
+
+Nothing here lists the ops' arguments: the wrappers pass them by name (the OpConfig fields by
+their own names), and the fake kernels and the autograd glue read names and order from the
+registered schemas, so a scalar option added to the table in csrc/head_params.h and to OpConfig
+reaches the op without a change here."""
 
 from __future__ import annotations
 
@@ -28,6 +34,42 @@ def acc_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype of all arithmetic: float64 when both inputs are float64, else float32."""
     both64 = x.dtype == torch.float64 and weight.dtype == torch.float64
     return torch.float64 if both64 else torch.float32
+
+
+def _arguments(op) -> list:
+    return list(op.default._schema.arguments)
+
+
+def _names(op) -> tuple[str, ...]:
+    return tuple(a.name for a in _arguments(op))
+
+
+_FORWARD = _names(_ops.margin_ce_forward)
+_TOPK_OPTIONS = tuple(a.name for a in _arguments(_ops.margin_topk) if a.name in OpConfig._fields)
+
+
+def _is_tensor(t) -> bool:
+    return isinstance(t, torch.TensorType) or (
+        isinstance(t, torch.OptionalType) and isinstance(t.getElementType(), torch.TensorType)
+    )
+
+
+_FORWARD_TENSORS = tuple(a.name for a in _arguments(_ops.margin_ce_forward) if _is_tensor(a.type))
+_GRADS = ("grad_lse", "grad_target_logit", "grad_logit_sum")
+_DIFFERENTIABLE = ("x", "weight", "bias", "row_margins")  # margin_ce_backward's output_mask, in order
+
+
+def _bind(op, args: tuple, kwargs: dict) -> dict:
+    """An op call's arguments by name, defaults filled in (how fake kernels and autograd read them)."""
+    bound = {}
+    for i, a in enumerate(_arguments(op)):
+        if i < len(args):
+            bound[a.name] = args[i]
+        elif a.name in kwargs:
+            bound[a.name] = kwargs[a.name]
+        else:
+            bound[a.name] = a.default_value
+    return bound
 
 
 def head_stats(
@@ -63,17 +105,17 @@ def head_stats(
             x,
             weight,
             labels,
-            bias,
-            row_margins,
-            curricular,
-            class_index,
-            num_classes,
-            class_offset,
-            ignore_index,
-            *cfg,
-            grad_skip,
-            backend,
-            workspace_bytes,
+            bias=bias,
+            row_margins=row_margins,
+            curricular=curricular,
+            class_index=class_index,
+            num_classes=num_classes,
+            class_offset=class_offset,
+            ignore_index=ignore_index,
+            grad_skip=grad_skip,
+            backend=backend,
+            workspace_bytes=workspace_bytes,
+            **cfg._asdict(),
         )
     )
 
@@ -93,8 +135,9 @@ def topk(
     ids: (values [B, k] float32/float64, classes [B, k] int64), without a [B, C] tensor. Uses cfg's
     normalize_x, normalize_w, s and subcenters. Not differentiable."""
     with torch.no_grad():
+        options = {name: getattr(cfg, name) for name in _TOPK_OPTIONS}
         values, classes = _ops.margin_topk(
-            x, weight, bias, class_index, k, class_offset, cfg.normalize_x, cfg.normalize_w, cfg.s, cfg.subcenters
+            x, weight, bias=bias, class_index=class_index, k=k, class_offset=class_offset, **options
         )
     return values, classes
 
@@ -139,8 +182,10 @@ def _check_fake_shapes(x, weight, labels, bias, row_margins, curricular, class_i
 
 
 @torch.library.register_fake("marginops::margin_ce_forward")
-def _forward_fake(x, weight, labels, bias, row_margins, curricular, class_index, *scalars):
-    _check_fake_shapes(x, weight, labels, bias, row_margins, curricular, class_index)
+def _forward_fake(*args, **kwargs):
+    a = _bind(_ops.margin_ce_forward, args, kwargs)
+    x, weight = a["x"], a["weight"]
+    _check_fake_shapes(x, weight, a["labels"], a["bias"], a["row_margins"], a["curricular"], a["class_index"])
     rows = x.new_empty((x.shape[0],), dtype=acc_dtype(x, weight))
     return (
         rows,
@@ -152,13 +197,11 @@ def _forward_fake(x, weight, labels, bias, row_margins, curricular, class_index,
 
 
 @torch.library.register_fake("marginops::margin_ce_backward")
-def _backward_fake(
-    grad_lse, grad_target, grad_sum, lse, x, weight, labels, bias, row_margins, curricular, class_index,
-    num_classes, class_offset, ignore_index, margin_kind, theta_policy, normalize_x, normalize_w, s, m1, m2, m3,
-    lambda_, subcenters, interclass_filter, straight_through, output_mask, grad_skip=0.0, backend=0, workspace_bytes=0,
-):  # fmt: skip
-    _check_fake_shapes(x, weight, labels, bias, row_margins, curricular, class_index)
-    need_x, need_w, need_b, need_m = output_mask
+def _backward_fake(*args, **kwargs):
+    a = _bind(_ops.margin_ce_backward, args, kwargs)
+    x, weight, bias, row_margins = a["x"], a["weight"], a["bias"], a["row_margins"]
+    _check_fake_shapes(x, weight, a["labels"], bias, row_margins, a["curricular"], a["class_index"])
+    need_x, need_w, need_b, need_m = a["output_mask"]
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else x.new_empty((0,)),
         torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else weight.new_empty((0,)),
@@ -168,8 +211,10 @@ def _backward_fake(
 
 
 @torch.library.register_fake("marginops::margin_topk")
-def _topk_fake(x, weight, bias, class_index, k, *scalars):
-    values = x.new_empty((x.shape[0], k), dtype=acc_dtype(x, weight))
+def _topk_fake(*args, **kwargs):
+    a = _bind(_ops.margin_topk, args, kwargs)
+    x, k = a["x"], a["k"]
+    values = x.new_empty((x.shape[0], k), dtype=acc_dtype(x, a["weight"]))
     return values, torch.empty_like(values, dtype=torch.long)
 
 
@@ -179,20 +224,18 @@ def _psi_fake(cos, m1, m2, m3, kind, policy, lambda_):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, labels, bias, row_margins, curricular, class_index, *scalars, grad_skip, backend, workspace = (
-        inputs  # defaults filled in
-    )
-    ctx.save_for_backward(x, weight, labels, bias, row_margins, curricular, class_index, output[0])
-    ctx.scalars = scalars
-    ctx.tail = (grad_skip, backend, workspace)
+    args = dict(zip(_FORWARD, inputs))  # inputs: every argument, defaults filled in
+    ctx.save_for_backward(*(args[name] for name in _FORWARD_TENSORS), output[0])
+    ctx.scalars = {name: value for name, value in args.items() if name not in _FORWARD_TENSORS}
 
 
 def _backward(ctx, grad_lse, grad_target, grad_sum, _grad_best, _grad_class):
-    x, weight, labels, bias, row_margins, curricular, class_index, lse = ctx.saved_tensors
+    *saved, lse = ctx.saved_tensors
+    tensors = dict(zip(_FORWARD_TENSORS, saved))
     # A backward with create_graph=True runs with grad mode on; margin_ce_backward has no
     # autograd, so the gradients it returns would differentiate as zeros (a gradient penalty or
     # Hessian-vector product silently missing this head). Refuse it here, at the first backward.
-    tracked = (grad_lse, grad_target, grad_sum, x, weight, bias, row_margins, curricular)
+    tracked = (grad_lse, grad_target, grad_sum, *(t for name, t in tensors.items() if name != "labels"))
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked):
         raise RuntimeError(
             f"{FIRST_ORDER_ONLY}, so a backward with create_graph=True (double backward: gradient "
@@ -200,26 +243,17 @@ def _backward(ctx, grad_lse, grad_target, grad_sum, _grad_best, _grad_class):
             "gradients that differentiate as zeros. Compute such terms with the eager "
             "marginops.reference.margin_cross_entropy, or call backward without create_graph"
         )
-    need = ctx.needs_input_grad
-    mask = [need[0], need[1], need[3] and bias is not None, need[4] and row_margins is not None]
-    dx, dw, db, dm = _ops.margin_ce_backward(
-        grad_lse,
-        grad_target,
-        grad_sum,
-        lse,
-        x,
-        weight,
-        labels,
-        bias,
-        row_margins,
-        curricular,
-        class_index,
-        *ctx.scalars,
-        mask,
-        *ctx.tail,
+    need = dict(zip(_FORWARD, ctx.needs_input_grad))
+    mask = [bool(need[name]) and tensors[name] is not None for name in _DIFFERENTIABLE]
+    grads = _ops.margin_ce_backward(
+        **dict(zip(_GRADS, (grad_lse, grad_target, grad_sum))),
+        lse=lse,
+        **tensors,
+        **ctx.scalars,
+        output_mask=mask,
     )
-    grads = [dx if mask[0] else None, dw if mask[1] else None, None, db if mask[2] else None, dm if mask[3] else None]
-    return tuple(grads) + (None,) * (2 + len(ctx.scalars) + len(ctx.tail))
+    by_name = {name: g for name, g, asked in zip(_DIFFERENTIABLE, grads, mask) if asked}
+    return tuple(by_name.get(name) for name in _FORWARD)
 
 
 torch.library.register_autograd("marginops::margin_ce_forward", _backward, setup_context=_setup_context)

@@ -1,4 +1,4 @@
-"""Every compiled variant of the chunked backend's per-logit kernels (csrc/cuda/chunk_logits.cuh:
+"""Every compiled variant of the chunked backend's per-logit kernels (csrc/cuda/chunked/chunk_logits.cuh:
 Variant<sub-centers 1 | 3 | any, inverse norms, bias, hard negatives>), run under the CPU
 emulation of tests/cuda_emu against the op's semantics written out eagerly
 (conftest.eager_op_outputs: torch ops, no code shared with csrc): forward statistics and, for

@@ -1,4 +1,4 @@
-"""The chunked CUDA backend (csrc/cuda/chunk_kernels.cu, chunked_launch.h) built for the CPU
+"""The chunked CUDA backend (csrc/cuda/chunked/chunk_kernels.cu, chunked_launch.h) built for the CPU
 emulation in tests/cuda_emu, with ATen's CPU mm standing in for cuBLAS: losses and gradients
 against the eager reference (marginops.reference, which shares no code with the kernels) in
 float64, the per-row statistics against the CPU op, chunk boundaries, the workspace budget, the

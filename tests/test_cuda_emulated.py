@@ -1,4 +1,4 @@
-"""The CUDA kernels' source (csrc/cuda/head_kernels.cu) and launcher (head_launch.h), built for
+"""The CUDA kernels' source (csrc/cuda/tiles/tile_kernels.cu) and launcher (tiles/tile_launch.h), built for
 the CPU emulation in tests/cuda_emu and compared with the CPU op and with the op's semantics
 written out eagerly (conftest.eager_op_outputs, which shares no code with csrc: the CPU op and
 the kernels share csrc/margin_math.h, so agreeing with each other is not enough), and with the

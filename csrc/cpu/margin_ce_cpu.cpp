@@ -1,4 +1,4 @@
-// The fused margin cross-entropy on the CPU: the tiled algorithm of DESIGN.md §2.
+// The margin cross-entropy on the CPU, without a [B, C] logits tensor: the tiled algorithm of DESIGN.md §2.
 //
 // Classes are processed in tiles of kClassTile, rows in blocks of kRowBlock. For one (row block,
 // class tile) pair the logits live only in a kRowBlock × kClassTile·K workspace (K sub-centers):
@@ -640,7 +640,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_typed(const 
 
 void check_cpu_backend(int64_t backend, int64_t workspace_bytes, const at::Tensor& x) {
   check_backend(backend, workspace_bytes);
-  TORCH_CHECK_VALUE(backend == kAuto, "the ", backend == kChunked ? "chunked" : "fused",
+  TORCH_CHECK_VALUE(backend == kAuto, "the ", backend == kChunked ? "chunked" : "tiles",
                     " backend runs on CUDA only, but x is on ", x.device(), " (use backend 'auto')");
 }
 

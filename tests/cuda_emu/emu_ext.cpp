@@ -4,9 +4,9 @@
 #include <torch/extension.h>
 
 #include "cuda_runtime.h"  // tests/cuda_emu/include/fake_cuda.h
-#include "../../csrc/cuda/head_kernels.cu"
-#include "../../csrc/cuda/chunk_kernels.cu"
-#include "../../csrc/cuda/chunked_launch.h"
+#include "../../csrc/cuda/tiles/tile_kernels.cu"
+#include "../../csrc/cuda/chunked/chunk_kernels.cu"
+#include "../../csrc/cuda/dispatch.h"
 
 namespace {
 
@@ -32,7 +32,7 @@ struct EmuRuntime {
     ++g_host_copies;
     return t.cpu();
   }
-  // cuBLAS's contract (CudaRuntime::gemm in head_cuda.cpp) on ATen's CPU mm: exact products of
+  // cuBLAS's contract (CudaRuntime::gemm in register_cuda.cpp) on ATen's CPU mm: exact products of
   // the operands, accumulated in float32 (float64 for float64), TF32 operands when torch allows.
   static void gemm(marginops::cuda::DType op, bool ta, bool tb, int64_t M, int64_t N, int64_t K, const void* A,
                    int64_t lda, const void* B, int64_t ldb, double beta, void* C, int64_t ldc) {

@@ -1,5 +1,5 @@
-// A CPU emulation of the CUDA features csrc/cuda/head_kernels.cu uses, so that the kernel source
-// itself runs in the test suite on machines without a GPU (tests/test_cuda_emulated.py).
+// A CPU emulation of the CUDA features csrc/cuda (tiles/tile_kernels.cu, chunked/chunk_kernels.cu) uses, so that the
+// kernel source itself runs in the test suite on machines without a GPU (tests/test_cuda_emulated.py).
 //
 // Each block runs as blockDim.x std::threads: __syncthreads is a std::barrier of the block,
 // warp shuffles exchange through a per-warp buffer between two barriers of the warp, shared

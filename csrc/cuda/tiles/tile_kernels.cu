@@ -1,4 +1,4 @@
-// The fused margin cross-entropy on CUDA (DESIGN.md §2), correctness-first version:
+// The tile backend of the margin cross-entropy on CUDA (DESIGN.md §2), correctness-first version:
 //   prepass   per-row norms, target column, the target logit through margin_math.h; per-weight-
 //             row norms.
 //   forward   grid (row tile, class split): for its rows, stream the split's class tiles, form the
@@ -19,10 +19,10 @@
 #include <limits>
 #include <type_traits>
 
-#include "../margin_math.h"
-#include "head_kernels.h"
-#include "head_rows.cuh"
-#include "tile_mma.cuh"
+#include "../../margin_math.h"
+#include "tile_kernels.h"
+#include "../rows.cuh"
+#include "../tile_mma.cuh"
 
 namespace marginops::cuda {
 namespace {
@@ -57,7 +57,7 @@ __device__ __forceinline__ void fill_weight_rows(const HeadParams& p, int64_t j0
 // The class tiles [t0, t1) of split s: contiguous and in order (the merge keeps the first split's
 // best logit on ties, as the CPU op keeps the first column). In 32-bit unsigned arithmetic, which
 // divides inline: a 64-bit division is a subroutine call, and registers live across the call
-// spill. head_forward / head_backward check C < 2^31; workspace_bytes keeps splits < 2^16, so
+// spill. tiles_forward / tiles_backward check C < 2^31; workspace_bytes keeps splits < 2^16, so
 // s · rem < 2^32.
 __device__ __forceinline__ void split_tiles(const HeadParams& p, int cpt, unsigned s, int64_t& t0, int64_t& t1) {
   const unsigned splits = static_cast<unsigned>(p.splits);
@@ -607,14 +607,14 @@ bool class_count_ok(const HeadParams& p) {
   return p.C < (int64_t(1) << 31) - kTileW;
 }
 
-cudaError_t head_forward(const HeadParams& p, cudaStream_t stream) {
+cudaError_t tiles_forward(const HeadParams& p, cudaStream_t stream) {
   if (!class_count_ok(p)) return cudaErrorInvalidValue;
   return dispatch(p, [&](auto tx, auto tw, auto op, auto acc) {
     return forward_typed<decltype(tx), decltype(tw), decltype(op), decltype(acc)>(p, stream);
   });
 }
 
-cudaError_t head_backward(const HeadParams& p, cudaStream_t stream) {
+cudaError_t tiles_backward(const HeadParams& p, cudaStream_t stream) {
   if (!class_count_ok(p)) return cudaErrorInvalidValue;
   return dispatch(p, [&](auto tx, auto tw, auto op, auto acc) {
     return backward_typed<decltype(tx), decltype(tw), decltype(op), decltype(acc)>(p, stream);

@@ -1,5 +1,5 @@
 // The chunked backend's op bodies (DESIGN.md §2b): the chunk loop, written once against ATen and
-// a Runtime that adds gemm() to head_launch.h's (cuBLAS through torch's handle and current
+// a Runtime that adds gemm() to launch.h's (cuBLAS through torch's handle and current
 // stream on CUDA; ATen's CPU mm under tests/cuda_emu). Also the ops' CUDA entry points, which
 // pick a backend.
 #pragma once
@@ -12,14 +12,14 @@
 #include <tuple>
 
 #include "chunk_kernels.h"
-#include "head_launch.h"
+#include "../launch.h"
 
 namespace marginops::cuda {
 
 // Runtime::gemm's operands as tensors over its pointers: row-major C [M, N] (ldc) =
 // op(A) · op(B) (+ beta · C), op(A) = ta ? Aᵀ : A with A stored [K, M] or [M, K] (lda), likewise B;
 // A and B in the operand dtype (transposes as strides, no copies), C in float32 (float64 for
-// float64 operands). Both runtimes (head_cuda.cpp, tests/cuda_emu) multiply these.
+// float64 operands). Both runtimes (register_cuda.cpp, tests/cuda_emu) multiply these.
 struct GemmViews {
   at::Tensor a, b, c;
 };
@@ -155,47 +155,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_backward_op(
       Runtime::check(chunk_dx_finalize(p, c, stream));
     }
   });
-}
-
-// ---- the ops' CUDA entry points ------------------------------------------------------------------
-
-// The backend a call runs. The chunked backend's G carries CurricularFace's factor t + 2c on hard
-// negatives, which the bias's gradient (taken from the same G) must not see: with both, "auto"
-// runs the fused backend and "chunked" is refused.
-inline int64_t chunk_backend(int64_t backend, const std::optional<at::Tensor>& bias,
-                             const std::optional<at::Tensor>& curricular) {
-  const bool both = bias.has_value() && bias->defined() && curricular.has_value() && curricular->defined();
-  if (!both || backend == kFused) return backend;
-  TORCH_CHECK_VALUE(backend == kAuto, "backend='chunked' does not support a bias together with CurricularFace's ",
-                    "hard negatives (curricular); use backend='auto' or 'fused'");
-  return kFused;
-}
-
-template <typename Runtime>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_any(MO_HEAD_PARAMS, double grad_skip,
-                                                                                   int64_t backend,
-                                                                                   int64_t workspace_bytes) {
-  check_backend(backend, workspace_bytes);
-  const size_t budget = workspace_budget(workspace_bytes);
-  if (chunk_backend(backend, bias, curricular) == kFused) return forward_op<Runtime>(MO_HEAD_PARAM_NAMES, grad_skip);
-  return chunked_forward_op<Runtime>(check_head_args(MO_HEAD_PARAM_NAMES), budget);
-}
-
-// grad_skip reaches the fused backend only: the chunked one's products are cuBLAS GEMMs over
-// whole chunks, where a skipped tile saves nothing, so it computes every gradient (exact).
-template <typename Runtime>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_any(
-    const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_target,
-    const std::optional<at::Tensor>& grad_sum, const at::Tensor& lse, MO_HEAD_PARAMS, std::array<bool, 4> output_mask,
-    double grad_skip, int64_t backend, int64_t workspace_bytes) {
-  check_backend(backend, workspace_bytes);
-  const size_t budget = workspace_budget(workspace_bytes);
-  if (chunk_backend(backend, bias, curricular) == kFused) {
-    return backward_op<Runtime>(grad_lse, grad_target, grad_sum, lse, MO_HEAD_PARAM_NAMES, output_mask, grad_skip);
-  }
-  check_grad_skip(grad_skip);
-  return chunked_backward_op<Runtime>(grad_lse, grad_target, grad_sum, lse, check_head_args(MO_HEAD_PARAM_NAMES),
-                                      output_mask, budget);
 }
 
 }  // namespace marginops::cuda

@@ -1,6 +1,7 @@
-// The CUDA kernels' interface: one plain params struct and entry points taking raw pointers and
-// a stream. No torch headers, so CI compile-checks the kernels with nvcc alone; the launcher
-// (head_cuda.cpp) binds tensors to it.
+// The CUDA kernels' shared interface: one plain params struct that both backends' kernels read
+// (tiles/, chunked/), the device error record, and the entry points they share (dtype support,
+// margin_psi). No torch headers, so CI compile-checks the kernels with nvcc alone; the launchers
+// (launch.h, tiles/tile_launch.h, chunked/chunked_launch.h) bind tensors to it.
 //
 // Shapes (row-major, contiguous):
 //   x [B, D] x_dtype, weight [weight_rows, D] w_dtype, labels [B] int64,
@@ -82,17 +83,6 @@ struct HeadParams {
 // Whether the (x, weight) dtype pair has kernels: equal dtypes, or float32 weight with float16 /
 // bfloat16 features (mixed precision as users train).
 bool supported_dtypes(DType x, DType w);
-
-// Bytes of each workspace the caller allocates: rows, w_norm, partial, partial_best, dx_part,
-// rsum_part (in that order); splits is chosen from the device's SM count.
-struct Workspace {
-  int splits;
-  size_t rows, w_norm, partial, partial_best, dx_part, rsum_part;
-};
-Workspace workspace_bytes(const HeadParams& p, int sm_count, bool backward);
-
-cudaError_t head_forward(const HeadParams& p, cudaStream_t stream);
-cudaError_t head_backward(const HeadParams& p, cudaStream_t stream);
 
 // ψ elementwise (margin_psi op): c, m1, m2, m3 and the five outputs are acc [n].
 cudaError_t margin_psi(const void* c, const void* m1, const void* m2, const void* m3, int64_t n, int32_t kind,

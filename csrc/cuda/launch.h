@@ -1,8 +1,8 @@
 // The ops' bodies for the CUDA kernels: argument checks (shared with the CPU path), label and
 // class_index checks (by the kernels, raised at the next call; on the host too with
-// sync_checks()), workspace, and the calls into head_kernels.h. Templated on a Runtime (stream,
-// SM count, capture state, error check, device guard, the device error record, host copies) so
-// that tests/cuda_emu can run the same code on its CPU emulation of the kernels.
+// sync_checks()), workspace, and the parts of the ops' bodies both backends share (params, backward, topk, psi).
+// Templated on a Runtime (stream, SM count, capture state, error check, device guard, the device error record, host
+// copies) so that tests/cuda_emu can run the same code on its CPU emulation of the kernels.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "../head_inputs.h"
-#include "head_kernels.h"
+#include "kernel_params.h"
 
 namespace marginops::cuda {
 
@@ -137,46 +137,11 @@ Launch prepare_params(const HeadArgs& a) {
   return l;
 }
 
-template <typename Runtime>
-Launch prepare(const HeadArgs& a, bool backward) {
-  Launch l = prepare_params<Runtime>(a);
-  HeadParams& p = l.p;
-  const Workspace w = workspace_bytes(p, Runtime::sm_count(), backward);
-  p.splits = w.splits;
-  WorkspaceCarver ws(w.rows + w.w_norm + w.partial + w.partial_best + w.dx_part + w.rsum_part + 6 * 255, a.x.options(),
-                     l);
-  p.rows = ws.take(w.rows);
-  p.w_norm = ws.take(w.w_norm);
-  p.partial = ws.take(w.partial);
-  p.partial_best = static_cast<int64_t*>(ws.take(w.partial_best));
-  p.dx_part = ws.take(w.dx_part);
-  p.rsum_part = ws.take(w.rsum_part);
-  return l;
-}
-
 inline const void* row_grad(const at::Tensor& g, at::ScalarType acc, Launch& l) {
   if (!g.defined()) return nullptr;
   at::Tensor t = g.to(acc).contiguous();
   l.keep.push_back(t);
   return t.data_ptr();
-}
-
-template <typename Runtime>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_op(MO_HEAD_PARAMS,
-                                                                                  double /*grad_skip*/) {
-  const HeadArgs a = check_head_args(MO_HEAD_PARAM_NAMES);
-  const auto guard = Runtime::guard(x.device());
-  Launch l = prepare<Runtime>(a, false);
-  const auto opts = x.options().dtype(a.acc_dtype());
-  at::Tensor lse = at::empty({a.rows}, opts), zt = at::empty({a.rows}, opts), zsum = at::empty({a.rows}, opts);
-  at::Tensor best = at::empty({a.rows}, opts), best_class = at::empty({a.rows}, opts.dtype(at::kLong));
-  l.p.lse = lse.data_ptr();
-  l.p.target_logit = zt.data_ptr();
-  l.p.logit_sum = zsum.data_ptr();
-  l.p.best_logit = best.data_ptr();
-  l.p.best_class = best_class.data_ptr<int64_t>();
-  Runtime::check(head_forward(l.p, Runtime::stream()));
-  return {lse, zt, zsum, best, best_class};
 }
 
 // What both backends' backwards do around their kernels: the lse and row-gradient checks, the
@@ -218,22 +183,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_with(const s
     }
   }
   return {dx, dw, db, need_dm ? dm.to(a.row_margins.scalar_type()) : at::empty({0}, opts)};
-}
-
-template <typename Runtime>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(const std::optional<at::Tensor>& grad_lse,
-                                                                       const std::optional<at::Tensor>& grad_target,
-                                                                       const std::optional<at::Tensor>& grad_sum,
-                                                                       const at::Tensor& lse, MO_HEAD_PARAMS,
-                                                                       std::array<bool, 4> output_mask,
-                                                                       double grad_skip) {
-  const HeadArgs a = check_head_args(MO_HEAD_PARAM_NAMES);
-  check_grad_skip(grad_skip);
-  const auto guard = Runtime::guard(x.device());
-  Launch l = prepare<Runtime>(a, true);
-  l.p.grad_skip = grad_skip;
-  return backward_with<Runtime>(grad_lse, grad_target, grad_sum, lse, a, output_mask, l,
-                                [](Launch& launch) { Runtime::check(head_backward(launch.p, Runtime::stream())); });
 }
 
 template <typename Runtime>

@@ -1,4 +1,4 @@
-// The CUDA implementations of the ops: chunked_launch.h's and head_launch.h's bodies on the CUDA
+// The CUDA implementations of the ops: dispatch.h's entry points (the tile and chunked backends' bodies) on the CUDA
 // runtime of c10, with ATen's cuBLAS-backed mm for the chunked backend's products. Built only
 // where torch has CUDA.
 #include <ATen/ATen.h>
@@ -12,7 +12,7 @@
 #include <cstring>
 #include <mutex>
 
-#include "chunked_launch.h"
+#include "dispatch.h"
 
 namespace marginops::cuda {
 namespace {

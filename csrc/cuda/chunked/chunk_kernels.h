@@ -31,7 +31,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "head_kernels.h"
+#include "../kernel_params.h"
 
 namespace marginops::cuda {
 

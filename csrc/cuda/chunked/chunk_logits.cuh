@@ -28,11 +28,11 @@
 #include <limits>
 #include <type_traits>
 
-#include "../margin_math.h"
+#include "../../margin_math.h"
 #include "chunk_kernels.h"
-#include "head_kernels.h"
-#include "head_rows.cuh"
-#include "tile_mma.cuh"
+#include "../kernel_params.h"
+#include "../rows.cuh"
+#include "../tile_mma.cuh"
 
 namespace marginops::cuda {
 namespace {

@@ -1,5 +1,5 @@
-// Per-row device code shared by the fused tile kernels (head_kernels.cu) and the chunked
-// backend's kernels (chunk_kernels.cu): the row prepass (norms, target column and logit through
+// Per-row device code shared by the tile kernels (tiles/tile_kernels.cu) and the chunked
+// backend's kernels (chunked/chunk_kernels.cu): the row prepass (norms, target column and logit through
 // margin_math.h), the target's gradient, one (row, class) entry of the logits, and the merge of
 // per-split online log-sum-exp partials. Each including translation unit gets its own copy
 // (anonymous namespace).
@@ -12,7 +12,7 @@
 #include <limits>
 
 #include "../margin_math.h"
-#include "head_kernels.h"
+#include "kernel_params.h"
 #include "tile_mma.cuh"
 
 namespace marginops::cuda {
