@@ -34,9 +34,11 @@ from collections import defaultdict
 import torch
 
 import marginops as mo
-from marginops.bench.impls import Case
-from marginops.bench.measure import _peak_extra, _time, environment, gemm_floor, make_inputs
 from marginops.reference import unchecked_margin_cross_entropy
+from marginops.tools.bench.impls import Case
+from marginops.tools.bench.measure import environment, gemm_floor, make_inputs
+from marginops.tools.bench.measure import peak_extra as _peak_extra
+from marginops.tools.bench.measure import step_times as _time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_model  # noqa: E402  (benchmarks/gpu_model.py, beside this file)

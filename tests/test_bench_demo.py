@@ -1,5 +1,5 @@
 """`marginops bench` and `marginops demo` in CI-sized configurations: outputs exist, are
-well-formed, and the fused loss matches the float64 reference."""
+well-formed, and marginops' loss matches the float64 reference."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from marginops.bench import impls, measure, report
+from marginops.tools.bench import impls, measure, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,20 +20,20 @@ def run_cli(*args):
 
 def test_bench_quick_writes_well_formed_outputs(tmp_path):
     pytest.importorskip("matplotlib")  # the plots
-    proc = run_cli("bench", "--quick", "--impls", "fused,reference,cce", "--out", str(tmp_path))
+    proc = run_cli("bench", "--quick", "--impls", "marginops,reference,cce", "--out", str(tmp_path))
     assert "x ref time" in proc.stdout and "unavailable: cut_cross_entropy not installed" in proc.stdout
     data = json.loads((tmp_path / "cpu-bench.json").read_text())
     assert data["environment"]["torch"] == torch.__version__
     by = {(r["impl"], r["case"]["classes"]): r for r in data["results"]}
     for C in (500, 2000):
-        fused, ref = by[("fused", C)], by[("reference", C)]
-        assert fused["status"] == "ok" and ref["status"] == "ok"
-        assert fused["loss_rel_err"] < 1e-5 and abs(fused["loss"] - ref["loss"]) < 1e-4 * abs(ref["loss"])
-        assert fused["time_ms"] > 0 and fused["tflops"] > 0
+        mine, ref = by[("marginops", C)], by[("reference", C)]
+        assert mine["status"] == "ok" and ref["status"] == "ok"
+        assert mine["loss_rel_err"] < 1e-5 and abs(mine["loss"] - ref["loss"]) < 1e-4 * abs(ref["loss"])
+        assert mine["time_ms"] > 0 and mine["tflops"] > 0
         assert by[("gemm3", C)]["status"] == "ok"
-    assert by[("fused", 500)]["max_classes"] >= by[("reference", 500)]["max_classes"] > 500
+    assert by[("marginops", 500)]["max_classes"] >= by[("reference", 500)]["max_classes"] > 500
     md = (tmp_path / "cpu-bench.md").read_text()
-    assert md.count("| fused |") == 2 and "TFLOP/s" in md
+    assert md.count("| marginops |") == 2 and "TFLOP/s" in md
     for png in ("cpu-time_vs_classes.png", "cpu-memory_vs_classes.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -52,22 +52,24 @@ def test_failures_are_reported_and_the_sweep_goes_on():
 
     impls.IMPLS["broken"] = Broken()
     try:
-        results = measure.sweep([case], ["broken", "fused"], torch.device("cpu"), 1, None, False, 100, lambda m: None)
+        results = measure.sweep(
+            [case], ["broken", "marginops"], torch.device("cpu"), 1, None, False, 100, lambda m: None
+        )
     finally:
         del impls.IMPLS["broken"]
     status = {r.impl: r.status for r in results}
-    assert status["broken"] == "error: RuntimeError: kernel exploded" and status["fused"] == "ok"
+    assert status["broken"] == "error: RuntimeError: kernel exploded" and status["marginops"] == "ok"
 
 
 def test_max_classes_bisects_to_the_budget():
     case = impls.Case(16, 8, 1000, "float32", "arcface")
-    limit = measure.max_classes(case, "fused", torch.device("cpu"), None, 64_000)
+    limit = measure.max_classes(case, "marginops", torch.device("cpu"), None, 64_000)
     assert limit == 64_000, "without a budget the cap holds"
     calls = []
     real = measure.fits
     measure.fits = lambda c, *a: calls.append(c.classes) or c.classes <= 5000
     try:
-        found = measure.max_classes(case, "fused", torch.device("cpu"), 1, 10**6)
+        found = measure.max_classes(case, "marginops", torch.device("cpu"), 1, 10**6)
     finally:
         measure.fits = real
     assert 0.95 * 5000 <= found <= 5000 and len(calls) < 15
@@ -108,20 +110,22 @@ def test_cpu_inputs_unchanged_by_device_side_drawing():
 def test_cuda_backends_are_reported_unsupported_on_the_cpu():
     case = impls.Case(8, 4, 50, "float32", "arcface")
     results = measure.sweep(
-        [case], ["chunked", "fused-tiles", "fused"], torch.device("cpu"), 1, None, False, 100, lambda m: None
+        [case], ["chunked", "fused-tiles", "marginops"], torch.device("cpu"), 1, None, False, 100, lambda m: None
     )
     status = {r.impl: r.status for r in results}
     assert status["chunked"].startswith("unsupported: CUDA only") and status["fused-tiles"].startswith(
         "unsupported: CUDA only"
     )
-    assert status["fused"] == "ok" and status["gemm3"] == "ok"
+    assert status["marginops"] == "ok" and status["gemm3"] == "ok"
 
 
 def test_time_budget_skips_what_is_left():
     case = impls.Case(8, 4, 50, "float32", "arcface")
-    results = measure.sweep([case], ["fused"], torch.device("cpu"), 1, None, True, 100, lambda m: None, deadline=0.0)
+    results = measure.sweep(
+        [case], ["marginops"], torch.device("cpu"), 1, None, True, 100, lambda m: None, deadline=0.0
+    )
     assert [(r.impl, r.status) for r in results] == [
-        ("fused", "skipped: time budget"),
+        ("marginops", "skipped: time budget"),
         ("gemm3", "skipped: time budget"),
     ]
 
@@ -140,12 +144,12 @@ def test_largest_c_search_is_bounded_by_device_memory_and_time(monkeypatch):
     case = impls.Case(16, 8, 1000, "float32", "arcface")
     monkeypatch.setattr(measure, "fits", lambda c, *a: True)
     monkeypatch.setattr(measure, "device_class_limit", lambda c, d: 7000)
-    assert measure.max_classes(case, "fused", torch.device("cpu"), None, 10**9) == 7000
+    assert measure.max_classes(case, "marginops", torch.device("cpu"), None, 10**9) == 7000
     with pytest.raises(measure.SearchCut):
-        measure.max_classes(case, "fused", torch.device("cpu"), None, 10**9, deadline=0.0)
+        measure.max_classes(case, "marginops", torch.device("cpu"), None, 10**9, deadline=0.0)
 
 
-def test_issue_10_checks(tmp_path):
+def test_chunked_backend_checks(tmp_path):
     shape = impls.Case(1024, 512, 1_000_000, "bfloat16", "arcface")
     R = measure.Result
     results = [R(shape, "chunked", "ok", 20.0, 60 * 2**20, 320.0), R(shape, "reference", "ok", 50.0, 9 * 2**30, 128.0)]

@@ -1,4 +1,4 @@
-"""torch's own F.linear_cross_entropy as a peer of `marginops bench` (issue 18 item 7): its two rows
+"""torch's own F.linear_cross_entropy as a peer of `marginops bench`: its two rows
 (reference path, chunked path) compute marginops.reference's Softmax and NormFace exactly (float64,
 loss and both gradients), are "unavailable" on a torch without it, "unsupported" for margins, and
 appear in a tiny sweep and in the gpu-check preset."""
@@ -12,7 +12,7 @@ import torch
 
 import marginops as mo
 from marginops import reference
-from marginops.bench import DEFAULTS, PRESETS, case_groups, impls, measure
+from marginops.tools.bench import DEFAULTS, PRESETS, case_groups, impls, measure
 
 LCE = ("torch-lce", "torch-lce-chunked")
 needs_lce = pytest.mark.skipif(impls.torch_lce_missing() is not None, reason="torch < 2.13: no F.linear_cross_entropy")
@@ -65,7 +65,7 @@ def test_in_the_gpu_defaults_and_the_gpu_check_preset():
     assert set(LCE) <= set(cfg["impls"].split(","))
     groups = case_groups(cfg, cfg["margins"].split(","), cfg["impls"].split(","), cfg["by_margin"])
     first_cases, _ = groups[0]
-    assert [c.margin for c in first_cases] == ["arcface"] * 3  # the issue #10 checks' cases come first
+    assert [c.margin for c in first_cases] == ["arcface"] * 3  # the chunked backend's checks' cases come first
     if impls.torch_lce_missing() is None:
         rest = {c.margin: (c.classes, names) for cases, names in groups[1:] for c in cases}
         assert rest["softmax"][0] == rest["normface"][0] == 1_000_000
@@ -89,7 +89,7 @@ def test_tiny_sweep_lists_the_rows(tmp_path):
             "--margins",
             "softmax,normface",
             "--impls",
-            "fused,torch-lce,torch-lce-chunked",
+            "marginops,torch-lce,torch-lce-chunked",
             "--repeat",
             "1",
             "--repeat-time-s",

@@ -178,7 +178,7 @@ def _subparsers(parser):
 
 
 def test_every_option_of_every_subcommand_has_help_and_shows_its_default():
-    from marginops.cli import build_parser
+    from marginops.tools.cli import build_parser
 
     parser = build_parser()
     subs = dict(_subparsers(parser))
@@ -256,28 +256,29 @@ def test_sharded_head_dtype_rule_check_finite_and_topk_kinds():
 # -- item 2: the benchmark states its result -------------------------------------------------------
 
 
-def test_bench_memory_is_never_printed_as_zero_and_fused_reads_real_bytes():
-    from marginops.bench import impls, measure, report
+def test_bench_memory_is_never_printed_as_zero_and_marginops_reads_real_bytes():
+    from marginops.tools import memory
+    from marginops.tools.bench import impls, measure, report
 
     assert report.fmt_bytes(0) == "0 B" and report.fmt_bytes(900) == "900 B"
     assert report.fmt_bytes(12_800) == "12.5 KiB" and report.fmt_bytes(3 * 2**20) == "3.0 MiB"
     assert report.fmt_bytes(int(1.5 * 2**30)) == "1.50 GiB"
-    measure.precise_host_memory()
+    memory.precise_host_memory()
     case = impls.Case(64, 32, 20_000, "float32", "arcface")
     x, W, y = measure.make_inputs(case, torch.device("cpu"))
-    fn = impls.IMPLS["fused"].make(case, torch.device("cpu"))
-    measure._step(fn, x, W, y)
-    peak = measure._peak_extra(fn, x, W, y, torch.device("cpu"), tries=2)
-    if peak is not None:  # Linux: the fused step's own buffers are seen, not rounded away
+    fn = impls.IMPLS["marginops"].make(case, torch.device("cpu"))
+    measure.run_step(fn, x, W, y)
+    peak = measure.peak_extra(fn, x, W, y, torch.device("cpu"), tries=2)
+    if peak is not None:  # Linux: the marginops step's own buffers are seen, not rounded away
         assert 0 < peak < 8 * 2**20
-        eager = measure._peak_extra(
+        eager = measure.peak_extra(
             impls.IMPLS["reference"].make(case, torch.device("cpu")), x, W, y, torch.device("cpu")
         )
         assert eager > 64 * 20_000 * 4  # at least one [B, C] float32 logits tensor
 
 
 def test_bench_repeats_follow_a_time_budget():
-    from marginops.bench import measure
+    from marginops.tools.bench import measure
 
     assert len(measure.timed_runs(lambda: 1.0, 5, None)) == 5
     assert len(measure.timed_runs(lambda: 1.0, 5, 3.0)) == 5  # the least number of runs comes first
@@ -286,20 +287,20 @@ def test_bench_repeats_follow_a_time_budget():
 
 
 def test_bench_headline_states_speed_memory_and_largest_c_ratios():
-    from marginops.bench import impls, measure, report
+    from marginops.tools.bench import impls, measure, report
 
     R = measure.Result
     rows = []
     for C, (tf, mf, te, me) in {100_000: (10.0, 2**20, 30.0, 2**28), 300_000: (25.0, 2**20, 80.0, 240 * 2**20)}.items():
         case = impls.Case(256, 128, C, "float32", "arcface")
-        rows += [R(case, "fused", "ok", tf, mf), R(case, "reference", "ok", te, me), R(case, "gemm3", "ok", 5.0)]
+        rows += [R(case, "marginops", "ok", tf, mf), R(case, "reference", "ok", te, me), R(case, "gemm3", "ok", 5.0)]
     rows[0].max_classes, rows[1].max_classes = 400_000, 100_000
     case = impls.Case(256, 128, 300_000, "float32", "arcface")
     rows.append(R(case, "pml", "oom"))
     lines = report.headline(rows)
-    assert [(l["impl"], l["against"], l["classes"]) for l in lines] == [("fused", "reference", 300_000)]
+    assert [(l["impl"], l["against"], l["classes"]) for l in lines] == [("marginops", "reference", 300_000)]
     assert lines[0]["text"] == (
-        "fused vs eager at C = 300k (arcface, float32, B=256, D=128): 3.2x faster, 240x less memory, fits 4x more "
+        "marginops vs eager at C = 300k (arcface, float32, B=256, D=128): 3.2x faster, 240x less memory, fits 4x more "
         "classes"
     )
     assert "x 3 GEMMs (reference cost)" in report.text_table(rows) and "not a floor" in report.LEGEND
@@ -332,9 +333,9 @@ def test_bench_json_keeps_old_fields_and_adds_spread_and_headline(tmp_path):
         if r["status"] == "ok":
             assert {"time_ms", "peak_extra_bytes", "tflops", "loss", "loss_rel_err", "max_classes"} <= set(r)
             assert r["repeats"] >= 5 and r["time_ms_min"] <= r["time_ms"] <= r["time_ms_max"]
-    assert data["headline"] and data["headline"][0]["impl"] == "fused"
+    assert data["headline"] and data["headline"][0]["impl"] == "marginops"
     md = (tmp_path / "cpu-bench.md").read_text()
-    assert "fused vs eager at C = 1k" in md and "0.00 MiB" not in md
+    assert "marginops vs eager at C = 1k" in md and "0.00 MiB" not in md
 
 
 # -- item 7: the demo is reproducible --------------------------------------------------------------

@@ -1,10 +1,10 @@
 """The ``marginops`` command.
 
-marginops bench   memory and step time of the fused head against the eager reference,
+marginops bench   memory and step time of marginops' head against the eager reference,
                   torch.compile of it and the installed peers, across class counts
 marginops demo    the feature distributions of each margin on handwritten digits, as PNGs,
                   with held-out verification accuracy
-marginops train   a short training run of a margin head on synthetic data, fused against
+marginops train   a short training run of a margin head on synthetic data, marginops against
                   the eager reference: loss, step time, throughput and peak memory of each
 """
 
@@ -18,31 +18,11 @@ from typing import List, Optional
 
 import torch
 
-from . import margins as M
-from . import reference
-from ._memory import peak_rss_above_baseline
-from .nn import MarginHead
-
-MARGINS = {
-    "softmax": M.Softmax,
-    "normface": M.NormFace,
-    "sphereface": M.SphereFace,
-    "cosface": M.CosFace,
-    "arcface": M.ArcFace,
-    "combined": lambda: M.CombinedMargin(s=64.0, m1=1.0, m2=0.3, m3=0.2),
-}
-
-
-def _peak_memory(device: torch.device, fn):
-    """Runs fn; returns (result, peak bytes above the memory in use before it, or None)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        result = fn()
-        torch.cuda.synchronize(device)
-        return result, torch.cuda.max_memory_allocated(device) - base
-    return peak_rss_above_baseline(fn)
+from .. import reference
+from ..nn import MarginHead
+from . import bench, demo
+from .common import MARGINS, HelpFormatter, plain
+from .memory import peak_bytes
 
 
 def _persistent_bytes(params, opt) -> int:
@@ -66,7 +46,7 @@ def _train(impl: str, args, device: torch.device, dtype: torch.dtype) -> dict:
     )
 
     backbone = torch.nn.Sequential(torch.nn.Linear(args.input_dim, args.dim), torch.nn.BatchNorm1d(args.dim)).to(device)
-    head_cls = MarginHead if impl == "fused" else reference.MarginHead  # impl: "fused" or "eager"
+    head_cls = MarginHead if impl == "marginops" else reference.MarginHead  # impl: "marginops" or "eager"
     head = head_cls(args.dim, args.classes, margin=MARGINS[args.margin](), return_accuracy=True, device=device)
     params = list(backbone.parameters()) + list(head.parameters())
     opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9)
@@ -81,7 +61,7 @@ def _train(impl: str, args, device: torch.device, dtype: torch.dtype) -> dict:
         opt.step()
         return float(loss.detach()), float(acc)
 
-    (first, peak) = _peak_memory(device, lambda: step(0))
+    (first, peak) = peak_bytes(device, lambda: step(0))
     if peak is not None:
         peak -= _persistent_bytes(params, opt)
     losses, accs, times = [first[0]], [first[1]], []
@@ -115,24 +95,24 @@ def cmd_train(args) -> int:
         f"marginops train: {margin!r} head, batch {args.batch}, embedding {args.dim}, "
         f"{args.classes:,} classes, {args.dtype}, {device}{threads}, {args.steps} steps"
     )
-    impls = ["fused"] if args.skip_eager else ["fused", "eager"]
+    impls = ["marginops"] if args.skip_eager else ["marginops", "eager"]
     results = {}
-    for impl in impls:  # fused first: the eager run's freed memory cannot flatter it
+    for impl in impls:  # marginops first: the eager run's freed memory cannot flatter it
         results[impl] = _train(impl, args, device, dtype)
     epoch = args.samples / args.batch
     print(f"\n{'step':>4} {'epoch':>6}" + "".join(f"{impl + ' loss':>13}{'acc':>7}" for impl in impls))
     for i in sorted({0, args.steps // 4, args.steps // 2, 3 * args.steps // 4, args.steps - 1}):
         row = "".join(f"{results[impl]['losses'][i]:>13.4f}{results[impl]['accuracies'][i]:>7.3f}" for impl in impls)
         print(f"{i + 1:>4} {(i + 1) / epoch:>6.2f}{row}")
-    print(f"\n{'impl':<8}{'step ms':>10}{'samples/s':>12}{'peak MiB':>11}")
+    print(f"\n{'impl':<10}{'step ms':>10}{'samples/s':>12}{'peak MiB':>11}")
     for impl in impls:
         r = results[impl]
         peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.1f}"
-        print(f"{impl:<8}{r['step_ms']:>10.1f}{r['samples_per_s']:>12.0f}{peak:>11}")
+        print(f"{impl:<10}{r['step_ms']:>10.1f}{r['samples_per_s']:>12.0f}{peak:>11}")
     print("(step ms: median; peak MiB: what one step adds above parameters, gradients and optimizer state)")
     if "eager" in results:
-        f, e = results["fused"], results["eager"]
-        line = f"\nfused / eager: step time {f['step_ms'] / e['step_ms']:.2f}x"
+        f, e = results["marginops"], results["eager"]
+        line = f"\nmarginops / eager: step time {f['step_ms'] / e['step_ms']:.2f}x"
         if f["peak_bytes"] and e["peak_bytes"]:
             line += f", peak memory {f['peak_bytes'] / e['peak_bytes']:.3f}x"
         print(line)
@@ -147,23 +127,6 @@ def cmd_train(args) -> int:
     return 0
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Descriptions as written (line breaks kept), and every option's default after its help:
-    argparse's "(default: ...)", unless the help states the default itself (defaults that
-    depend on the device)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default is None or "default" in text:
-            return text
-        return super()._get_help_string(action)
-
-
-def plain(doc: Optional[str]) -> str:
-    """A docstring as --help shows it: plain text, without reStructuredText ``literals``."""
-    return (doc or "").replace("``", "").replace(":func:", "").replace(":class:", "")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="marginops", description=plain(__doc__), formatter_class=HelpFormatter)
     sub = p.add_subparsers(
@@ -171,9 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t = sub.add_parser(
         "train",
-        help="train a head on synthetic data, fused vs eager",
+        help="train a head on synthetic data, marginops vs eager",
         formatter_class=HelpFormatter,
-        description="A short training run of backbone + margin head on synthetic data, fused head against the "
+        description="A short training run of backbone + margin head on synthetic data, marginops' head against the "
         "eager reference\nfrom one seed: loss, accuracy, step time, throughput and peak memory.",
     )
     t.add_argument("--classes", type=int, default=100_000, help="number of classes C of the head")
@@ -189,10 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--device", default="cpu", help="torch device to train on, e.g. cpu or cuda")
     t.add_argument("--seed", type=int, default=0, help="seed of the data, the initialization and the batch order")
-    t.add_argument("--skip-eager", action="store_true", help="run the fused head only")
+    t.add_argument("--skip-eager", action="store_true", help="run marginops' head only")
     t.add_argument("--json", help="also write the results to this file (default: none)")
     t.set_defaults(func=cmd_train)
-    from . import bench
 
     b = sub.add_parser(
         "bench",
@@ -203,7 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench.add_arguments(b)
     b.set_defaults(func=bench.run)
-    from . import demo
 
     d = sub.add_parser(
         "demo",

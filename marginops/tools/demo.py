@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import margins as M
-from .nn import MarginHead
+from .. import margins as M
+from ..nn import MarginHead
+from .common import HelpFormatter, plain
 
 # Margins sized for 10 classes in 2-3 dimensions (36° per class in 2-D): the face-recognition
 # defaults (s = 64, m = 0.5) would not leave room for ten angular clusters on a circle.
@@ -240,8 +241,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .cli import HelpFormatter, plain
-
     p = argparse.ArgumentParser(prog="marginops demo", description=plain(__doc__), formatter_class=HelpFormatter)
     add_arguments(p)
     return run(p.parse_args(argv))

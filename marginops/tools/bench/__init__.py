@@ -1,4 +1,4 @@
-"""``marginops bench``: memory and step time of the fused head against the eager reference,
+"""``marginops bench``: memory and step time of marginops' head against the eager reference,
 torch.compile of it, and the peers that are installed, across class counts.
 
 Defaults: on the CPU, B = 256, D = 128, C = 10k … 300k, float32, ArcFace (about five minutes on
@@ -14,23 +14,24 @@ two CUDA backends (chunked, fused-tiles), the eager reference, torch.compile of 
 then at C = 1M only, plain softmax (for Cut Cross-Entropy, Liger and torch's linear_cross_entropy,
 when one is there) and NormFace (for torch's linear_cross_entropy, torch >= 2.13) with chunked, the
 eager reference and those peers; no largest-C search; and
-the issue #10 checks at C = 1M: chunked within 64 MiB above inputs and gradients (the run fails
+the chunked backend's targets at C = 1M: within 64 MiB above inputs and gradients (the run fails
 if not), time <= 0.5x eager's and >= 300 TFLOP/s (reported only).
 
 Output: first a headline per device, one line per pair of marginops' implementation and the
-eager reference or a peer, at the largest C both ran, e.g. "fused vs eager at C = 300k: 3.2x
+eager reference or a peer, at the largest C both ran, e.g. "marginops vs eager at C = 300k: 3.2x
 faster, 240x less memory, fits 4.0x more classes"; then the table (time: median of at least
 --repeat runs, more while --repeat-time-s lasts, with the min-max spread; memory in B, KiB, MiB
 or GiB; "x 3 GEMMs (reference cost)": time relative to three plain GEMMs of the shape, a
 yardstick, not a floor), the legend, and JSON, Markdown and PNG files in --out.
 
-Implementations: fused (marginops' default backend: the tiled path on the CPU, chunked on CUDA),
+Implementations: marginops (its default backend: the tiled path on the CPU, chunked on CUDA;
+"fused", its old name, is still accepted for now),
 chunked and fused-tiles (CUDA only: backend="chunked" / backend="fused"), reference (eager),
 compiled (torch.compile of it), pml, cce, liger (peers, when installed), torch-lce and
 torch-lce-chunked (torch.nn.functional.linear_cross_entropy, torch >= 2.13: its reference path and
 its chunked path, options=LinearCrossEntropyOptions(); plain softmax and NormFace, the latter with
 x and W normalized outside it). On the CPU: --margins softmax,normface --impls
-fused,reference,torch-lce,torch-lce-chunked.
+marginops,reference,torch-lce,torch-lce-chunked.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .impls import IMPLS, MARGINS, Case, torch_lce_missing
-from .measure import environment, precise_host_memory, sweep
+from ..common import MARGINS, HelpFormatter, plain
+from ..memory import precise_host_memory
+from .impls import ALIASES, IMPLS, Case, torch_lce_missing
+from .measure import environment, sweep
 from .report import LEGEND, checks, checks_text, headline_text, largest_classes, text_table, write
 
 DEFAULTS = {
@@ -55,7 +58,7 @@ DEFAULTS = {
         classes="10000,30000,100000,300000",
         dtype="float32",
         margins="arcface",
-        impls="fused,reference,compiled,pml",
+        impls="marginops,reference,compiled,pml",
         repeat=5,
         repeat_time_s=2.0,
         max_budget_mib=512,
@@ -79,8 +82,8 @@ DEFAULTS = {
 SOFTMAX_PEERS = ("cut_cross_entropy", "liger_kernel")
 TORCH_LCE = torch_lce_missing() is None  # torch's own F.linear_cross_entropy (torch >= 2.13): softmax and NormFace
 PRESETS = {
-    # scripts/gpu-check's bench stage: one bounded run (issue #10 item 6). ArcFace at three C first
-    # (the issue #10 checks); then, at C = 1M only and with a shorter list of implementations,
+    # scripts/gpu-check's bench stage: one bounded run. ArcFace at three C first (the chunked
+    # backend's targets, report.checks); then, at C = 1M only and with a shorter list of implementations,
     # plain softmax (for the softmax-only peers) and NormFace (for torch's linear_cross_entropy).
     "gpu-check": dict(
         batch=1024,
@@ -112,7 +115,7 @@ QUICK = dict(
     dim=16,
     classes="500,2000",
     margins="arcface",
-    impls="fused,reference",
+    impls="marginops,reference",
     repeat=5,
     repeat_time_s=0.1,
     max_budget_mib=64,
@@ -162,7 +165,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"host memory budget for the largest-C search on the CPU "
         f"(default: {DEFAULTS['cpu']['max_budget_mib']}; on a GPU the device memory)",
     )
-    p.add_argument("--quick", action="store_true", help="a CI-sized run (B=32, D=16, C=500 and 2000, fused and eager)")
+    p.add_argument(
+        "--quick", action="store_true", help="a CI-sized run (B=32, D=16, C=500 and 2000, marginops and eager)"
+    )
     p.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -197,6 +202,22 @@ def _progress():
             state["bar"].close()
 
     return step, close
+
+
+def resolve_aliases(names: List[str]) -> List[str]:
+    """Implementation names with the old ones (impls.ALIASES) replaced by the current, each with
+    a notice on stderr."""
+    out = []
+    for name in names:
+        if name in ALIASES:
+            print(
+                f"marginops bench: '{name}' is deprecated and will be removed in the next release; "
+                f"use '{ALIASES[name]}'",
+                file=sys.stderr,
+            )
+            name = ALIASES[name]
+        out.append(name)
+    return out
 
 
 def case_groups(cfg: dict, margins: List[str], impls: List[str], by_margin: dict) -> List[Tuple[List[Case], List[str]]]:
@@ -242,7 +263,7 @@ def run(args) -> int:
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
     find_max = not (args.no_max_classes or cfg.get("no_max_classes", False))
-    impls = [i.strip() for i in str(cfg["impls"]).split(",") if i.strip()]
+    impls = resolve_aliases([i.strip() for i in str(cfg["impls"]).split(",") if i.strip()])
     margins = [m.strip() for m in str(cfg["margins"]).split(",") if m.strip()]
     unknown = [i for i in impls if i not in IMPLS] + [m for m in margins if m not in MARGINS]
     if unknown:
@@ -339,8 +360,6 @@ def run(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from ..cli import HelpFormatter, plain
-
     p = argparse.ArgumentParser(prog="marginops bench", description=plain(__doc__), formatter_class=HelpFormatter)
     add_arguments(p)
     return run(p.parse_args(argv))

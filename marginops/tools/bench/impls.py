@@ -9,10 +9,10 @@ exist whole), for plain softmax and for NormFace: it has no scale, margin or nor
 NormFace's x and W are normalized outside it (their copies are part of its step, time and memory)
 and its input is s·x̂ (logits s·x̂·Ŵᵀ). On an older torch both rows are "unavailable".
 
-marginops appears as ``fused`` (its default, ``backend="auto"``: the tiled path on the CPU, the
-chunked backend on CUDA; the name the CPU results have always used) and, on CUDA only, as
-``chunked`` (``backend="chunked"``: cuBLAS GEMMs over chunks of classes) and ``fused-tiles``
-(``backend="fused"``: the one-kernel tile path).
+marginops appears as ``marginops`` (its default, ``backend="auto"``: the tiled path on the CPU,
+the chunked backend on CUDA) and, on CUDA only, as ``chunked`` (``backend="chunked"``: cuBLAS
+GEMMs over chunks of classes) and ``fused-tiles`` (``backend="fused"``: the one-kernel tile path).
+``fused``, the old name of the ``marginops`` row, is accepted on the command line (see ALIASES).
 
 Each implementation also estimates the device memory one step needs above the inputs and their
 gradients, so that a GPU sweep skips a class count that cannot fit instead of running out of
@@ -27,16 +27,10 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from .. import margins as M
-from ..functional import margin_cross_entropy
-from ..reference import unchecked_margin_cross_entropy
-
-MARGINS: Dict[str, Callable[[], M.Margin]] = {
-    "arcface": M.ArcFace,
-    "cosface": M.CosFace,
-    "normface": M.NormFace,
-    "softmax": M.Softmax,
-}
+from ... import margins as M
+from ...functional import margin_cross_entropy
+from ...reference import unchecked_margin_cross_entropy
+from ..common import MARGINS
 
 
 @dataclass(frozen=True)
@@ -87,8 +81,8 @@ class Impl:
         )
 
 
-class Fused(Impl):
-    name, description = "fused", "marginops (backend auto: tiled on the CPU, chunked on CUDA)"
+class Marginops(Impl):
+    name, description = "marginops", "marginops (backend auto: tiled on the CPU, chunked on CUDA)"
     fixed = 96 * 2**20  # the chunked backend's 64 MiB workspace and small per-row buffers
 
     def make(self, case, device):
@@ -101,7 +95,7 @@ class _CudaBackend(Impl):
     fixed = 96 * 2**20
 
     def unsupported(self, case, device):
-        return None if device.type == "cuda" else "CUDA only (on the CPU, `fused` is marginops)"
+        return None if device.type == "cuda" else "CUDA only (on the CPU, `marginops` is marginops)"
 
     def make(self, case, device):
         margin = MARGINS[case.margin]()
@@ -252,7 +246,7 @@ class TorchLinearCrossEntropyChunked(TorchLinearCrossEntropy):
 IMPLS: Dict[str, Impl] = {
     i.name: i
     for i in (
-        Fused(),
+        Marginops(),
         Chunked(),
         FusedTiles(),
         Reference(),
@@ -264,3 +258,6 @@ IMPLS: Dict[str, Impl] = {
         TorchLinearCrossEntropyChunked(),
     )
 }
+
+# Old implementation names the command line still accepts, with a notice on stderr: old -> new.
+ALIASES: Dict[str, str] = {"fused": "marginops"}

@@ -1,7 +1,7 @@
 """Measuring one implementation on one case: forward+backward time (median of at least
 `repeat` runs, more while a time budget lasts; warm-up excluded; min and max kept as the spread),
 peak memory above the inputs and their gradients (on the host to about a page: see
-host_peak_extra), algorithmic TFLOP/s, the loss's error against
+peak_extra), algorithmic TFLOP/s, the loss's error against
 float64, and the largest class count that fits (bisection).
 
 On a GPU the inputs are drawn on the device (no host copy of W), a case an implementation cannot
@@ -11,21 +11,19 @@ deadline bounds the whole sweep: what is left when it passes is reported as skip
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
 import platform
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
-from .._memory import peak_rss_above_baseline
-from ..functional import margin_cross_entropy
-from .impls import IMPLS, MARGINS, Case
+from ...functional import margin_cross_entropy
+from ..common import MARGINS
+from ..memory import byte_precise_host_memory, peak_bytes
+from .impls import IMPLS, Case
 
 
 @dataclass
@@ -48,48 +46,6 @@ class Result:
         d = asdict(self)
         d["case"] = asdict(self.case)
         return d
-
-
-MMAP_THRESHOLD_DEFAULT = 1 << 20
-
-
-def _mallopt(param: int, value: int) -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(param, value))
-    except OSError:
-        return False
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-
-
-def precise_host_memory(threshold: int = MMAP_THRESHOLD_DEFAULT) -> bool:
-    """Makes glibc serve allocations above `threshold` bytes with mmap, so that freed tensors
-    leave the resident set at once and host peak-memory readings are the step's own."""
-    return _mallopt(M_MMAP_THRESHOLD, threshold)
-
-
-@contextlib.contextmanager
-def byte_precise_host_memory():
-    """While measuring a step's peak on the host: every allocation of a page or more gets its own
-    mmap (and freed heap memory is returned at once), so that a step's small buffers add fresh
-    pages to the resident set instead of reusing heap memory that is already resident (which
-    made a step that allocated memory read as 0.00 MiB); malloc_trim first takes the free heap
-    pages out of the resident set, so that reusing a free chunk counts too. Restores the 1 MiB
-    threshold after."""
-    ok = precise_host_memory(4096) and _mallopt(M_TRIM_THRESHOLD, 0)
-    if ok:  # free heap pages out of the resident set: a reused free chunk then faults fresh pages in
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-    try:
-        yield ok
-    finally:
-        precise_host_memory(MMAP_THRESHOLD_DEFAULT)
-        _mallopt(M_TRIM_THRESHOLD, 128 * 1024)
 
 
 def sync(device: torch.device) -> None:
@@ -127,7 +83,8 @@ def fits_estimate(need: int, device: torch.device, slack: float = 0.9) -> Option
     return f"needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
 
 
-def _step(fn, x, W, y) -> float:
+def run_step(fn, x, W, y) -> float:
+    """One forward+backward of fn on (x, W, y), the gradients reset first; the loss."""
     x.grad, W.grad = None, None
     loss = fn(x, W, y)
     loss.backward()
@@ -148,7 +105,7 @@ def timed_runs(run_once: Callable[[], float], repeat: int, time_budget_s: Option
     return times
 
 
-def _time(fn, x, W, y, device, repeat, time_budget_s=None) -> List[float]:
+def step_times(fn, x, W, y, device, repeat, time_budget_s=None) -> List[float]:
     """Seconds of each timed forward+backward (see timed_runs)."""
 
     def once() -> float:
@@ -161,34 +118,29 @@ def _time(fn, x, W, y, device, repeat, time_budget_s=None) -> List[float]:
             torch.cuda.synchronize(device)
             return start.elapsed_time(end) / 1e3
         t0 = time.perf_counter()
-        _step(fn, x, W, y)
+        run_step(fn, x, W, y)
         return time.perf_counter() - t0
 
     return timed_runs(once, repeat, time_budget_s)
 
 
-def _peak_extra(fn, x, W, y, device, tries: int = 1) -> Optional[int]:
-    """Peak bytes of one step above the inputs, minus the gradients it produces. On a GPU from
-    the caching allocator's counters (exact); on the host from the resident set's high-water mark
-    with every allocation of a page or more mapped on its own (byte_precise_host_memory): exact
-    to a few pages, so the least of `tries` readings is taken (the noise only adds)."""
+def peak_extra(fn, x, W, y, device, tries: int = 1) -> Optional[int]:
+    """Peak bytes of one step above the inputs, minus the gradients it produces (memory.peak_bytes:
+    on a GPU exact; on the host with every allocation of a page or more mapped on its own
+    (byte_precise_host_memory), exact to a few pages, so the least of `tries` readings is taken:
+    the noise only adds). None where the host cannot measure it."""
     readings = []
     for _ in range(max(1, tries)):
         x.grad, W.grad = None, None
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-            sync(device)
-            base = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            _step(fn, x, W, y)
-            sync(device)
-            peak = torch.cuda.max_memory_allocated(device) - base
+            _, peak = peak_bytes(device, lambda: run_step(fn, x, W, y))
         else:
             with byte_precise_host_memory():
-                _, peak = peak_rss_above_baseline(lambda: _step(fn, x, W, y))
-            if peak is None:
-                return None
+                _, peak = peak_bytes(device, lambda: run_step(fn, x, W, y))
+        if peak is None:
+            return None
         grads = sum(t.grad.nbytes for t in (x, W) if t.grad is not None)
         readings.append(max(0, peak - grads))
     return min(readings)
@@ -208,7 +160,7 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def truth_loss(case: Case, device: torch.device, x, W, y) -> Optional[float]:
-    """The loss in float64 (the fused op, which matches the eager float64 reference to 1e-10);
+    """The loss in float64 (marginops' op, which matches the eager float64 reference to 1e-10);
     None where a float64 copy of W does not fit."""
     if fits_estimate(8 * (x.numel() + W.numel()) + 256 * 2**20, device, 0.8):
         return None
@@ -246,10 +198,10 @@ def measure(
     try:
         fn = impl.make(case, device)
         t0 = time.perf_counter()
-        loss = _step(fn, x, W, y)  # warm-up (and compilation)
+        loss = run_step(fn, x, W, y)  # warm-up (and compilation)
         warm = time.perf_counter() - t0
-        peak = _peak_extra(fn, x, W, y, device, tries=3 if warm < 0.5 else 1)
-        times = _time(fn, x, W, y, device, repeat, time_budget_s)
+        peak = peak_extra(fn, x, W, y, device, tries=3 if warm < 0.5 else 1)
+        times = step_times(fn, x, W, y, device, repeat, time_budget_s)
     except Exception as e:  # noqa: BLE001 (a failing implementation is reported, the sweep goes on)
         if _is_oom(e):
             return Result(case, impl_name, "oom")
@@ -336,9 +288,9 @@ def fits(case: Case, impl_name: str, device: torch.device, budget_bytes: Optiona
         x, W, y = make_inputs(case, device)
         fn = IMPLS[impl_name].make(case, device)
         if device.type == "cuda":
-            _step(fn, x, W, y)
+            run_step(fn, x, W, y)
             return True
-        extra = _peak_extra(fn, x, W, y, device)
+        extra = peak_extra(fn, x, W, y, device)
         used = 2 * (x.nbytes + W.nbytes) + (extra or 0)
         return budget_bytes is None or used <= budget_bytes
     except Exception as e:  # noqa: BLE001
