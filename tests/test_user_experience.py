@@ -1,4 +1,4 @@
-"""Issue #13: what a user sees. The dtype rule, check_finite, head.topk's kinds, every CLI option
+"""What a user sees. The dtype rule, check_finite, head.topk's kinds, every CLI option
 documented, the demo reproducible."""
 
 import argparse
@@ -28,7 +28,7 @@ def _inputs(xd=torch.float32, wd=torch.float32, B=6, D=8, C=12, seed=0):
     return x, W, y
 
 
-# -- item 4: one dtype rule ------------------------------------------------------------------------
+# -- one dtype rule --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("xd,wd", ILLEGAL, ids=[f"{_name(a)}-{_name(b)}" for a, b in ILLEGAL])
@@ -76,7 +76,7 @@ def test_bias_of_any_float_dtype_is_accepted(bd):
     reference.margin_cross_entropy(x, W, y, mo.Softmax(), bias=b)
 
 
-# -- item 5: check_finite --------------------------------------------------------------------------
+# -- check_finite ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("fn", [mo.margin_cross_entropy, reference.margin_cross_entropy], ids=["fused", "reference"])
@@ -128,7 +128,7 @@ def test_heads_take_check_finite():
     assert torch.isnan(mo.MarginHead(8, 12, margin=mo.ArcFace())(x, y))  # off by default
 
 
-# -- item 6: head.topk(kind=...) ------------------------------------------------------------------
+# -- head.topk(kind=...) ---------------------------------------------------------------------------
 
 
 def test_topk_kinds_against_formula():
@@ -168,7 +168,7 @@ def test_margin_head_defaults_to_softmax():
     assert "default margin is plain" in mo.MarginHead.__doc__
 
 
-# -- item 3: the CLI ------------------------------------------------------------------------------
+# -- the CLI ---------------------------------------------------------------------------------------
 
 
 def _subparsers(parser):
@@ -253,7 +253,7 @@ def test_sharded_head_dtype_rule_check_finite_and_topk_kinds():
     spawn(_check_sharded, 2)
 
 
-# -- item 2: the benchmark states its result -------------------------------------------------------
+# -- the benchmark states its result ---------------------------------------------------------------
 
 
 def test_bench_memory_is_never_printed_as_zero_and_marginops_reads_real_bytes():
@@ -338,7 +338,7 @@ def test_bench_json_keeps_old_fields_and_adds_spread_and_headline(tmp_path):
     assert "marginops vs eager at C = 1k" in md and "0.00 MiB" not in md
 
 
-# -- item 7: the demo is reproducible --------------------------------------------------------------
+# -- the demo is reproducible ----------------------------------------------------------------------
 
 
 def test_demo_gives_identical_numbers_on_two_runs(tmp_path):
