@@ -3,6 +3,7 @@
 from . import distributed, insightface, margins, ops, pml, reference, regularizers, subcenter  # noqa: F401  (ops loads the library)
 from .distributed import ShardedMarginHead
 from .functional import margin_cross_entropy
+from .heads import MarginHead, WeightedMarginHead
 from .margins import (
     AdaFace,
     AdaptiveAngularMargin,
@@ -21,7 +22,6 @@ from .margins import (
     SubCenterArcFace,
     WeightNormSoftmax,
 )
-from .nn import MarginHead, WeightedMarginHead
 
 __version__ = "0.1.0"
 

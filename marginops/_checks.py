@@ -1,18 +1,47 @@
-"""Argument checks shared by the fused functional API, the eager reference and the heads.
-Every failure is a ValueError that names the argument and shows what was expected."""
+"""The one check of a head call's tensors. It returns what is wrong as a BadInput (a code and a few
+integers) instead of raising, so that a sharded head can all-gather it and every rank raise the
+same ValueError; ``input_message`` turns it into the message, which names the argument and shows
+what was expected. The options are checked by HeadOptions (marginops.options)."""
 
 from __future__ import annotations
 
-import numbers
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from .margins import Margin
-
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-REDUCTIONS = ("mean", "sum", "none")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_DTYPES = FLOAT_DTYPES + INT_DTYPES + (torch.bool, torch.complex64, torch.complex128)
+_DEVICES = ("cpu", "cuda", "meta", "mps", "xpu", "hpu", "privateuseone")
+_ARGS = ("x", "weight", "labels", "bias")
+_TYPES = ("NoneType", "int", "float", "list", "tuple", "ndarray", "str", "dict")
+NONFINITE_ARGS = ("x", "weight", "bias")
+SLOTS = 10  # integers a BadInput carries (two shapes)
+
+# BadInput codes
+(
+    NOT_TENSOR,
+    X_SHAPE,
+    WEIGHT_SHAPE,
+    WEIGHT_EMPTY,
+    WEIGHT_ROWS,
+    DTYPE,
+    DTYPE_PAIR,
+    LABEL_DTYPE,
+    LABELS_SHAPE,
+    DEVICE,
+    META_DEVICE,
+    BIAS_SHAPE,
+    BIAS_DTYPE,
+    NONFINITE,
+    LABEL_RANGE,
+) = range(1, 16)
+
+
+class BadInput(NamedTuple):
+    code: int
+    values: Tuple[int, ...]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -22,8 +51,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 def dtype_pair_error(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> Optional[str]:
     """The one dtype rule of every head, fused or eager, on every device: x and weight of equal
     dtypes, or a float32 weight with float16/bfloat16 x (mixed precision). None when the pair is
-    legal, else the ValueError's message, naming both dtypes. (The C++ op checks the same rule:
-    csrc/head_inputs.cpp, check_dtype_pair.)"""
+    legal, else the ValueError's message, naming both dtypes."""
     if x_dtype == weight_dtype or (weight_dtype == torch.float32 and x_dtype in HALF_DTYPES):
         return None
     return (
@@ -34,43 +62,31 @@ def dtype_pair_error(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> Optiona
 
 def effective_x_dtype(x: torch.Tensor) -> torch.dtype:
     """x's dtype as the op sees it: under torch.autocast float32 features become the autocast
-    dtype (marginops.functional.autocast_features), so the rule applies to that."""
+    dtype (marginops._pipeline.autocast_features), so the rule applies to that."""
     device = x.device.type
     if x.dtype == torch.float32 and device != "meta" and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return x.dtype
 
 
-def check_dtype_pair(x: torch.Tensor, weight: torch.Tensor) -> None:
-    message = dtype_pair_error(effective_x_dtype(x), weight.dtype)
-    if message is not None:
-        raise ValueError(message)
+def label_dtype_error(labels: torch.Tensor) -> Optional[str]:
+    """None when labels hold integer class ids (any integer dtype: every head compares them as
+    int64), else the ValueError's message."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        return f"labels must hold integer class ids, got dtype {labels.dtype}"
+    return None
 
 
-def check_finite_inputs(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    subcenters: int = 1,
-    class_offset: int = 0,
-) -> None:
-    """check_finite=True: a ValueError naming the first row of x, class of weight or entry of
-    bias holding NaN or ±Inf. Costs one pass over the inputs and a device sync (the answer is
-    read on the host). ``class_offset`` is added to the class ids named (a shard's first class)."""
+def first_nonfinite(x, weight, bias=None) -> Optional[Tuple[str, int]]:
+    """("x", row), ("weight", row of weight) or ("bias", class) of the first NaN/Inf entry, or
+    None. Reads the answer on the host (a device sync)."""
     with torch.no_grad():
-        bad = first_nonfinite(x, weight, bias, subcenters)
-    if bad is not None:
-        raise ValueError(nonfinite_message(*bad, subcenters=subcenters, class_offset=class_offset))
-
-
-def first_nonfinite(x, weight, bias=None, subcenters: int = 1) -> Optional[Tuple[str, int]]:
-    """("x", row), ("weight", row of weight) or ("bias", class) of the first non-finite entry, or None."""
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        rows = ~torch.isfinite(t.detach().reshape(t.shape[0], -1)).all(dim=1)
-        if bool(rows.any()):
-            return name, int(rows.nonzero()[0, 0])
+        for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+            if t is None:
+                continue
+            rows = ~torch.isfinite(t.detach().reshape(t.shape[0], -1)).all(dim=1)
+            if bool(rows.any()):
+                return name, int(rows.nonzero()[0, 0])
     return None
 
 
@@ -85,119 +101,6 @@ def nonfinite_message(name: str, index: int, subcenters: int = 1, class_offset: 
         where = f"weight[{index}]" + (f" ({', '.join(detail)})" if detail else "")
         return f"{where} holds NaN/Inf (first bad class)"
     return f"bias[{class_offset + index}] holds NaN/Inf (first bad entry)"
-
-
-def check_head_inputs(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    margin: Margin,
-    bias: Optional[torch.Tensor],
-    reduction: str,
-    label_smoothing: float,
-    check_finite: bool = False,
-) -> torch.Tensor:
-    """Checks shapes, dtypes and devices (and, with check_finite, that x, weight and bias hold no
-    NaN/Inf); returns the labels as int64.
-
-    dtypes: x and weight equal, or weight float32 with float16/bfloat16 x (dtype_pair_error).
-    bias may be any of float16, bfloat16, float32, float64, whatever x and weight are: it is
-    read in the arithmetic dtype (float32; float64 when x and weight are float64) and its
-    gradient comes back in its own dtype."""
-    if not isinstance(margin, Margin):
-        raise ValueError(f"margin must be a marginops margin spec (e.g. mo.ArcFace()), got {margin!r}")
-    for name, t in (("x", x), ("weight", weight), ("labels", labels)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"x must have shape [B, D], got {tuple(x.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
-        raise ValueError(
-            f"weight must have shape [C, {x.shape[1]}] to match x {tuple(x.shape)}, got {tuple(weight.shape)}"
-        )
-    if weight.shape[0] == 0:
-        raise ValueError("weight must have at least one class, got shape " + str(tuple(weight.shape)))
-    K = margin.config().subcenters
-    if weight.shape[0] % K:
-        raise ValueError(
-            f"weight has {weight.shape[0]} rows: {type(margin).__name__} needs num_classes·{K} (K sub-centers per "
-            "class)"
-        )
-    for name, t in (("x", x), ("weight", weight)):
-        if t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    check_dtype_pair(x, weight)
-    bad_dtype = label_dtype_error(labels)
-    if bad_dtype is not None:
-        raise ValueError(bad_dtype)
-    if labels.shape != (x.shape[0],):
-        raise ValueError(
-            f"labels must have shape [{x.shape[0]}] to match x {tuple(x.shape)}, got {tuple(labels.shape)}"
-        )
-    for name, t in (("weight", weight), ("labels", labels)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if bias is not None:
-        C = weight.shape[0] // K
-        if not isinstance(bias, torch.Tensor) or bias.shape != (C,):
-            shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-            raise ValueError(f"bias must have shape [{C}] (one per class) to match weight, got {shape}")
-        if bias.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"bias must be a floating tensor, got {bias.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    check_label_smoothing(label_smoothing)
-    if check_finite:
-        check_finite_inputs(x, weight, bias, K)
-    return labels.long()
-
-
-BACKENDS = {"auto": 0, "chunked": 1, "fused": 2}  # the ops' `backend` codes
-CUDA_BACKENDS = ("chunked", "fused")
-
-
-def check_backend(backend: str, device: Optional[torch.device], workspace_bytes: Optional[int]) -> tuple:
-    """backend and workspace_bytes as the ops take them: (code, bytes; 0 = the default 64 MiB).
-    device: x's, or None where it is not known yet (a head's constructor)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {backend!r}")
-    if backend in CUDA_BACKENDS and device is not None and device.type not in ("cuda", "meta"):
-        raise ValueError(f"backend={backend!r} runs on CUDA only, but x is on {device} (use backend='auto')")
-    if workspace_bytes is None:
-        return BACKENDS[backend], 0
-    if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int) or workspace_bytes <= 0:
-        raise ValueError(f"workspace_bytes must be a positive int (bytes) or None (64 MiB), got {workspace_bytes!r}")
-    return BACKENDS[backend], int(workspace_bytes)
-
-
-def check_grad_skip(threshold: float) -> float:
-    """grad_skip_threshold: a probability in [0, 1); 0 (the default) computes every gradient."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold < 1.0:
-        raise ValueError(f"grad_skip_threshold must lie in [0, 1), got {threshold!r}")
-    return float(threshold)
-
-
-def label_dtype_error(labels: torch.Tensor) -> Optional[str]:
-    """None when labels hold integer class ids (any integer dtype: uint8, int8, int16, int32,
-    int64; every head compares them as int64), else the ValueError's message."""
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        return f"labels must hold integer class ids, got dtype {labels.dtype}"
-    return None
-
-
-def check_label_smoothing(label_smoothing) -> float:
-    """label_smoothing: a Python number in [0, 1] (a tensor is refused: it would be read on the
-    host at every step, and a 0-d tensor compares like a number only by accident)."""
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
-        kind = f"a {type(label_smoothing).__name__}" + (
-            f" {label_smoothing!r}" if isinstance(label_smoothing, torch.Tensor) else ""
-        )
-        raise ValueError(f"label_smoothing must be a float in [0, 1], got {kind} (pass e.g. float(value))")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
-    return float(label_smoothing)
 
 
 def first_bad_label(labels: torch.Tensor, num_classes: int, ignore_index: int) -> Optional[Tuple[int, int]]:
@@ -219,8 +122,147 @@ def label_range_message(index: int, value: int, num_classes: int, ignore_index: 
     )
 
 
-def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """Raises on the first label outside [0, num_classes) that is not ignore_index (syncs on GPU)."""
-    bad = first_bad_label(labels, num_classes, ignore_index)
+def _code(table, value) -> int:
+    return table.index(value) if value in table else len(table)
+
+
+def _shape(t: torch.Tensor) -> Tuple[int, ...]:
+    dims = tuple(t.shape)[:4]
+    return (t.dim(),) + dims + (0,) * (4 - len(dims))
+
+
+def _shape_text(v) -> str:
+    ndim, dims = v[0], tuple(v[1 : 1 + min(v[0], 4)])
+    if ndim > 4:
+        return "(" + ", ".join(map(str, dims)) + ", ...)"
+    return str(dims)
+
+
+def _bad(code: int, *values: int) -> BadInput:
+    return BadInput(code, tuple(int(v) for v in values) + (0,) * (SLOTS - len(values)))
+
+
+def check_inputs(
+    x,
+    weight,
+    labels,
+    bias=None,
+    *,
+    subcenters: int = 1,
+    check_finite: bool = False,
+    head_dim: Optional[int] = None,
+    label_range: Optional[Tuple[int, int]] = None,
+) -> Optional[BadInput]:
+    """What is wrong with a call's tensors, or None. x [B, D] (D = head_dim for a head's own
+    weight), weight [C·K, D], labels [B] of any integer dtype, bias [C] or None; x and weight
+    float16/bfloat16/float32/float64 by dtype_pair_error's rule, bias of any of those; all on x's
+    device. With check_finite, the first NaN/Inf row of x, class of weight or entry of bias (a
+    sync). With label_range = (num_classes, ignore_index), label values too (a sync: a sharded
+    head's; a local call leaves them to the op, whose CUDA kernels check them without one)."""
+    for i, t in enumerate((x, weight, labels, bias)):
+        if not isinstance(t, torch.Tensor) and not (i == 3 and t is None):
+            return _bad(NOT_TENSOR, i, _code(_TYPES, type(t).__name__))
+    if x.dim() != 2 or (head_dim is not None and x.shape[1] != head_dim):
+        return _bad(X_SHAPE, -1 if head_dim is None else head_dim, *_shape(x))
+    if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        return _bad(WEIGHT_SHAPE, *_shape(x), *_shape(weight))
+    if weight.shape[0] == 0:
+        return _bad(WEIGHT_EMPTY, *_shape(weight))
+    if weight.shape[0] % subcenters:
+        return _bad(WEIGHT_ROWS, weight.shape[0], subcenters)
+    for i, t in enumerate((x, weight)):
+        if t.dtype not in FLOAT_DTYPES:
+            return _bad(DTYPE, i, _code(_DTYPES, t.dtype))
+    x_dtype = effective_x_dtype(x)
+    if dtype_pair_error(x_dtype, weight.dtype) is not None:
+        return _bad(DTYPE_PAIR, _code(_DTYPES, x_dtype), _code(_DTYPES, weight.dtype))
+    if label_dtype_error(labels) is not None:
+        return _bad(LABEL_DTYPE, _code(_DTYPES, labels.dtype))
+    if labels.shape != (x.shape[0],):
+        return _bad(LABELS_SHAPE, *_shape(x), *_shape(labels))
+    for i, t in ((1, weight), (2, labels), (3, bias)):
+        if t is not None and t.device != x.device:
+            return _bad(DEVICE, i, _code(_DEVICES, t.device.type), _code(_DEVICES, x.device.type))
+    if bias is not None:
+        C = weight.shape[0] // subcenters
+        if bias.shape != (C,):
+            return _bad(BIAS_SHAPE, C, *_shape(bias))
+        if bias.dtype not in FLOAT_DTYPES:
+            return _bad(BIAS_DTYPE, _code(_DTYPES, bias.dtype))
+    if check_finite and x.device.type != "meta":
+        found = first_nonfinite(x, weight, bias)
+        if found is not None:
+            return _bad(NONFINITE, NONFINITE_ARGS.index(found[0]), found[1])
+    if label_range is not None and x.device.type != "meta":
+        found = first_bad_label(labels, *label_range)
+        if found is not None:
+            return _bad(LABEL_RANGE, *found)
+    return None
+
+
+def input_message(
+    bad: BadInput,
+    *,
+    margin_name: str = "the margin",
+    subcenters: int = 1,
+    num_classes: int = 0,
+    ignore_index: int = -100,
+    class_offset: int = 0,
+) -> str:
+    """The ValueError's message of a BadInput. margin_name and subcenters (K) describe the margin;
+    num_classes and ignore_index a label's range; class_offset is added to the class of a weight
+    or bias entry (a shard's first class)."""
+    code, v = bad
+    dtype = lambda i: str(_DTYPES[i]) if i < len(_DTYPES) else "another dtype"  # noqa: E731
+    device = lambda i: _DEVICES[i] if i < len(_DEVICES) else "another device type"  # noqa: E731
+    if code == NOT_TENSOR:
+        got = _TYPES[v[1]] if v[1] < len(_TYPES) else "another type"
+        return f"{_ARGS[v[0]]} must be a tensor, got {got}"
+    if code == X_SHAPE:
+        return f"x must have shape [B, {'D' if v[0] < 0 else v[0]}], got {_shape_text(v[1:])}"
+    if code == WEIGHT_SHAPE:
+        x_shape, w_shape = _shape_text(v[:5]), _shape_text(v[5:])
+        return f"weight must have shape [C, {v[2]}] to match x {x_shape}, got {w_shape}"
+    if code == WEIGHT_EMPTY:
+        return f"weight must have at least one class, got shape {_shape_text(v)}"
+    if code == WEIGHT_ROWS:
+        return f"weight has {v[0]} rows: {margin_name} needs num_classes·{v[1]} (K sub-centers per class)"
+    if code == DTYPE:
+        return f"{_ARGS[v[0]]} must be float16, bfloat16, float32 or float64, got {dtype(v[1])}"
+    if code == DTYPE_PAIR:
+        return str(dtype_pair_error(_DTYPES[v[0]], _DTYPES[v[1]]))
+    if code == LABEL_DTYPE:
+        return f"labels must hold integer class ids, got dtype {dtype(v[0])}"
+    if code == LABELS_SHAPE:
+        return f"labels must have shape [{v[1]}] to match x {_shape_text(v[:5])}, got {_shape_text(v[5:])}"
+    if code == DEVICE:
+        return f"{_ARGS[v[0]]} is on {device(v[1])} but x is on {device(v[2])}"
+    if code == META_DEVICE:
+        return "x, labels and the head are on the meta device: ShardedMarginHead needs data to exchange"
+    if code == BIAS_SHAPE:
+        return f"bias must have shape [{v[0]}] (one per class) to match weight, got {_shape_text(v[1:])}"
+    if code == BIAS_DTYPE:
+        return f"bias must be a floating tensor, got {dtype(v[0])}"
+    if code == NONFINITE:
+        name = NONFINITE_ARGS[v[0]]
+        return nonfinite_message(name, v[1], subcenters, class_offset)
+    if code == LABEL_RANGE:
+        return label_range_message(v[0], v[1], num_classes, ignore_index)
+    return f"bad input (code {code})"
+
+
+def check_call(options, x, weight, labels, bias=None) -> torch.Tensor:
+    """The eager reference's check of a call: the one check, label values included (on the host),
+    and the backend against x's device. Returns the labels as int64."""
+    margin = options.margin
+    K = margin.config().subcenters
+    C = weight.shape[0] // K if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0
+    bad = check_inputs(
+        x, weight, labels, bias, subcenters=K, check_finite=options.check_finite,
+        label_range=(C, options.ignore_index),
+    )  # fmt: skip
     if bad is not None:
-        raise ValueError(label_range_message(*bad, num_classes, ignore_index))
+        context = {"margin_name": type(margin).__name__, "subcenters": K, "num_classes": C}
+        raise ValueError(input_message(bad, ignore_index=options.ignore_index, **context))
+    options.check_device(x.device)
+    return labels.long()

@@ -2,7 +2,7 @@
 baseline of every benchmark. It materializes the [B, C] logits, as the heads users run today do
 (insightface's CombinedMarginLoss, pytorch-metric-learning's ArcFaceLoss, ...), but computes the
 margin with the same clamps and branches as the compiled kernels (csrc/margin_math.h). Importing it
-needs no compiled extension: ``MarginHead`` (which subclasses marginops.nn's) is built on first use."""
+needs no compiled extension: ``MarginHead`` (which subclasses marginops.heads.MarginHead) is built on first use."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_backend, check_grad_skip, check_head_inputs, check_label_values
-from .margins import KIND_IDENTITY, NORM_EPS, Margin, RowContext, Softmax, psi, target_cosines
+from ._checks import check_call
+from .margins import KIND_IDENTITY, NORM_EPS, Margin, RowContext, psi, target_cosines
+from .options import HeadOptions
 
 
 def margin_cross_entropy(
@@ -36,11 +37,12 @@ def margin_cross_entropy(
     :func:`marginops.margin_cross_entropy`. ``grad_skip_threshold`` permits skipping negligible
     gradients, it does not require it: the reference always computes every one. ``backend`` and
     ``workspace_bytes`` are checked as the fused call checks them, and otherwise unused."""
-    margin = Softmax() if margin is None else margin
-    labels = check_head_inputs(x, weight, labels, margin, bias, reduction, label_smoothing, check_finite)
-    check_grad_skip(grad_skip_threshold)
-    check_backend(backend, x.device, workspace_bytes)
-    check_label_values(labels, weight.shape[0] // margin.config().subcenters, ignore_index)
+    options = HeadOptions(
+        margin, reduction, ignore_index, label_smoothing, return_accuracy, grad_skip_threshold, backend,
+        workspace_bytes, check_finite,
+    )  # fmt: skip
+    margin, label_smoothing = options.margin, options.label_smoothing
+    labels = check_call(options, x, weight, labels, bias)
     return unchecked_margin_cross_entropy(
         x,
         weight,
@@ -152,14 +154,14 @@ _MARGIN_HEAD = None
 def __getattr__(name: str):
     """``MarginHead``: :class:`marginops.MarginHead` computed by the eager reference (same
     parameters). Defined on first use, so that importing this module needs no compiled extension
-    (marginops.nn loads it)."""
+    (marginops.heads loads it)."""
     global _MARGIN_HEAD
     if name != "MarginHead":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if _MARGIN_HEAD is None:
-        from . import nn as _nn
+        from . import heads as _heads
 
-        class MarginHead(_nn.MarginHead):
+        class MarginHead(_heads.MarginHead):
             """:class:`marginops.MarginHead` computed by the eager reference (same parameters)."""
 
             _loss_fn = staticmethod(margin_cross_entropy)

@@ -295,7 +295,7 @@ def check_faults(rank, world):
     labels = torch.tensor([1, 2, 99 if rank == 1 else 3])
     expect_error(lambda: head(torch.randn(3, D), labels), "rank 1: labels[2] = 99 is out of range")
     x = torch.randn(3, D + (1 if rank == 0 else 0))
-    expect_error(lambda: head(x, torch.tensor([1, 2, 3])), "rank 0: x must have shape [B, 8], got D = 9")
+    expect_error(lambda: head(x, torch.tensor([1, 2, 3])), "rank 0: x must have shape [B, 8], got (3, 9)")
     expect_error(
         lambda: head(torch.randn(3, D, dtype=torch.bfloat16 if rank else torch.float32), torch.tensor([1, 2, 3])),
         "different dtypes",

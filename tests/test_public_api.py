@@ -138,14 +138,14 @@ def test_lambda_schedule_closed_form_and_floor():
 
 def test_margin_state_buffers_are_copies_and_as_dict_aliases_them():
     t = torch.tensor([0.5], dtype=f64)
-    state = mo.nn.MarginState({"t": t, "u": torch.zeros(2)})
+    state = mo.heads.MarginState({"t": t, "u": torch.zeros(2)})
     t.fill_(9.0)
     assert float(state.t) == 0.5, "construction copies the initial values"
     d = state.as_dict()
     assert sorted(d) == ["t", "u"]
     d["t"].add_(1.0)  # margins update the dict in place: the buffer must see it
     assert float(state.state_dict()["t"]) == 1.5
-    assert mo.nn.MarginState({}).as_dict() is None
+    assert mo.heads.MarginState({}).as_dict() is None
     head = mo.MarginHead(4, 6, margin=mo.CurricularFace())
     assert sorted(head.margin_state.state_dict()) == ["t"] and float(head.margin_state.t) == 0.0
 
@@ -619,7 +619,7 @@ def test_sharded_head_loads_saves_and_computes_by_hand_on_two_ranks(tmp_path):
 
 
 def test_demo_verification_on_exact_features():
-    from marginops import demo
+    from marginops.tools import demo
 
     eye = torch.eye(3, dtype=f64)
     feats = eye[[0, 0, 0, 1, 1, 1, 2, 2, 2]] * torch.tensor([1.0, 2.0, 3.0] * 3, dtype=f64)[:, None]

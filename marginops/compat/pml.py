@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from ..heads import MarginHead
 from ..margins import ArcFace, CosFace, LSoftmax, Margin, NormFace, SphereFace, SubCenterArcFace
-from ..nn import MarginHead
 
 __all__ = ["margin_from_pml", "from_pml", "to_pml"]
 

@@ -19,7 +19,7 @@ from typing import List, Optional
 import torch
 
 from .. import reference
-from ..nn import MarginHead
+from ..heads import MarginHead
 from . import bench, demo
 from .common import MARGINS, HelpFormatter, plain
 from .memory import peak_bytes

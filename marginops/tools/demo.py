@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import margins as M
-from ..nn import MarginHead
+from ..heads import MarginHead
 from .common import HelpFormatter, plain
 
 # Margins sized for 10 classes in 2-3 dimensions (36° per class in 2-D): the face-recognition

@@ -1,0 +1,274 @@
+"""The one path from a head call to the op: check the inputs, autocast, the margin's per-row terms,
+the op's per-row statistics, then loss, accuracy and the margin's extra loss. Every entry point
+(margin_cross_entropy, MarginHead, WeightedMarginHead, ShardedMarginHead) runs it; a sharded head
+plugs in a Shard record (marginops.distributed.sharding), which adds the collectives: the header
+exchange, the all-gathered batch, the merged statistics. docs/design.md describes the stages."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from ._checks import BadInput, check_inputs, input_message
+from .distributed import sharding
+from .margins import Margin, RowContext, target_cosines
+from .options import HeadOptions
+
+TOPK_KINDS = ("cosine", "logit")
+
+
+def autocast_features(x: torch.Tensor) -> torch.Tensor:
+    """Under torch.autocast, float32 features become the autocast dtype, as a matmul's inputs
+    would. The weight is left alone: the kernels convert its tiles as they load them, so no
+    low-precision copy of W is made and dW comes back in W's dtype."""
+    device = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
+def loss_from_stats(
+    stats: ops.HeadStats,
+    labels: torch.Tensor,
+    num_classes,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    extra_loss: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Cross-entropy from per-row statistics, as torch.nn.functional.cross_entropy defines it:
+    loss_i = lse_i − (1 − ε)·z_iy − (ε/C)·Σ_j z_ij (+ extra_loss_i), ignored rows excluded
+    (mean over the rest)."""
+    loss = stats.lse - (1.0 - label_smoothing) * stats.target_logit
+    if label_smoothing > 0:
+        loss = loss - (label_smoothing / num_classes) * stats.logit_sum
+    if extra_loss is not None:
+        loss = loss + extra_loss
+    valid = labels != ignore_index
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / valid.sum()
+
+
+def accuracy_from_stats(stats: ops.HeadStats, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Fraction of non-ignored rows whose margin-free argmax is the label."""
+    valid = labels != ignore_index
+    return ((stats.best_class == labels) & valid).sum() / valid.sum()
+
+
+def check_device(x: torch.Tensor, opts: HeadOptions) -> None:
+    """The backend runs on x's device, and this build has kernels for it."""
+    opts.check_device(x.device)
+    if x.device.type not in ("cpu", "meta") and not torch._C._dispatch_has_kernel_for_dispatch_key(
+        "marginops::margin_ce_forward", x.device.type.upper()
+    ):
+        raise RuntimeError(
+            f"x is on {x.device}, but marginops was built without kernels for {x.device.type}; "
+            "rebuild with CUDA (see README, 'Building with CUDA')"
+        )
+
+
+def check_x(x, head_dim: int) -> None:
+    """x [B, head_dim] for a head's inference helpers and its eager oracle."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != head_dim:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must have shape [B, {head_dim}], got {shape}")
+
+
+def _message_context(margin: Margin, opts: HeadOptions, num_classes: int) -> dict:
+    return {
+        "margin_name": type(margin).__name__,
+        "subcenters": margin.config().subcenters,
+        "num_classes": num_classes,
+        "ignore_index": opts.ignore_index,
+    }
+
+
+def head_loss(
+    opts: HeadOptions,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    margin: Optional[Margin] = None,
+    margin_state: Optional[Dict[str, torch.Tensor]] = None,
+    update_state: bool = True,
+    head_dim: Optional[int] = None,
+    shard: Optional[sharding.Shard] = None,
+):
+    """The loss (and accuracy with opts.return_accuracy) of x [B, D] against weight [C·K, D]
+    (a shard of the classes with ``shard``), labels [B]. ``margin`` overrides opts.margin for
+    this call (an annealed λ); ``margin_state`` is the stateful margins' state, updated in place
+    when update_state; ``head_dim`` is a head's embedding size (x's D is checked against it)."""
+    margin = opts.margin if margin is None else margin
+    K = margin.config().subcenters
+    x = autocast_features(x) if isinstance(x, torch.Tensor) else x
+    if shard is not None and isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[1] == 1:
+        labels = labels.squeeze(1)  # insightface's [B, 1] labels
+    num_classes = shard.num_classes if shard is not None else None
+    label_range = None if shard is None else (num_classes, opts.ignore_index)
+    bad: Optional[BadInput] = check_inputs(
+        x,
+        weight,
+        labels,
+        bias,
+        subcenters=K,
+        check_finite=opts.check_finite,
+        head_dim=head_dim,
+        label_range=label_range,
+    )
+    if shard is None:
+        if bad is not None:
+            C = weight.shape[0] // K if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0
+            raise ValueError(input_message(bad, **_message_context(margin, opts, C)))
+        num_classes = weight.shape[0] // K
+        counts = [x.shape[0]]
+    else:
+        counts = sharding.exchange_header(shard, bad, x, weight, margin, _message_context(margin, opts, num_classes))
+    check_device(x, opts)
+    labels = labels.long()
+    if shard is None:
+        xg, yg = x, labels
+    else:
+        xg, yg = sharding.gather_batch(shard, x, labels, counts, opts.ignore_index)
+    valid = yg != opts.ignore_index
+    if shard is None:
+        target_cos = lambda: target_cosines(xg, weight, yg, valid, K)  # noqa: E731
+    else:
+        target_cos = lambda: sharding.target_cosines(shard, xg, weight, yg, valid, K)  # noqa: E731
+    update = margin_state is not None and update_state
+    terms = margin.prepare(RowContext(xg, yg, valid, update, target_cos), margin_state)
+    class_index = None if shard is None or shard.sample is None else shard.sample(yg)
+    stats = ops.head_stats(
+        xg,
+        weight,
+        yg,
+        bias=bias,
+        row_margins=terms.row_margins,
+        curricular=terms.curricular,
+        class_index=class_index,
+        num_classes=num_classes,
+        class_offset=0 if shard is None else shard.class_offset,
+        ignore_index=opts.ignore_index,
+        cfg=margin.config(),
+        grad_skip=opts.grad_skip_threshold,
+        backend=opts.backend_code,
+        workspace_bytes=opts.workspace_code,
+    )
+    computed, extra = num_classes, terms.extra_loss
+    if shard is not None:
+        stats, computed, extra = sharding.merge_stats(shard, stats, class_index, extra, opts.reduction != "none")
+    rows = loss_from_stats(stats, yg, computed, opts.ignore_index, opts.label_smoothing, "none", extra)
+    loss = _reduce(rows, valid, opts.reduction, _own_rows(shard, counts)).to(ops.acc_dtype(xg, weight))
+    if opts.return_accuracy:
+        return loss, accuracy_from_stats(stats, yg, opts.ignore_index)
+    return loss
+
+
+def _own_rows(shard, counts: List[int]) -> slice:
+    start = 0 if shard is None else sum(counts[: shard.rank])
+    return slice(start, start + counts[0 if shard is None else shard.rank])
+
+
+def _reduce(rows: torch.Tensor, valid: torch.Tensor, reduction: str, own: slice) -> torch.Tensor:
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "mean":
+        return rows.sum() / valid.sum()
+    return rows[own]  # "none": the caller's own rows (a sharded head's rank's, of the global batch)
+
+
+def cosine_margin(subcenters: int = 1) -> Margin:
+    """A spec whose margin-free logits are the cosines (s = 1), with the given sub-centers."""
+    return _Cosine(subcenters)
+
+
+class _Cosine(Margin):
+    def __init__(self, subcenters: int):
+        self.subcenters = subcenters
+
+    def config(self):
+        from .margins import NormFace
+
+        return NormFace(s=1.0).config()._replace(subcenters=self.subcenters)
+
+
+def topk(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    k: int,
+    margin: Margin,
+    bias: Optional[torch.Tensor] = None,
+    kind: str = "logit",
+    *,
+    num_classes: Optional[int] = None,
+    shard: Optional[sharding.Shard] = None,
+):
+    """The k best classes of each row of x over every class (a sharded head's: over all shards),
+    without a [B, C] tensor: (values [B, k], classes [B, k]). kind "logit": the margin-free
+    logits of ``margin`` (s·cos θ + bias); "cosine": cos θ in [-1, 1], no bias. A class's value
+    is its best sub-center's. Not differentiable."""
+    if kind not in TOPK_KINDS:
+        raise ValueError(f"kind must be one of {TOPK_KINDS}, got {kind!r}")
+    cfg = margin.config()
+    C = weight.shape[0] // cfg.subcenters if num_classes is None else num_classes
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= C:
+        raise ValueError(f"k = {k} must lie in [1, {C}] (the number of classes)")
+    if kind == "cosine":
+        cfg, bias = cosine_margin(cfg.subcenters).config(), None
+    if shard is None:
+        return ops.topk(x, weight, k=k, cfg=cfg, bias=bias)
+    with torch.no_grad():
+        labels = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        bad = check_inputs(x, weight, labels, None, subcenters=cfg.subcenters)
+        counts = sharding.exchange_header(shard, bad, x, weight, margin, {"margin_name": type(margin).__name__})
+        xg, _ = sharding.gather_batch(shard, x, labels, counts, -1)
+        kk = min(k, shard.local_classes)
+        values, classes = ops.topk(xg, weight, k=kk, cfg=cfg, bias=bias, class_offset=shard.class_offset)
+        if kk < k:  # every rank contributes k candidates
+            values = F.pad(values, (0, k - kk), value=-float("inf"))
+            classes = F.pad(classes, (0, k - kk), value=-1)
+        every = sharding.gather_stack(torch.stack([values.double(), classes.double()], dim=2), shard.group)
+        all_values = every[..., 0].permute(1, 0, 2).reshape(xg.shape[0], -1)
+        all_classes = every[..., 1].permute(1, 0, 2).reshape(xg.shape[0], -1)
+        top, pos = all_values.topk(k, dim=1)
+        own = _own_rows(shard, counts)
+        return top[own].to(values.dtype), all_classes.gather(1, pos)[own].long()
+
+
+def class_logits(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    margin: Optional[Margin] = None,
+    bias: Optional[torch.Tensor] = None,
+    chunk_size: int = 65536,
+) -> torch.Tensor:
+    """Margin-free logits [B, C] of a head (a class's logit being its best sub-center's), computed
+    chunk_size classes at a time, so temporaries stay at B·chunk_size·K."""
+    from .margins import NORM_EPS, Softmax
+
+    cfg = (Softmax() if margin is None else margin).config()
+    K = cfg.subcenters
+    num_classes = weight.shape[0] // K
+    acc = ops.acc_dtype(x, weight)
+    xs = x.to(acc)
+    if cfg.normalize_x:
+        xs = cfg.s * F.normalize(xs, dim=1, eps=NORM_EPS)
+    out = torch.empty(x.shape[0], num_classes, dtype=acc, device=x.device)
+    for c0 in range(0, num_classes, chunk_size):
+        c1 = min(num_classes, c0 + chunk_size)
+        w = weight[c0 * K : c1 * K].to(acc)
+        if cfg.normalize_w:
+            w = F.normalize(w, dim=1, eps=NORM_EPS)
+        z = xs @ w.T
+        if K > 1:
+            z = z.view(x.shape[0], c1 - c0, K).amax(dim=2)
+        out[:, c0:c1] = z if bias is None else z + bias[c0:c1].to(acc)
+    return out

@@ -1,0 +1,368 @@
+"""Checkpoints of a head's classes, at any world size: save_sharded writes each rank's shard and a
+meta.json with every shard file's size and SHA-256; load_sharded and consolidate verify them
+before a tensor changes; split and import_insightface convert from whole weights and from
+insightface's per-rank files."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from .._checks import FLOAT_DTYPES, dtype_name
+from .sharding import class_range
+
+_SHARD = "shard-{rank:05d}-of-{world:05d}.pt"
+
+
+def _head_meta(head) -> dict:
+    return {
+        "num_classes": head.num_classes,
+        "embedding_size": head.embedding_size,
+        "subcenters": head.subcenters,
+        "bias": head.bias is not None,
+        "margin": repr(head.margin),
+    }
+
+
+def _file_digest(path: str) -> Tuple[str, int]:
+    """(sha256 hex digest, size in bytes) of a file, read in 1 MiB blocks."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            size += len(block)
+    return h.hexdigest(), size
+
+
+def _write_atomically(path: str, write) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_sharded(head: torch.nn.Module, directory: str) -> None:
+    """Writes this rank's shard (weight, bias, margin state, class range) to
+    ``directory/shard-RRRRR-of-WWWWW.pt`` and, from rank 0, ``meta.json``. Call on every rank;
+    a MarginHead saves as one shard. Load at any world size with :func:`load_sharded`.
+
+    ``meta.json`` holds num_classes, embedding_size, subcenters, bias, margin (the spec's repr),
+    world_size and ``shards``: per shard file, in rank order, ``{"file", "bytes", "sha256"}`` (its
+    size and the SHA-256 of its bytes), which :func:`load_sharded` and :func:`consolidate` verify."""
+    sharded = hasattr(head, "class_start")
+    rank, world = (head.rank, head.world_size) if sharded else (0, 1)
+    start, end = (head.class_start, head.class_end) if sharded else (0, head.num_classes)
+    os.makedirs(directory, exist_ok=True)
+    shard = {
+        "class_start": start,
+        "class_end": end,
+        "weight": head.weight.detach().cpu(),
+        "bias": None if head.bias is None else head.bias.detach().cpu(),
+        "margin_state": {k: v.detach().cpu() for k, v in head.margin_state.state_dict().items()},
+        "meta": _head_meta(head),
+    }
+    name = _SHARD.format(rank=rank, world=world)
+    path = os.path.join(directory, name)
+    _write_atomically(path, lambda tmp: torch.save(shard, tmp))
+    digest, size = _file_digest(path)  # of the bytes on disk
+    entries = [{"file": name, "bytes": size, "sha256": digest}]
+    if sharded:
+        entries = [None] * world
+        dist.all_gather_object(entries, {"file": name, "bytes": size, "sha256": digest}, group=head.group)
+    if rank == 0:
+        meta = {**_head_meta(head), "world_size": world, "shards": entries}
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump(meta, f, indent=2)
+
+        _write_atomically(os.path.join(directory, "meta.json"), write)
+    if sharded:
+        dist.barrier(group=head.group)
+
+
+_META_FIELDS = {
+    "num_classes": int,
+    "embedding_size": int,
+    "subcenters": int,
+    "bias": bool,
+    "margin": str,
+    "world_size": int,
+}
+
+
+def _read_meta(directory: str) -> dict:
+    meta_path = os.path.join(directory, "meta.json")
+    if not os.path.exists(meta_path):
+        raise ValueError(f"{directory} holds no marginops checkpoint (no meta.json)")
+    damaged = f"{meta_path} is damaged"
+    try:
+        with open(meta_path, "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{damaged}: not valid JSON ({e}); the checkpoint cannot be read") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{damaged}: expected a JSON object, got {type(meta).__name__}")
+    for key, kind in _META_FIELDS.items():
+        value = meta.get(key)
+        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 1)):
+            wanted = "a positive int" if kind is int else kind.__name__
+            raise ValueError(f"{damaged}: {key} must be {wanted}, got {value!r}")
+    world = meta["world_size"]
+    entries = meta.get("shards")
+    if entries is not None:
+        names = [_SHARD.format(rank=r, world=world) for r in range(world)]
+        ok = (
+            isinstance(entries, list)
+            and len(entries) == world
+            and all(
+                isinstance(e, dict)
+                and e.get("file") == n
+                and isinstance(e.get("sha256"), str)
+                and isinstance(e.get("bytes"), int)
+                and not isinstance(e.get("bytes"), bool)
+                for e, n in zip(entries, names)
+            )
+        )
+        if not ok:
+            raise ValueError(f"{damaged}: shards must list {{file, bytes, sha256}} of {names}, got {entries!r}")
+    return meta
+
+
+def _verify_file(path: str, entry: Optional[dict]) -> None:
+    """The shard file's size and SHA-256 against meta.json's record of them."""
+    if entry is None:
+        return
+    digest, size = _file_digest(path)
+    if size != entry["bytes"]:
+        raise ValueError(
+            f"{path} is damaged: {size} bytes, but meta.json records {entry['bytes']} (truncated, or overwritten "
+            "after the "
+            "checkpoint was written)"
+        )
+    if digest != entry["sha256"]:
+        raise ValueError(
+            f"{path} is damaged: its sha256 {digest[:16]}... differs from {entry['sha256'][:16]}... recorded in "
+            "meta.json "
+            "(its bytes changed after the checkpoint was written, or it comes from another checkpoint)"
+        )
+
+
+def _check_shard(path: str, shard, meta: dict, rank: int, first: int) -> int:
+    """A loaded shard holds what meta.json says it should: a class range that continues the
+    previous shard's (from ``first``; the last one ends at num_classes), weight [(end − start)·K, D],
+    bias [end − start] (or None), margin state tensors. Returns its end."""
+    bad = lambda what: ValueError(f"{path} does not match meta.json: {what}")  # noqa: E731
+    keys = ("class_start", "class_end", "weight", "bias", "margin_state")
+    if not isinstance(shard, dict) or any(k not in shard for k in keys):
+        raise bad(
+            f"a shard holds {list(keys)}, got {sorted(shard) if isinstance(shard, dict) else type(shard).__name__}"
+        )
+    C, world, K, D = meta["num_classes"], meta["world_size"], meta["subcenters"], meta["embedding_size"]
+    start, end = shard["class_start"], shard["class_end"]
+    last = rank == world - 1
+    if (
+        not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end))
+        or start != first
+        or not (end == C if last else first < end < C)
+    ):
+        want = f"[{first}, {C})" if last else f"[{first}, e) with {first} < e < {C}"
+        raise bad(f"classes [{start}, {end}), expected {want} (shard {rank} of {world}, {C} classes)")
+    weight, bias = shard["weight"], shard["bias"]
+    want = ((end - start) * K, D)
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != want or weight.dtype not in FLOAT_DTYPES:
+        got = (
+            f"{tuple(weight.shape)} {dtype_name(weight.dtype)}"
+            if isinstance(weight, torch.Tensor)
+            else type(weight).__name__
+        )
+        raise bad(
+            f"weight is {got}, expected a floating tensor of shape {want} (classes [{start}, {end}) x {K} "
+            f"sub-centers, D = {D})"
+        )
+    if meta["bias"] != (bias is not None):
+        raise bad(f"bias is {'absent' if bias is None else 'present'}, but meta.json says bias={meta['bias']}")
+    if bias is not None and (
+        not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (end - start,) or bias.dtype not in FLOAT_DTYPES
+    ):
+        got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise bad(f"bias has shape {got}, expected ({end - start},)")
+    state = shard["margin_state"]
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise bad("margin_state must map names to tensors")
+    return end
+
+
+def _read_shards(directory: str) -> Tuple[dict, List[dict]]:
+    """meta.json and every shard, verified (checksums, then contents against meta.json) before
+    anything is returned: a damaged checkpoint is a ValueError naming the file."""
+    meta = _read_meta(directory)
+    world = meta["world_size"]
+    entries = meta.get("shards")
+    if entries is None:
+        warnings.warn(
+            f"checkpoint {directory} records no checksums (written before marginops recorded them): its shard files "
+            "are "
+            "checked for shape only, not for damage; save it again to add them",
+            stacklevel=3,
+        )
+    shards, first = [], 0
+    for r in range(world):
+        path = os.path.join(directory, _SHARD.format(rank=r, world=world))
+        if not os.path.exists(path):
+            raise ValueError(f"checkpoint {directory} is missing {os.path.basename(path)} of its {world} shards")
+        _verify_file(path, None if entries is None else entries[r])
+        try:
+            shard = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated or damaged zip, unpickling errors: all one story for the user
+            raise ValueError(f"{path} is damaged: torch.load cannot read it ({type(e).__name__}: {e})") from None
+        first = _check_shard(path, shard, meta, r, first)
+        shards.append(shard)
+    return meta, shards
+
+
+_OVERRIDABLE = ("num_classes", "margin")
+
+
+def _check_meta(meta: dict, head, strict: bool) -> List[str]:
+    """Raises when the checkpoint cannot load into head; returns the differences strict=False lets through."""
+    mine = _head_meta(head)
+    keys = ("num_classes", "embedding_size", "subcenters", "bias", "margin")
+    diffs = {k: f"{k}: checkpoint {meta[k]!r}, head {mine[k]!r}" for k in keys if meta[k] != mine[k]}
+    fatal = [d for k, d in diffs.items() if k not in _OVERRIDABLE]
+    if fatal or (diffs and strict):
+        hint = (
+            ""
+            if fatal
+            else " (load_sharded(..., strict=False) loads it anyway: the classes both have, whatever the margin)"
+        )
+        raise ValueError("checkpoint does not fit this head: " + "; ".join(diffs.values()) + hint)
+    return list(diffs.values())
+
+
+def _gather_range(shards: List[dict], key: str, start: int, end: int, per_class: int) -> Optional[torch.Tensor]:
+    """Rows of classes [start, end) from the shards that hold them."""
+    parts = []
+    for s in shards:
+        lo, hi = max(start, s["class_start"]), min(end, s["class_end"])
+        if lo < hi and s[key] is not None:
+            off = s["class_start"]
+            parts.append(s[key][(lo - off) * per_class : (hi - off) * per_class])
+    return torch.cat(parts) if parts else None
+
+
+@torch.no_grad()
+def load_sharded(head: torch.nn.Module, directory: str, *, strict: bool = True) -> None:
+    """Loads a checkpoint written by :func:`save_sharded` at any world size into this rank's
+    shard (or a whole MarginHead).
+
+    Everything is verified before any tensor of the head changes, so a failed load leaves the
+    head as it was: meta.json must parse, every shard file must have the size and SHA-256 that
+    meta.json records (a checkpoint written before checksums were recorded loads with a warning,
+    its shards checked for shape only) and hold the class range and shapes meta.json describes;
+    otherwise a ValueError names the file. A checkpoint of another embedding_size, sub-center
+    count or bias is always an error, never a silent re-initialisation.
+
+    ``strict`` (default True): the checkpoint's num_classes and margin (the spec's repr, i.e.
+    its configuration) must equal the head's, else a ValueError lists the differences.
+    ``strict=False`` loads it anyway, with a warning naming them: the classes both have
+    (the head's others keep their values), and the margin state only where its entries have
+    the same names and shapes (e.g. fine-tuning a Softmax-trained head with ArcFace)."""
+    meta, shards = _read_shards(directory)
+    differences = _check_meta(meta, head, strict)
+    sharded = hasattr(head, "class_start")
+    start, end = (head.class_start, head.class_end) if sharded else (0, head.num_classes)
+    stop = min(end, meta["num_classes"])
+    K = head.subcenters
+    weight = _gather_range(shards, "weight", start, stop, K)
+    bias = _gather_range(shards, "bias", start, stop, 1) if head.bias is not None else None
+    state, mine = shards[0]["margin_state"], head.margin_state.state_dict()
+    state_fits = sorted(state) == sorted(mine) and all(tuple(state[k].shape) == tuple(mine[k].shape) for k in mine)
+    if not state_fits and not differences:
+        raise ValueError(
+            f"{directory}: the margin state {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in state.items())}}} does "
+            "not fit "
+            f"the head's {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in mine.items())}}}"
+        )
+    if differences:
+        kept = [] if state_fits else ["margin state"]
+        if stop < end:
+            kept.append(f"classes [{max(start, stop)}, {end})")
+        warnings.warn(
+            f"load_sharded(strict=False) of {directory}: "
+            + "; ".join(differences)
+            + (f"; the head keeps its own {' and '.join(kept)}" if kept else ""),
+            stacklevel=3,
+        )
+    # nothing above touched the head: now copy
+    if weight is not None:
+        head.weight[: weight.shape[0]].copy_(weight)
+    if bias is not None:
+        head.bias[: bias.shape[0]].copy_(bias)
+    if state_fits:
+        head.margin_state.load_state_dict(state)  # kept alike on every rank
+
+
+def consolidate(directory: str) -> Dict[str, Optional[torch.Tensor]]:
+    """The whole head of a sharded checkpoint: {"weight": [C·K, D], "bias": [C] or None}.
+    Verifies the files as :func:`load_sharded` does."""
+    meta, shards = _read_shards(directory)
+    C = meta["num_classes"]
+    return {
+        "weight": _gather_range(shards, "weight", 0, C, meta["subcenters"]),
+        "bias": _gather_range(shards, "bias", 0, C, 1),
+    }
+
+
+def split(weight: torch.Tensor, world_size: int, subcenters: int = 1) -> List[torch.Tensor]:
+    """A whole weight [C·K, D] (or bias [C]) cut into the shards of a world_size-rank head."""
+    C = weight.shape[0] // subcenters
+    if C * subcenters != weight.shape[0]:
+        raise ValueError(f"weight has {weight.shape[0]} rows, not a multiple of subcenters = {subcenters}")
+    return [
+        weight[s * subcenters : e * subcenters] for s, e in (class_range(C, world_size, r) for r in range(world_size))
+    ]
+
+
+def import_insightface(paths: Union[str, Sequence[str]]) -> torch.Tensor:
+    """The class weight [C, D] of an insightface Partial FC run from its per-rank files: either
+    ``checkpoint_gpu_{rank}.pt`` (the shard under ``state_dict_softmax_fc``) or
+    ``softmax_fc_gpu_{rank}.pt`` (the shard's state dict). ``paths``: a directory or the files.
+    Checks that the shard sizes follow insightface's split. Load the result with
+    ``head.weight.copy_(...)`` or, for a ShardedMarginHead, its ``split(...)[rank]``."""
+    if isinstance(paths, str):
+        found = sorted(glob.glob(os.path.join(paths, "checkpoint_gpu_*.pt"))) or sorted(
+            glob.glob(os.path.join(paths, "softmax_fc_gpu_*.pt"))
+        )
+        if not found:
+            raise ValueError(f"{paths} holds no insightface checkpoint_gpu_*.pt or softmax_fc_gpu_*.pt files")
+        paths = found
+    rank_of = lambda p: int(os.path.basename(p).rsplit("_", 1)[1].split(".")[0])  # noqa: E731
+    paths = sorted(paths, key=rank_of)
+    if [rank_of(p) for p in paths] != list(range(len(paths))):
+        raise ValueError(
+            f"insightface shards must be ranks 0..{len(paths) - 1}, got {[os.path.basename(p) for p in paths]}"
+        )
+    shards = []
+    for p in paths:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        state = state.get("state_dict_softmax_fc", state)
+        if "weight" not in state:
+            raise ValueError(f"{p} has no softmax-fc weight (keys: {sorted(state)})")
+        shards.append(state["weight"])
+    C = sum(s.shape[0] for s in shards)
+    expected = [e - s for s, e in (class_range(C, len(shards), r) for r in range(len(shards)))]
+    if [s.shape[0] for s in shards] != expected or len({s.shape[1] for s in shards}) != 1:
+        raise ValueError(
+            f"shard shapes {[tuple(s.shape) for s in shards]} do not follow insightface's split of {C} classes over "
+            f"{len(shards)} ranks"
+        )
+    return torch.cat(shards)
