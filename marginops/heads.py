@@ -89,7 +89,7 @@ for _name in FIELDS:
 
 
 class MarginHead(ClassWeights):
-    """Classification head with a margin-softmax loss (default margin: plain Softmax).
+    """Classification head with a margin-softmax loss; the default margin is plain Softmax.
 
     Owns ``weight [num_classes·K, embedding_size]`` (K sub-centers for SubCenterArcFace, else 1)
     and, with ``bias=True``, ``bias [num_classes]``; ``forward(x [B, embedding_size], labels [B])``
