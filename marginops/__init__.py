@@ -28,8 +28,8 @@ __version__ = "0.1.0"
 
 def backends() -> dict:
     """What ``backend="auto"`` runs on each device this build has kernels for, e.g.
-    ``{"cpu": "tiled"}`` or ``{"cpu": "tiled", "cuda": "chunked"}``. CUDA also offers ``"fused"``
-    (``margin_cross_entropy(..., backend="fused")``)."""
+    ``{"cpu": "tiled"}`` or ``{"cpu": "tiled", "cuda": "chunked"}``. CUDA also offers ``"tiles"``
+    (``margin_cross_entropy(..., backend="tiles")``)."""
     import torch
 
     has = torch._C._dispatch_has_kernel_for_dispatch_key

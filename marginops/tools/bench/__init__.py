@@ -10,7 +10,7 @@ one H100: about 10 to 20 minutes (an estimate: torch.compile dominates); --time-
 
 --preset gpu-check (GPU only, what scripts/gpu-check runs, about 3 to 6 minutes, at most
 --time-budget-s = 360): B = 1024, D = 512, bfloat16, ArcFace, C = 100k, 1M, 3M with marginops'
-two CUDA backends (chunked, fused-tiles), the eager reference, torch.compile of it and three GEMMs;
+two CUDA backends (chunked, tiles), the eager reference, torch.compile of it and three GEMMs;
 then at C = 1M only, plain softmax (for Cut Cross-Entropy, Liger and torch's linear_cross_entropy,
 when one is there) and NormFace (for torch's linear_cross_entropy, torch >= 2.13) with chunked, the
 eager reference and those peers; no largest-C search; and
@@ -26,7 +26,7 @@ yardstick, not a floor), the legend, and JSON, Markdown and PNG files in --out.
 
 Implementations: marginops (its default backend: the tiled path on the CPU, chunked on CUDA;
 "fused", its old name, is still accepted for now),
-chunked and fused-tiles (CUDA only: backend="chunked" / backend="fused"), reference (eager),
+chunked and tiles (CUDA only: backend="chunked" / backend="tiles"), reference (eager),
 compiled (torch.compile of it), pml, cce, liger (peers, when installed), torch-lce and
 torch-lce-chunked (torch.nn.functional.linear_cross_entropy, torch >= 2.13: its reference path and
 its chunked path, options=LinearCrossEntropyOptions(); plain softmax and NormFace, the latter with
@@ -71,7 +71,7 @@ DEFAULTS = {
         classes="100000,300000,1000000,3000000",
         dtype="bfloat16",
         margins="arcface,cosface,softmax,normface",
-        impls="chunked,fused-tiles,reference,compiled,pml,cce,liger,torch-lce,torch-lce-chunked",
+        impls="chunked,tiles,reference,compiled,pml,cce,liger,torch-lce,torch-lce-chunked",
         repeat=10,
         repeat_time_s=1.0,
         max_budget_mib=None,
@@ -95,7 +95,7 @@ PRESETS = {
             + (["softmax"] if TORCH_LCE or any(importlib.util.find_spec(p) for p in SOFTMAX_PEERS) else [])
             + (["normface"] if TORCH_LCE else [])
         ),
-        impls="chunked,fused-tiles,reference,compiled,cce,liger,torch-lce,torch-lce-chunked",
+        impls="chunked,tiles,reference,compiled,cce,liger,torch-lce,torch-lce-chunked",
         repeat=10,
         repeat_time_s=0.5,
         max_budget_mib=None,

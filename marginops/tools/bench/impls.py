@@ -11,7 +11,7 @@ and its input is s·x̂ (logits s·x̂·Ŵᵀ). On an older torch both rows are 
 
 marginops appears as ``marginops`` (its default, ``backend="auto"``: the tiled path on the CPU,
 the chunked backend on CUDA) and, on CUDA only, as ``chunked`` (``backend="chunked"``: cuBLAS
-GEMMs over chunks of classes) and ``fused-tiles`` (``backend="fused"``: the one-kernel tile path).
+GEMMs over chunks of classes) and ``tiles`` (``backend="tiles"``: the one-kernel tile path).
 ``fused``, the old name of the ``marginops`` row, is accepted on the command line (see ALIASES).
 
 Each implementation also estimates the device memory one step needs above the inputs and their
@@ -108,7 +108,7 @@ class Chunked(_CudaBackend):
 
 
 class FusedTiles(_CudaBackend):
-    name, description, backend = "fused-tiles", 'marginops backend="fused" (one-kernel tile path)', "fused"
+    name, description, backend = "tiles", 'marginops backend="tiles" (one-kernel tile path)', "tiles"
 
 
 class Reference(Impl):
@@ -260,4 +260,4 @@ IMPLS: Dict[str, Impl] = {
 }
 
 # Old implementation names the command line still accepts, with a notice on stderr: old -> new.
-ALIASES: Dict[str, str] = {"fused": "marginops"}
+ALIASES: Dict[str, str] = {"fused": "marginops", "fused-tiles": "tiles"}

@@ -102,7 +102,7 @@ COLUMNS = [
     "max C",
     "status",
 ]
-OURS = ("marginops", "chunked", "fused-tiles")  # marginops' implementations
+OURS = ("marginops", "chunked", "tiles")  # marginops' implementations
 DISPLAY = {
     "reference": "eager",
     "compiled": "torch.compile(eager)",
