@@ -1,42 +1,9 @@
 """Drop-in replacements for insightface's ``arcface_torch`` head: in a ``train_v2.py``,
-
-    from marginops.insightface import PartialFC_V2, CombinedMarginLoss
-
-is the only line to change. ``PartialFC_V2(margin_loss, embedding_size, num_classes, sample_rate,
-fp16)`` takes insightface's arguments in insightface's order and returns the loss of the global
-batch from ``module(local_embeddings, local_labels)``, computed by
-:class:`marginops.ShardedMarginHead` without the ``[B, C/world]`` logits.
-
-By default the numbers are insightface's current ones (``semantics="insightface"``):
-
-- ArcFace (``CombinedMarginLoss(s, 1.0, m2, 0.0)``, ``ArcFace(s, margin)``): cos(θ + m) everywhere
-  (``policy="none"``, no fallback past θ + m > π) and the target's gradient passed straight
-  through (s·∂L/∂z, not s·ψ′(c)·∂L/∂z), as insightface applies the margin under ``no_grad``;
-- CosFace (``m3 > 0``): c − m3. insightface's code then ignores m1 and m2; so does this one (with
-  a warning when they are not 1 and 0);
-- ``interclass_filtering_threshold`` t > 0: a non-target class whose cosine exceeds t gets logit 0
-  and no gradient;
-- the features' gradient is multiplied by the world size (DDP averages the backbone's
-  gradients), as insightface's all-gather does.
-
-``semantics="marginops"`` gives marginops's own: the true gradient s·ψ′(c), the default θ + m > π
-policy ("fallback" for m1 = 1, "continuous" otherwise) and all of m1, m2, m3 honoured together.
-insightface raises for m1 ≠ 1 with m3 = 0; here that combination is a
-:class:`marginops.CombinedMargin` in both semantics.
-
-Differences that remain: Partial FC (``sample_rate < 1``) draws its negatives with marginops's
-generator (same count and rule — all positives plus uniform negatives — different classes than
-insightface's ``torch.randperm``); ``fp16=True`` casts the features to float16 on CUDA (insightface
-autocasts the product) while the weight stays float32 (its tiles are converted in the kernel: no
-low-precision copy of W); on the CPU, as insightface's ``torch.cuda.amp.autocast`` there, it does
-nothing.
-
-Like insightface's, ``PartialFC_V2`` needs ``torch.distributed`` initialized, also on one process
-(``init_process_group("gloo", ..., world_size=1)``). Its ``state_dict`` holds ``weight`` only —
-insightface's per-rank ``softmax_fc_gpu_{rank}.pt`` / ``checkpoint_gpu_{rank}.pt`` shards load into
-it at the same world size; for another world size use :func:`marginops.distributed.import_insightface`
-and :func:`marginops.distributed.split`.
-"""
+``from marginops.insightface import PartialFC_V2, CombinedMarginLoss`` is the only line to change.
+PartialFC_V2 takes insightface's arguments in insightface's order and computes the loss with
+marginops.ShardedMarginHead; by default with insightface's numbers (``semantics="insightface"``),
+or marginops's own (``semantics="marginops"``). docs/compat.md lists what each means and the
+differences that remain."""
 
 from __future__ import annotations
 

@@ -1,27 +1,7 @@
-"""pytorch-metric-learning's classification losses as marginops heads.
-
-    head = marginops.pml.from_pml(loss_func)     # ArcFaceLoss, CosFaceLoss, SphereFaceLoss, ...
-    loss = head(embeddings, labels)              # same loss, without the [B, C] logits
-
-pytorch-metric-learning stores the class weight as ``W [D, C]`` (marginops: ``[C, D]``) and the
-ArcFace margin in degrees (marginops: radians); :func:`from_pml` transposes and converts. The
-weight is copied: train the head's, or copy it back with :func:`to_pml`.
-
-| pytorch-metric-learning | marginops |
-|---|---|
-| ``ArcFaceLoss(margin=28.6°, scale=64)`` | ``ArcFace(s=scale, m=radians(margin), policy="fallback")`` |
-| ``SubCenterArcFaceLoss(sub_centers=K)`` | ``SubCenterArcFace(K, s, m)``, same sub-center layout |
-| ``CosFaceLoss(margin=0.35, scale=64)`` | ``CosFace(s=scale, m=margin)`` |
-| ``LargeMarginSoftmaxLoss(margin=4, scale=1)`` | ``LSoftmax(m=margin)`` (scale 1 only) |
-| ``SphereFaceLoss(margin=4, scale=1)`` | ``SphereFace(m=margin)`` (scale 1 only) |
-| ``NormalizedSoftmaxLoss(temperature=0.05)`` | ``NormFace(s=1/temperature)`` |
-
-ArcFace's fallback there is pml's own: c − m·sin m past θ + m > π.
-
-Not converted (an error): miners and ``indices_tuple`` weights, weight regularizers, a reducer
-other than the default mean, distances other than the default. Angles past the clamp differ in
-the last digits: marginops clamps cosines to ±(1 − 1e-7) before acos, pytorch-metric-learning to ±1.
-"""
+"""pytorch-metric-learning's classification losses as marginops heads:
+``head = marginops.pml.from_pml(loss_func)`` (ArcFaceLoss, CosFaceLoss, SphereFaceLoss, ...) gives
+the same loss without the [B, C] logits; :func:`to_pml` copies the weight back. docs/compat.md
+has the conversion table and what is refused."""
 
 from __future__ import annotations
 

@@ -23,35 +23,18 @@ from .sharding import Shard, call_flags, class_range
 class ShardedMarginHead(ClassWeights):
     """A margin head whose classes are sharded across the ranks of a process group.
 
-    Rank r owns classes ``class_range(num_classes, world_size, r)`` (``weight`` is that shard,
-    ``[local_classes·K, embedding_size]``). ``forward(x, labels)`` takes the rank's own batch
-    (batch sizes may differ between ranks) and returns the loss of the global batch, the same on
-    every rank (with ``reduction="none"``, the per-row losses of the rank's own rows). Works for
-    every margin, ignore_index and label smoothing; stateful margins keep their state in sync
-    from global-batch statistics.
+    Rank r owns classes ``class_range(num_classes, world_size, r)``: ``weight`` is that shard,
+    ``[local_classes·K, embedding_size]``. ``forward(x [B_r, embedding_size], labels [B_r] or
+    [B_r, 1])`` takes the rank's own batch (sizes may differ per rank) and returns the loss of the
+    global batch, the same on every rank (``reduction="none"``: the rank's own rows). The options
+    are MarginHead's; ``sample_rate < 1`` is Partial FC (in training, the shard's positives of the
+    global batch plus sampled others, reproducible from (seed, rank, step));
+    ``scale_grad_by_world_size`` multiplies dx by the world size (DDP's averaging).
 
-    Partial FC: with ``sample_rate < 1`` each rank computes, in training, only the classes of its
-    shard that are labels of the global batch plus uniformly sampled others, up to
-    ``int(sample_rate · local_classes)`` (all positives are always kept), passed to the kernel as
-    an index list. The sample is a function of (seed, rank, step): reproducible. Unsampled rows of
-    ``weight.grad`` are zero; label smoothing spreads over the sampled classes.
-
-    dtypes follow :func:`marginops.margin_cross_entropy`'s rule (x like weight, or
-    float16/bfloat16 x with a float32 weight); ``check_finite=True`` makes every rank raise a
-    ValueError naming the rank and the first NaN/Inf row of its x (or global class of its weight
-    shard, entry of its bias shard), at the cost of a device sync per step.
-
-    Every rank must call the head alike. Bad input on one rank (labels out of range, a wrong
-    shape, dtype or device) and a call that differs between ranks (x.requires_grad, the grad
-    mode, weight.requires_grad, training/eval mode, scale_grad_by_world_size, the margin, the
-    dtypes of x and weight) raise the same ValueError on every rank, naming the rank and the
-    field, before any collective that could wait. A rank that does not call the head at all (an
-    early ``continue``, an exception caught on that rank only, a shorter data loader) cannot be
-    detected: the other ranks wait in the first collective until the process group's timeout
-    and then raise a RuntimeError. That timeout is ``init_process_group(timeout=...)``; its
-    default is 10 minutes for NCCL and 30 minutes for gloo, so shorten it (e.g.
-    ``timeout=datetime.timedelta(minutes=2)``) to learn of such a rank sooner.
-    """
+    Every rank must call the head alike: bad input on one rank, or a call that differs between
+    ranks, raises the same ValueError on every rank, naming the rank. A rank that does not call the head
+    at all leaves the others waiting for the process group's timeout
+    (``init_process_group(timeout=...)``). docs/design.md, "Sharding the class dimension"."""
 
     def __init__(
         self,
