@@ -209,12 +209,14 @@ def topk(
     kind: str = "logit",
     *,
     num_classes: Optional[int] = None,
+    head_dim: Optional[int] = None,
     shard: Optional[sharding.Shard] = None,
 ):
     """The k best classes of each row of x over every class (a sharded head's: over all shards),
     without a [B, C] tensor: (values [B, k], classes [B, k]). kind "logit": the margin-free
     logits of ``margin`` (s·cos θ + bias); "cosine": cos θ in [-1, 1], no bias. A class's value
-    is its best sub-center's. Not differentiable."""
+    is its best sub-center's. Not differentiable. A sharded head's ranks check x in the header
+    (x's D against head_dim), so that a bad x on one rank raises on all."""
     if kind not in TOPK_KINDS:
         raise ValueError(f"kind must be one of {TOPK_KINDS}, got {kind!r}")
     cfg = margin.config()
@@ -224,10 +226,13 @@ def topk(
     if kind == "cosine":
         cfg, bias = cosine_margin(cfg.subcenters).config(), None
     if shard is None:
+        if head_dim is not None:
+            check_x(x, head_dim)
         return ops.topk(x, weight, k=k, cfg=cfg, bias=bias)
     with torch.no_grad():
-        labels = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
-        bad = check_inputs(x, weight, labels, None, subcenters=cfg.subcenters)
+        rows, device = (x.shape[0], x.device) if isinstance(x, torch.Tensor) and x.dim() else (0, weight.device)
+        labels = torch.full((rows,), -1, dtype=torch.long, device=device)
+        bad = check_inputs(x, weight, labels, None, subcenters=cfg.subcenters, head_dim=head_dim)
         counts = sharding.exchange_header(shard, bad, x, weight, margin, {"margin_name": type(margin).__name__})
         xg, _ = sharding.gather_batch(shard, x, labels, counts, -1)
         kk = min(k, shard.local_classes)

@@ -77,8 +77,10 @@ class ClassWeights(nn.Module):
         """The k best classes of each row: (values [B, k], classes [B, k]), from the fused pass,
         without a [B, num_classes] tensor. ``kind="cosine"`` (default): cos θ in [-1, 1] of the
         best sub-center; ``kind="logit"``: the margin-free logits s·cos θ (+ bias)."""
-        _pipeline.check_x(x, self.embedding_size)
-        return _pipeline.topk(x, self.weight, k, self._inference_margin(), self.bias, kind, **self._topk_shard())
+        return _pipeline.topk(
+            x, self.weight, k, self._inference_margin(), self.bias, kind, head_dim=self.embedding_size,
+            **self._topk_shard(),
+        )  # fmt: skip
 
     def _topk_shard(self) -> dict:
         return {}
