@@ -13,7 +13,7 @@ Expected values: the eager reference (marginops.reference) or a formula written 
 
 import pytest
 import torch
-from conftest import make_inputs, rel_err
+from helpers import make_inputs, rel_err
 
 import marginops as mo
 from marginops import reference

@@ -15,7 +15,7 @@ ops written out here; errors relative to the largest entry, at most 1e-10."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
+from helpers import rel_err
 
 import marginops as mo
 from marginops import functional, ops, reference

@@ -13,8 +13,7 @@ weight copy is prescaled), which is also where hard negatives meet them."""
 
 import pytest
 import torch
-from conftest import check_op_against_eager, rel_err
-from test_cuda_chunked_emulated import budget_for
+from helpers import budget_for, check_op_against_eager, rel_err
 
 from marginops.margins import KIND_COMBINED, KIND_IDENTITY, OpConfig
 
@@ -121,7 +120,7 @@ def test_prescaled_float16_variants(emu, K, hard):
     ws = budget_for(emu, CHUNK, B, D, C, K=K, dtype=x.dtype, wdtype=W.dtype, need_db=b is not None, normalize_w=True)
     fwd = emu.forward_any(*args, 0.0, CHUNKED, ws)
     assert emu.last_plan()["prescale_w"]
-    from conftest import eager_op_outputs
+    from helpers import eager_op_outputs
 
     want = eager_op_outputs(
         x.double(),

@@ -13,7 +13,7 @@ blocks, class tiles and chunks with 1 and 2 threads, and both CUDA backends unde
 
 import pytest
 import torch
-from conftest import emulated_loss, rel_err
+from helpers import emulated_loss, rel_err
 
 import marginops as mo
 from marginops import reference
@@ -120,7 +120,7 @@ def test_cuda_backends_emulated_confident_rows(emu, backend):
     """Softmax and NormFace (s = 64) rows up to 1e4 above the rest, over several chunks (chunked)
     or class splits (fused); then the overflowing-norm class, loss and gradients finite as the
     reference."""
-    from test_cuda_chunked_emulated import budget_for
+    from helpers import budget_for
 
     code = {"chunked": 1, "fused": 2}[backend]
     B, C, D = 24, 150, 16

@@ -8,7 +8,7 @@ test_margin_zoo: `-k cuda`)."""
 
 import pytest
 import torch
-from conftest import make_inputs, rel_err
+from helpers import make_inputs, rel_err
 
 import marginops as mo
 from marginops import reference

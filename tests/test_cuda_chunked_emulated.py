@@ -6,8 +6,15 @@ launch count, and the 16-bit paths against eager PyTorch's error in the same dty
 
 import pytest
 import torch
-from conftest import check_op_against_eager, check_tf32, emulated_loss, make_inputs, rel_err
-from test_cuda_emulated import MARGINS as EMULATED_MARGINS
+from helpers import (
+    EMULATED_MARGINS,
+    budget_for,
+    check_op_against_eager,
+    check_tf32,
+    emulated_loss,
+    make_inputs,
+    rel_err,
+)
 
 import marginops as mo
 from marginops import reference
@@ -19,29 +26,6 @@ _cpu = torch.ops.marginops
 
 def chunked_loss(emu, *args, **kw):
     return emulated_loss(emu, CHUNKED, *args, **kw)
-
-
-def budget_for(
-    emu,
-    classes,
-    B,
-    D,
-    C,
-    K=1,
-    dtype=torch.float64,
-    wdtype=torch.float64,
-    backward=True,
-    need_db=False,
-    normalize_w=True,
-):
-    """The smallest workspace_bytes whose (backward) plan puts `classes` classes in a chunk."""
-    plan = lambda budget: emu.plan(B, D, C, K, dtype, wdtype, normalize_w, False, backward, need_db, budget, True, True)  # noqa: E731
-    lo, hi = 1, 1 << 30
-    while lo < hi:
-        mid = (lo + hi) // 2
-        lo, hi = (mid + 1, hi) if plan(mid)["classes"] < classes else (lo, mid)
-    assert plan(lo)["classes"] == classes
-    return lo
 
 
 def grads_against_reference(emu, x, W, y, margin, bias=None, workspace=0, tol=1e-10, **kw):

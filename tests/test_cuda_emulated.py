@@ -9,7 +9,17 @@ tests/test_cuda.py and scripts/gpu-check."""
 
 import pytest
 import torch
-from conftest import check_op_against_eager, check_tf32, emulated_loss, make_inputs, rel_err
+from helpers import (
+    EMULATED_MARGINS,
+    check_op_against_eager,
+    check_tf32,
+    emulated_loss,
+    make_inputs,
+    rel_err,
+    skip_inputs,
+    skipped_reference,
+    tiles,
+)
 
 import marginops as mo
 from marginops import ops, reference
@@ -56,16 +66,7 @@ def compare(emu, args, tol, grads=True):
     check_op_against_eager(fwd_e, bwd_e, args, g, mask, max(tol, 1e-10))
 
 
-MARGINS = {
-    "softmax": mo.Softmax(),
-    "normface": mo.NormFace(s=20.0),
-    "l2softmax": mo.L2Softmax(s=16.0),
-    "lsoftmax": mo.LSoftmax(m=3, lambda_=0.5),
-    "sphereface": mo.SphereFace(m=4),
-    "cosface": mo.CosFace(s=30.0),
-    "arcface": mo.ArcFace(s=30.0),
-    "combined_continuous": mo.CombinedMargin(s=30.0, m1=1.35, m2=0.25, m3=0.1, policy="continuous"),
-}
+MARGINS = EMULATED_MARGINS
 
 
 @pytest.mark.parametrize("name", list(MARGINS))
@@ -133,8 +134,6 @@ def test_grad_skip_drops_exactly_the_negligible_tiles(emu, margin):
     """The kernels' block vote and sparse label updates against float64 eager with the negligible
     tiles' non-label ∂L/∂z zeroed (dx tiles 32 × 64, dW tiles 64 × 32 weight rows), at a
     threshold that skips about half of them."""
-    from test_grad_skip import skip_inputs, skipped_reference, tiles
-
     K = margin.config().subcenters
     x, W, y = skip_inputs("cpu", 70, 600, K=K)
     ref_dx, ref_dw, threshold, skipped = skipped_reference(x, W, y, margin, tiles("cuda", K))

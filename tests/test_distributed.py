@@ -1,7 +1,6 @@
 """The sharded head across gloo processes on CPU: equivalence with the single-process reference
 over the full class weight, Partial FC, resharding checkpoints, insightface import, faults."""
 
-import datetime
 import os
 import tempfile
 import time
@@ -9,72 +8,15 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import rel_err
+from helpers import DIST_D, expect_error, global_batch, rel_err, spawn
 
 import marginops as mo
 from marginops import distributed as mdist
 from marginops import reference
 
 f64 = torch.float64
-D = 8
+D = DIST_D
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-
-
-def _entry(rank, world, init_file, timeout, fn, args):
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=timeout),
-    )
-    torch.set_num_threads(1)
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(fn, world, *args, timeout=120, deadline=None):
-    """Runs fn(rank, world, *args) on `world` gloo processes whose collectives give up after
-    `timeout` seconds; a failed assertion in any of them fails the test with its traceback.
-    Processes still running after `deadline` seconds (default timeout + 60) are killed and the test
-    fails: nothing in CI can hang."""
-    deadline = timeout + 60 if deadline is None else deadline
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(
-            _entry,
-            args=(world, os.path.join(tmp, "init"), timeout, fn, args),
-            nprocs=world,
-            join=False,
-            start_method="spawn",
-        )
-        end = time.monotonic() + deadline
-        while not ctx.join(timeout=max(0.1, end - time.monotonic())):
-            if time.monotonic() >= end:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.kill()
-                for p in ctx.processes:
-                    p.join()
-                pytest.fail(f"{fn.__name__} on {world} ranks did not finish within {deadline} s")
-
-
-def global_batch(world, C, K=1, seed=0, scale=1.0, skip_last_rank=False):
-    """The same data on every rank: full weight [C·K, D], bias [C], a batch of different sizes per
-    rank with some ignored rows, and which rows are whose."""
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(C * K, D, generator=g, dtype=f64)
-    b = torch.randn(C, generator=g, dtype=f64)
-    counts = [5 + 3 * r for r in range(world)]
-    x = torch.randn(sum(counts), D, generator=g, dtype=f64) * scale
-    top = mdist.class_range(C, world, world - 1)[0] if skip_last_rank else C
-    y = torch.randint(0, top, (sum(counts),), generator=g)
-    y[::7] = -100
-    x[1::5] = W[y[1::5].clamp_min(0) * K] * 2 + 0.3 * x[1::5]  # rows near their class
-    starts = [sum(counts[:r]) for r in range(world)]
-    return W, b, x, y, [slice(s, s + n) for s, n in zip(starts, counts)]
 
 
 EQUIVALENCE = [
@@ -274,15 +216,6 @@ def test_checkpoints_reshard_4_2_1_3_and_import_insightface(tmp_path):
     torch.save({"state_dict_softmax_fc": {"weight": torch.randn(5, D)}}, insight / "checkpoint_gpu_1.pt")
     with pytest.raises(ValueError, match="do not follow insightface's split"):
         mdist.import_insightface(str(insight))
-
-
-def expect_error(fn, message, exc=ValueError):
-    try:
-        fn()
-    except exc as e:
-        assert message in str(e), f"{message!r} not in {e}"
-        return
-    raise AssertionError(f"no {exc.__name__} raised; expected {message!r}")
 
 
 def check_faults(rank, world):

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from test_distributed import expect_error, spawn
+from helpers import expect_error, spawn
 
 import marginops as mo
 from marginops import distributed as mdist

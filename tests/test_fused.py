@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MARGINS, make_inputs, rel_err
+from helpers import MARGINS, make_inputs, rel_err
 
 import marginops as mo
 from marginops import reference

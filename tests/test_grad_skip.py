@@ -2,68 +2,12 @@
 eager gradients with exactly the negligible tiles' non-label entries of ∂L/∂z dropped, under the
 rule of margin_ce_backward's schema and each backend's tile shape."""
 
-from unittest import mock
-
 import pytest
 import torch
-from conftest import make_inputs, rel_err
+from helpers import rel_err, skip_inputs, skipped_reference, tiles
 
 import marginops as mo
 from marginops import reference
-
-
-def tiles(device_type, K=1):
-    """(rows, classes) of a backward tile, (dx tiling, dW tiling): the CPU's tiles hold 256
-    classes; CUDA's 64 (dx) or 32 (dW) weight rows, so K sub-centers divide their classes."""
-    return ((256, 256), (256, 256)) if device_type == "cpu" else ((32, 64 // K), (64, 32 // K))
-
-
-def tile_maxima(P, label, valid, rows, cols):
-    """Per tile: its corner and the largest probability of its valid rows' non-label entries."""
-    B, C = P.shape
-    P = P.masked_fill(label | ~valid[:, None], 0.0)
-    return [
-        ((i0, j0), float(P[i0 : i0 + rows, j0 : j0 + cols].max()))
-        for i0 in range(0, B, rows)
-        for j0 in range(0, C, cols)
-    ]
-
-
-def skipped_reference(x, W, y, margin, tiles, threshold=None, ignore_index=-100):
-    """Float64 eager (dx, dW) of the mean loss with the skipped tiles' non-label ∂L/∂z zeroed, the
-    threshold used (default: the median of the dx tiles' largest probability, so that about half
-    of them are skipped) and the fraction of dx tiles skipped."""
-    x64, W64 = x.detach().double().requires_grad_(), W.detach().double().requires_grad_()
-    seen = {}
-    cross_entropy = torch.nn.functional.cross_entropy
-
-    def capture(logits, *args, **kwargs):
-        seen["z"] = logits
-        return cross_entropy(logits, *args, **kwargs)
-
-    with mock.patch.object(reference.F, "cross_entropy", capture):
-        loss = reference.margin_cross_entropy(x64, W64, y, margin, ignore_index=ignore_index)
-    z = seen["z"]
-    (G,) = torch.autograd.grad(loss, z, retain_graph=True)
-    P, valid = torch.softmax(z.detach(), 1), y != ignore_index
-    label = torch.zeros_like(P, dtype=torch.bool)
-    label[valid.nonzero().squeeze(1), y[valid]] = True
-    if threshold is None:
-        threshold = float(torch.tensor([m for _, m in tile_maxima(P, label, valid, *tiles[0])]).median())
-    grads, fractions = [], []
-    for (rows, cols), wrt in zip(tiles, (x64, W64)):
-        keep = label.clone()
-        stats = tile_maxima(P, label, valid, rows, cols)
-        for (i0, j0), m in stats:
-            keep[i0 : i0 + rows, j0 : j0 + cols] |= m >= threshold
-        grads.append(torch.autograd.grad(z, wrt, G * keep, retain_graph=True)[0])
-        fractions.append(sum(m < threshold for _, m in stats) / len(stats))
-    return grads[0], grads[1], threshold, fractions[0]
-
-
-def skip_inputs(device, B, C, D=8, K=1):
-    x, W, y, _ = make_inputs(B, D, C * K, device=device, ignore=3, requires_grad=True)
-    return x, W, torch.where(y >= 0, y % C, y)
 
 
 def test_zero_threshold_is_the_exact_path(device):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import rel_err
+from helpers import rel_err
 
 import marginops as mo
 from marginops import reference

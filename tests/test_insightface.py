@@ -6,9 +6,7 @@ loss dtype)."""
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import rel_err
-from test_distributed import spawn
-from test_insightface_options import insightface_formula
+from helpers import insightface_formula, rel_err, spawn
 
 import marginops as mo
 from marginops import distributed as mdist

@@ -8,35 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_inputs, rel_err
+from helpers import insightface_formula, make_inputs, rel_err
 
 import marginops as mo
 from marginops import reference
 
 TOL = 1e-12
-
-
-def insightface_formula(x, W, y, s, m1, m2, m3, t_f):
-    """insightface's arcface_torch head (PartialFC_V2 at world size 1 + CombinedMarginLoss), as
-    its code computes it: normalized product, filtering under no_grad, then either the angular
-    margin applied in place under no_grad (m1 = 1, m3 = 0) or the cosine margin (m3 > 0)."""
-    logits = F.linear(F.normalize(x), F.normalize(W)).clamp(-1, 1)
-    rows = torch.arange(len(y))
-    if t_f > 0:
-        with torch.no_grad():
-            keep = 1.0 - (logits > t_f).to(logits.dtype)
-            keep[rows, y] = 1.0
-        logits = keep * logits
-    if m1 == 1.0 and m3 == 0.0:
-        with torch.no_grad():
-            angle = logits.arccos()
-            angle[rows, y] += m2
-            shift = angle.cos() - logits
-        logits = logits + shift  # the value of cos(θ + m2) on the target, gradient through c
-    else:
-        assert m1 == 1.0 and m2 == 0.0
-        logits = logits - m3 * F.one_hot(y, logits.shape[1]).to(logits.dtype)
-    return F.cross_entropy(s * logits, y)
 
 
 def grads(loss, leaves):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_inputs, rel_err
+from helpers import make_inputs, rel_err
 
 import marginops as mo
 from marginops import reference, regularizers, subcenter

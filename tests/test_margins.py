@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_inputs, rel_err
+from helpers import make_inputs, rel_err
 
 import marginops as mo
 from marginops.margins import KIND_COMBINED, KIND_MULTIPLICATIVE, THETA_POLICIES, psi

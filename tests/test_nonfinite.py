@@ -16,7 +16,7 @@ import re
 
 import pytest
 import torch
-from conftest import emulated_loss, rel_err
+from helpers import emulated_loss, rel_err
 
 import marginops as mo
 from marginops import reference
@@ -176,7 +176,7 @@ def test_cuda_backends_emulated_propagate_like_eager_logits(emu, backend, name):
     case, margin, expect = CASES[name]
     code = {"chunked": 1, "fused": 2}[backend]
     if backend == "chunked":
-        from test_cuda_chunked_emulated import budget_for
+        from helpers import budget_for
 
         cfg = margin.config()
         workspace = budget_for(emu, 32, EB, ED, EC, need_db=case == "neg_inf_bias", normalize_w=cfg.normalize_w)
@@ -195,8 +195,8 @@ def test_cuda_backends_emulated_propagate_like_eager_logits(emu, backend, name):
 
 
 def check_sharded(rank, world, C):
-    from test_distributed import D as SD
-    from test_distributed import global_batch
+    from helpers import DIST_D as SD
+    from helpers import global_batch
 
     from marginops import distributed as mdist
 
@@ -252,6 +252,6 @@ def test_sharded_head_propagates_like_eager_logits_on_every_rank():
     """Two gloo ranks: the non-finite class on the rank that holds it and seen from the other,
     a NaN feature row of one rank, −inf bias entries; every rank's loss rows and gradients against
     the single-process reference (the per-rank statistics' merge is a logsumexp that keeps NaN)."""
-    from test_distributed import spawn
+    from helpers import spawn
 
     spawn(check_sharded, 2, 4 * 9 + 3, timeout=60)

@@ -3,7 +3,7 @@ torch.compile(fullgraph=True) through the functional API and the head."""
 
 import pytest
 import torch
-from conftest import make_inputs, rel_err
+from helpers import make_inputs, rel_err
 
 import marginops as mo
 from marginops import ops, reference

@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
-from test_distributed import spawn
+from helpers import rel_err, spawn
 
 import marginops as mo
 

@@ -3,7 +3,7 @@ gradients (float64)."""
 
 import pytest
 import torch
-from conftest import rel_err
+from helpers import rel_err
 
 import marginops as mo
 from marginops import pml

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from test_distributed import spawn
+from helpers import spawn
 
 import marginops as mo
 from marginops import distributed as mdist

@@ -9,7 +9,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_inputs
+from helpers import make_inputs
 
 import marginops as mo
 from marginops import reference

@@ -248,7 +248,7 @@ def test_sharded_head_dtype_rule_check_finite_and_topk_kinds():
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    from test_distributed import spawn
+    from helpers import spawn
 
     spawn(_check_sharded, 2)
 
