@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "margin_math.h"
@@ -56,6 +57,38 @@ at::ScalarType HeadArgs::acc_dtype() const {
 }
 
 HeadArgs check_head_args(MO_HEAD_PARAMS) {
+  HeadConfig cfg;
+#define MO_FILL_(kind, name, cfg_type)                                                                    \
+  if constexpr (std::is_integral_v<cfg_type> && !std::is_same_v<cfg_type, bool>) {                        \
+    TORCH_CHECK_VALUE(static_cast<MO_CPP_##kind>(static_cast<cfg_type>(name)) == name, #name " = ", name, \
+                      " is out of range");                                                                \
+  }                                                                                                       \
+  cfg.name = static_cast<cfg_type>(name);
+  MO_HEAD_SCALARS(MO_FILL_)
+#undef MO_FILL_
+  return check_head_args(MO_HEAD_TENSOR_NAMES, cfg);
+}
+
+HeadConfig topk_config(int64_t local_classes, int64_t class_offset, bool normalize_x, bool normalize_w, double s,
+                       int64_t subcenters) {
+  HeadConfig cfg;
+  cfg.num_classes = class_offset + std::max<int64_t>(local_classes, 1);
+  cfg.class_offset = class_offset;
+  cfg.ignore_index = -1;
+  cfg.margin_kind = kIdentity;
+  cfg.theta_policy = kNone;
+  cfg.normalize_x = normalize_x;
+  cfg.normalize_w = normalize_w;
+  cfg.s = s;
+  cfg.m1 = 1.0;
+  cfg.subcenters = subcenters;
+  return cfg;
+}
+
+HeadArgs check_head_args(MO_HEAD_TENSOR_PARAMS, const HeadConfig& cfg) {
+#define MO_LOCAL_(kind, name, cfg_type) [[maybe_unused]] const cfg_type name = cfg.name;
+  MO_HEAD_SCALARS(MO_LOCAL_)
+#undef MO_LOCAL_
   TORCH_CHECK_VALUE(x.dim() == 2, "x must have shape [B, D], got ", x.sizes());
   check_float(x, "x");
   const int64_t B = x.size(0), D = x.size(1);
@@ -125,7 +158,7 @@ HeadArgs check_head_args(MO_HEAD_PARAMS) {
   TORCH_CHECK_VALUE(theta_policy >= kFallback && theta_policy <= kClip, "theta_policy must be in [0, 4], got ",
                     theta_policy);
   TORCH_CHECK_VALUE(std::isfinite(s) && s > 0, "s must be a positive finite scale, got ", s);
-  TORCH_CHECK_VALUE(std::isfinite(lambda) && lambda >= 0, "lambda_ must be >= 0, got ", lambda);
+  TORCH_CHECK_VALUE(std::isfinite(lambda_) && lambda_ >= 0, "lambda_ must be >= 0, got ", lambda_);
   TORCH_CHECK_VALUE(std::isfinite(m1) && std::isfinite(m2) && std::isfinite(m3),
                     "margins must be finite, got m1 = ", m1, ", m2 = ", m2, ", m3 = ", m3);
   if (margin_kind == kMultiplicative) {
@@ -136,21 +169,7 @@ HeadArgs check_head_args(MO_HEAD_PARAMS) {
                     "interclass_filter must lie in [0, 1] (0: off), got ", interclass_filter);
   TORCH_CHECK_VALUE(interclass_filter == 0 || (normalize_x && normalize_w),
                     "interclass_filter needs normalized features and weights (it compares cosines)");
-  a.cfg = HeadConfig{num_classes,
-                     class_offset,
-                     ignore_index,
-                     static_cast<int32_t>(margin_kind),
-                     static_cast<int32_t>(theta_policy),
-                     normalize_x,
-                     normalize_w,
-                     s,
-                     m1,
-                     m2,
-                     m3,
-                     lambda,
-                     subcenters,
-                     interclass_filter,
-                     straight_through};
+  a.cfg = cfg;
   return a;
 }
 

@@ -29,26 +29,16 @@ struct HeadArgs {
   at::ScalarType acc_dtype() const;
 };
 
-// The ops' head arguments as C++ parameters and as names, in schema order (MO_HEAD_ARGS of
-// csrc/marginops.cpp): every implementation of the ops declares them through these.
-#define MO_HEAD_PARAMS_BASE                                                                                          \
-  const at::Tensor &x, const at::Tensor &weight, const at::Tensor &labels, const std::optional<at::Tensor>&bias,     \
-      const std::optional<at::Tensor>&row_margins, const std::optional<at::Tensor>&curricular,                       \
-      const std::optional<at::Tensor>&class_index, int64_t num_classes, int64_t class_offset, int64_t ignore_index,  \
-      int64_t margin_kind, int64_t theta_policy, bool normalize_x, bool normalize_w, double s, double m1, double m2, \
-      double m3, double lambda, int64_t subcenters
-#define MO_HEAD_PARAM_NAMES_BASE                                                                                       \
-  x, weight, labels, bias, row_margins, curricular, class_index, num_classes, class_offset, ignore_index, margin_kind, \
-      theta_policy, normalize_x, normalize_w, s, m1, m2, m3, lambda, subcenters
-// The margin options that follow subcenters (see HeadConfig).
-#define MO_HEAD_PARAMS MO_HEAD_PARAMS_BASE, double interclass_filter, bool straight_through
-#define MO_HEAD_PARAM_NAMES MO_HEAD_PARAM_NAMES_BASE, interclass_filter, straight_through
-
+// The head arguments (head_params.h's tables) checked, the scalars into a HeadConfig (a value
+// that does not fit its field's type is refused). The second form takes the scalars as a
+// HeadConfig (callers that build one: top-k).
 HeadArgs check_head_args(MO_HEAD_PARAMS);
-// Without the margin options (callers that need none of them: top-k): both off.
-inline HeadArgs check_head_args(MO_HEAD_PARAMS_BASE) {
-  return check_head_args(MO_HEAD_PARAM_NAMES_BASE, 0.0, false);
-}
+HeadArgs check_head_args(MO_HEAD_TENSOR_PARAMS, const HeadConfig& cfg);
+
+// margin_topk's HeadConfig: no margin and no labels, the classes [class_offset, class_offset +
+// local_classes) of a one-shard head.
+HeadConfig topk_config(int64_t local_classes, int64_t class_offset, bool normalize_x, bool normalize_w, double s,
+                       int64_t subcenters);
 
 // A per-row gradient of the backward op: [B] on x's device, or undefined.
 at::Tensor check_row_grad(const std::optional<at::Tensor>& grad, const HeadArgs& args, const char* name);

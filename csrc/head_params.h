@@ -22,12 +22,16 @@
 // row_margins [B, 3] (m1, m2, m3 per row, overriding cfg's; combined margin only);
 // curricular [B, 2] CurricularFace (τ_i, t_i): a non-target cosine c > τ_i becomes c·(t_i + c);
 // class_index [K] int64 strictly increasing local classes: compute only those.
+// clang-format off
 #define MO_HEAD_TENSORS(X) \
   X(Tensor, x)             \
   X(Tensor, weight)        \
   X(Tensor, labels)        \
   X(OptTensor, bias)       \
-  X(OptTensor, row_margins) X(OptTensor, curricular) X(OptTensor, class_index)
+  X(OptTensor, row_margins) \
+  X(OptTensor, curricular) \
+  X(OptTensor, class_index)
+// clang-format on
 
 // num_classes, class_offset: labels are global class ids in [0, num_classes) or ignore_index; this
 //   call sees the classes [class_offset, class_offset + C) (a shard); with class_index, only those.
@@ -39,21 +43,21 @@
 //   non-label class whose cosine exceeds t_f gets logit exactly 0 (bias included), no gradient.
 // straight_through: the target's ∂z/∂c is a·b (ψ′ taken as 1) and the margin parameters get no
 //   gradient (insightface's ArcFace, which applies the margin under no_grad).
-#define MO_HEAD_SCALARS(X)              \
-  X(int, num_classes, int64_t)          \
-  X(int, class_offset, int64_t)         \
-  X(int, ignore_index, int64_t)         \
-  X(int, margin_kind, int32_t)          \
-  X(int, theta_policy, int32_t)         \
-  X(bool, normalize_x, bool)            \
-  X(bool, normalize_w, bool)            \
-  X(float, s, double)                   \
-  X(float, m1, double)                  \
-  X(float, m2, double)                  \
-  X(float, m3, double)                  \
-  X(float, lambda_, double)             \
-  X(int, subcenters, int64_t)           \
-  X(float, interclass_filter, double)   \
+#define MO_HEAD_SCALARS(X)            \
+  X(int, num_classes, int64_t)        \
+  X(int, class_offset, int64_t)       \
+  X(int, ignore_index, int64_t)       \
+  X(int, margin_kind, int32_t)        \
+  X(int, theta_policy, int32_t)       \
+  X(bool, normalize_x, bool)          \
+  X(bool, normalize_w, bool)          \
+  X(float, s, double)                 \
+  X(float, m1, double)                \
+  X(float, m2, double)                \
+  X(float, m3, double)                \
+  X(float, lambda_, double)           \
+  X(int, subcenters, int64_t)         \
+  X(float, interclass_filter, double) \
   X(bool, straight_through, bool)
 
 // ---- generated ----------------------------------------------------------------------------------

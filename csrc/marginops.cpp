@@ -13,15 +13,8 @@ PyObject* PyInit__C(void) {
 }
 }
 
-// The head arguments appear in the same order in every op; csrc/head_config.h and
-// csrc/head_inputs.h say what each means.
-#define MO_HEAD_ARGS                                                                          \
-  "Tensor x, Tensor weight, Tensor labels, Tensor? bias, Tensor? row_margins, "               \
-  "Tensor? curricular, Tensor? class_index, int num_classes, int class_offset, "              \
-  "int ignore_index, int margin_kind, int theta_policy, bool normalize_x, bool normalize_w, " \
-  "float s, float m1, float m2, float m3, float lambda_, int subcenters, "                    \
-  "float interclass_filter, bool straight_through"
-
+// The head arguments (MO_HEAD_SCHEMA, generated from csrc/head_params.h's tables, which say what
+// each means) appear in the same order in both training ops.
 TORCH_LIBRARY(marginops, m) {
   // Per-row statistics of z over the computed classes, without materializing z:
   //   lse = logsumexp_j z_ij, target_logit = z_iy (0 where y is not computed here),
@@ -29,8 +22,8 @@ TORCH_LIBRARY(marginops, m) {
   // grad_skip only reaches the backward (see below); the forward takes it so autograd can.
   // backend: 0 auto (CUDA: chunked; the CPU's tiled path), 1 chunked, 2 tiles (CUDA only);
   // workspace_bytes: the chunked backend's budget for all its extra memory, 0 = 64 MiB.
-  m.def("margin_ce_forward(" MO_HEAD_ARGS
-        ", float grad_skip=0., int backend=0, int workspace_bytes=0) -> (Tensor lse, Tensor target_logit, Tensor "
+  m.def("margin_ce_forward(" MO_HEAD_SCHEMA
+        "float grad_skip=0., int backend=0, int workspace_bytes=0) -> (Tensor lse, Tensor target_logit, Tensor "
         "logit_sum, Tensor best_logit, "
         "Tensor best_class)");
   // Gradients of Σ_i (grad_lse_i·lse_i + grad_target_logit_i·z_iy + grad_logit_sum_i·Σ_j z_ij)
@@ -40,8 +33,8 @@ TORCH_LIBRARY(marginops, m) {
   // keeps only its label entries (its products become one row update per label).
   m.def(
       "margin_ce_backward(Tensor? grad_lse, Tensor? grad_target_logit, Tensor? grad_logit_sum, "
-      "Tensor lse, " MO_HEAD_ARGS
-      ", bool[4] output_mask, float grad_skip=0., int backend=0, int workspace_bytes=0) -> (Tensor grad_x, Tensor "
+      "Tensor lse, " MO_HEAD_SCHEMA
+      "bool[4] output_mask, float grad_skip=0., int backend=0, int workspace_bytes=0) -> (Tensor grad_x, Tensor "
       "grad_weight, Tensor grad_bias, "
       "Tensor grad_row_margins)");
   // The k largest margin-free logits of each row among the computed classes and their global

@@ -73,7 +73,7 @@ RowData<T> prepare_rows(const HeadArgs& a, const at::Tensor& bias_cols) {
   const HeadConfig& cfg = a.cfg;
   const int64_t B = a.rows, K = cfg.subcenters;
   RowData<T> r;
-  r.has_margin = cfg.kind != kIdentity;
+  r.has_margin = cfg.margin_kind != kIdentity;
   r.xa = a.x.to(a.acc_dtype()).contiguous();
   const at::Tensor xnorm = at::linalg_vector_norm(r.xa, 2, {1});
   r.row.resize(B);
@@ -127,8 +127,8 @@ RowData<T> prepare_rows(const HeadArgs& a, const at::Tensor& bias_cols) {
     r.tsub[i] = best;
     r.tside[i] = make_side<T>(ptr<T>(wnorm)[n * K + best], cfg.normalize_w, T(1));
     const T* m = rm.defined() ? ptr<T>(rm) + 3 * i : nullptr;
-    r.target[i] = target_logit<T>(cfg.kind, cfg.policy, ptr<T>(u)[n * K + best], r.row[i], r.tside[i],
-                                  m ? m[0] : T(cfg.m1), m ? m[1] : T(cfg.m2), m ? m[2] : T(cfg.m3), T(cfg.lambda),
+    r.target[i] = target_logit<T>(cfg.margin_kind, cfg.theta_policy, ptr<T>(u)[n * K + best], r.row[i], r.tside[i],
+                                  m ? m[0] : T(cfg.m1), m ? m[1] : T(cfg.m2), m ? m[2] : T(cfg.m3), T(cfg.lambda_),
                                   bias_cols.defined() ? ptr<T>(bias_cols)[r.tcol[i]] : T(0), cfg.straight_through);
   }
   return r;
@@ -729,8 +729,7 @@ std::tuple<at::Tensor, at::Tensor> margin_topk(const at::Tensor& x, const at::Te
   const at::Tensor no_labels = at::full({x.size(0)}, -1, x.options().dtype(at::kLong));
   const int64_t local = weight.dim() == 2 && subcenters >= 1 ? weight.size(0) / subcenters : 0;
   const HeadArgs a = check_head_args(x, weight, no_labels, bias, std::nullopt, std::nullopt, class_index,
-                                     class_offset + std::max<int64_t>(local, 1), class_offset, -1, kIdentity, kNone,
-                                     normalize_x, normalize_w, s, 1.0, 0.0, 0.0, 0.0, subcenters);
+                                     topk_config(local, class_offset, normalize_x, normalize_w, s, subcenters));
   if (a.class_index.defined()) check_class_index_values(a.class_index, local);
   TORCH_CHECK_VALUE(k >= 1 && k <= a.columns, "k = ", k, " must lie in [1, ", a.columns, "] (the number of classes)");
   if (a.acc_dtype() == at::kDouble) return topk_typed<double>(a, k);

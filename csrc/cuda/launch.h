@@ -220,8 +220,7 @@ std::tuple<at::Tensor, at::Tensor> topk_op(const at::Tensor& x, const at::Tensor
   const at::Tensor no_labels = at::full({x.size(0)}, -1, x.options().dtype(at::kLong));
   const int64_t local = weight.dim() == 2 && subcenters >= 1 ? weight.size(0) / subcenters : 0;
   const HeadArgs a = check_head_args(x, weight, no_labels, bias, std::nullopt, std::nullopt, class_index,
-                                     class_offset + std::max<int64_t>(local, 1), class_offset, -1, 0, 2, normalize_x,
-                                     normalize_w, s, 1.0, 0.0, 0.0, 0.0, subcenters);
+                                     topk_config(local, class_offset, normalize_x, normalize_w, s, subcenters));
   // inference, not a training step: checked on the host (index_select would assert on the device)
   if (a.class_index.defined() && !Runtime::capturing())
     check_class_index_values(Runtime::to_host(a.class_index), local);

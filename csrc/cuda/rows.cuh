@@ -167,9 +167,9 @@ __global__ void __launch_bounds__(kThreads) row_prep_kernel(HeadParams p) {
     info.tsub = best_k;
     info.tside = make_side<ACC>(best_norm, cfg.normalize_w, ACC(1));
     const ACC* m = p.row_margins ? static_cast<const ACC*>(p.row_margins) + 3 * i : nullptr;
-    info.target = target_logit<ACC>(cfg.kind, cfg.policy, best_u, info.side, info.tside, m ? m[0] : ACC(cfg.m1),
-                                    m ? m[1] : ACC(cfg.m2), m ? m[2] : ACC(cfg.m3), ACC(cfg.lambda),
-                                    load_acc<ACC>(p.bias, info.tcol), cfg.straight_through);
+    info.target = target_logit<ACC>(cfg.margin_kind, cfg.theta_policy, best_u, info.side, info.tside,
+                                    m ? m[0] : ACC(cfg.m1), m ? m[1] : ACC(cfg.m2), m ? m[2] : ACC(cfg.m3),
+                                    ACC(cfg.lambda_), load_acc<ACC>(p.bias, info.tcol), cfg.straight_through);
   }
   if (lane == 0) static_cast<RowInfo<ACC>*>(p.rows)[i] = info;
 }
@@ -218,7 +218,7 @@ __device__ __forceinline__ Entry<ACC> entry(const HeadParams& p, const RowInfo<A
     e.z = ACC(0);
     e.factor = ACC(0);
   }
-  e.target = p.cfg.kind != kIdentity && j == row.tcol;
+  e.target = p.cfg.margin_kind != kIdentity && j == row.tcol;
   if (e.target) {
     e.z = row.target.logit;
     e.k = row.tsub;

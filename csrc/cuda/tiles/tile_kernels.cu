@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(HeadParams p) {
         es[h] = entry(p, row, Ss + r * lds + cc * p.K, wnorm + j * p.K, j);
         // Without a margin the target logit is this entry itself (merge_kernel reports it), so
         // that lse ≥ z_iy exactly: only this block's lane touches the field, nothing else reads it.
-        if (j == row.tcol && p.cfg.kind == kIdentity) rows[i].target.logit = es[h].z;
+        if (j == row.tcol && p.cfg.margin_kind == kIdentity) rows[i].target.logit = es[h].z;
         zmax = max_nan(zmax, es[h].z);
         zsum += es[h].z;
         if (es[h].plain > pbest) {
@@ -369,7 +369,7 @@ __global__ void dx_finalize_kernel(HeadParams p) {
   }
   const bool live = row.side.normalized && row.side.norm > ACC(kNormEps);
   ACC coef = live ? -row.side.inv * rsum : ACC(0);
-  if (p.cfg.kind != kIdentity && row.tcol >= 0) coef += row.tg.x_coef;
+  if (p.cfg.margin_kind != kIdentity && row.tcol >= 0) coef += row.tg.x_coef;
   const ACC xv = convert<ACC>(static_cast<const TX*>(p.x)[e]);
   // x̂'s term only where it has a coefficient: 0·x would make an infinite entry NaN where eager's
   // gradient has no such term.
