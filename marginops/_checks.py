@@ -251,18 +251,29 @@ def input_message(
     return f"bad input (code {code})"
 
 
-def check_call(options, x, weight, labels, bias=None) -> torch.Tensor:
-    """The eager reference's check of a call: the one check, label values included (on the host),
-    and the backend against x's device. Returns the labels as int64."""
-    margin = options.margin
+def message_context(margin, ignore_index: int, num_classes: int) -> dict:
+    """input_message's description of the call (the same on every rank of a sharded head)."""
+    K = margin.config().subcenters
+    return {
+        "margin_name": type(margin).__name__,
+        "subcenters": K,
+        "num_classes": num_classes,
+        "ignore_index": ignore_index,
+    }
+
+
+def check_call(options, x, weight, labels, bias=None, *, margin=None, head_dim=None, label_values=True):
+    """A call on one process: the one check (label values too, on the host, unless the op checks
+    them), then the backend against x's device. Raises its ValueError; returns the labels as int64."""
+    margin = options.margin if margin is None else margin
     K = margin.config().subcenters
     C = weight.shape[0] // K if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0
+    label_range = (C, options.ignore_index) if label_values else None
     bad = check_inputs(
-        x, weight, labels, bias, subcenters=K, check_finite=options.check_finite,
-        label_range=(C, options.ignore_index),
+        x, weight, labels, bias, subcenters=K, check_finite=options.check_finite, head_dim=head_dim,
+        label_range=label_range,
     )  # fmt: skip
     if bad is not None:
-        context = {"margin_name": type(margin).__name__, "subcenters": K, "num_classes": C}
-        raise ValueError(input_message(bad, ignore_index=options.ignore_index, **context))
+        raise ValueError(input_message(bad, **message_context(margin, options.ignore_index, C)))
     options.check_device(x.device)
     return labels.long()

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from ._checks import BadInput, check_inputs, input_message
+from ._checks import check_call, check_inputs, message_context
 from .distributed import sharding
 from .margins import Margin, RowContext, target_cosines
 from .options import HeadOptions
@@ -63,7 +63,7 @@ def accuracy_from_stats(stats: ops.HeadStats, labels: torch.Tensor, ignore_index
 
 
 def check_device(x: torch.Tensor, opts: HeadOptions) -> None:
-    """The backend runs on x's device, and this build has kernels for it."""
+    """This build has kernels for x's device, and the backend runs on it."""
     opts.check_device(x.device)
     if x.device.type not in ("cpu", "meta") and not torch._C._dispatch_has_kernel_for_dispatch_key(
         "marginops::margin_ce_forward", x.device.type.upper()
@@ -79,15 +79,6 @@ def check_x(x, head_dim: int) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != head_dim:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must have shape [B, {head_dim}], got {shape}")
-
-
-def _message_context(margin: Margin, opts: HeadOptions, num_classes: int) -> dict:
-    return {
-        "margin_name": type(margin).__name__,
-        "subcenters": margin.config().subcenters,
-        "num_classes": num_classes,
-        "ignore_index": opts.ignore_index,
-    }
 
 
 def head_loss(
@@ -112,28 +103,19 @@ def head_loss(
     x = autocast_features(x) if isinstance(x, torch.Tensor) else x
     if shard is not None and isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[1] == 1:
         labels = labels.squeeze(1)  # insightface's [B, 1] labels
-    num_classes = shard.num_classes if shard is not None else None
-    label_range = None if shard is None else (num_classes, opts.ignore_index)
-    bad: Optional[BadInput] = check_inputs(
-        x,
-        weight,
-        labels,
-        bias,
-        subcenters=K,
-        check_finite=opts.check_finite,
-        head_dim=head_dim,
-        label_range=label_range,
-    )
-    if shard is None:
-        if bad is not None:
-            C = weight.shape[0] // K if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0
-            raise ValueError(input_message(bad, **_message_context(margin, opts, C)))
-        num_classes = weight.shape[0] // K
-        counts = [x.shape[0]]
+    if shard is None:  # label values are the op's to check: its CUDA kernels do, without a sync
+        labels = check_call(opts, x, weight, labels, bias, margin=margin, head_dim=head_dim, label_values=False)
+        num_classes, counts = weight.shape[0] // K, [x.shape[0]]
     else:
-        counts = sharding.exchange_header(shard, bad, x, weight, margin, _message_context(margin, opts, num_classes))
+        num_classes = shard.num_classes
+        bad = check_inputs(
+            x, weight, labels, bias, subcenters=K, check_finite=opts.check_finite, head_dim=head_dim,
+            label_range=(num_classes, opts.ignore_index),
+        )  # fmt: skip
+        context = message_context(margin, opts.ignore_index, num_classes)
+        counts = sharding.exchange_header(shard, bad, x, weight, margin, context)
+        labels = labels.long()
     check_device(x, opts)
-    labels = labels.long()
     if shard is None:
         xg, yg = x, labels
     else:

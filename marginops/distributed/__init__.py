@@ -10,14 +10,3 @@ others wait in the first collective for the process group's timeout and then rai
 from .checkpoint import consolidate, import_insightface, load_sharded, save_sharded, split
 from .head import ShardedMarginHead
 from .sharding import Shard, class_range
-
-__all__ = [
-    "ShardedMarginHead",
-    "Shard",
-    "class_range",
-    "save_sharded",
-    "load_sharded",
-    "consolidate",
-    "split",
-    "import_insightface",
-]

@@ -15,7 +15,7 @@ gradients flow to them (except to a per-row m1, which must not require grad).
 
 from .adaptive import AdaFace, AdaptiveAngularMargin, CurricularFace, MagFace
 from .additive import ArcFace, CombinedMargin, CosFace, SubCenterArcFace
-from .base import (  # noqa: F401  (the constants, Scalar, masked_mean, target_cosines: outside __all__)
+from .base import (
     CLIP_EPS,
     COS_EPS,
     KIND_COMBINED,
@@ -34,26 +34,3 @@ from .base import (  # noqa: F401  (the constants, Scalar, masked_mean, target_c
 )
 from .multiplicative import LambdaSchedule, LSoftmax, SphereFace
 from .softmax import L2Softmax, NormFace, Softmax, WeightNormSoftmax
-
-__all__ = [
-    "Margin",
-    "OpConfig",
-    "Softmax",
-    "WeightNormSoftmax",
-    "L2Softmax",
-    "NormFace",
-    "LSoftmax",
-    "SphereFace",
-    "CosFace",
-    "ArcFace",
-    "CombinedMargin",
-    "SubCenterArcFace",
-    "CurricularFace",
-    "AdaFace",
-    "MagFace",
-    "AdaptiveAngularMargin",
-    "LambdaSchedule",
-    "RowContext",
-    "RowTerms",
-    "psi",
-]
