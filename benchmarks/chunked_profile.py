@@ -1,6 +1,6 @@
 """Where the chunked backend's time goes, and how it moves with the chunk size.
 
-One head shape (default: B = 1024, D = 512, C = 1M, bfloat16, ArcFace — issue #10's) timed as
+One head shape (default: B = 1024, D = 512, C = 1M, bfloat16, ArcFace: the README's GPU shape) timed as
 forward + backward for several workspace_bytes (which set the classes per chunk: a chunk's
 [B, Cc] float32 logits are most of the workspace, so 16 MiB chunks fit in an H100's 50 MB L2 and
 64 MiB ones do not), each with its peak memory above inputs and gradients and 6·B·D·C/time;
@@ -9,7 +9,7 @@ default workspace, a profiler breakdown of GPU time into cuBLAS GEMMs, marginops
 the rest, with the ten costliest kernels. What a GPU session needs to decide the chunk size and
 what to trim next.
 
-Then the model beside the measurement (issue 18 item 6): benchmarks/gpu_model.py's prediction
+Then the model beside the measurement: benchmarks/gpu_model.py's prediction
 for the same shape on this GPU (its constants picked by torch.cuda.get_device_name()) against
 the measured device time per kernel name of one forward and one backward (torch.profiler, each
 pass profiled on its own; the four GEMMs as one row per pass), the launch gaps (each pass's

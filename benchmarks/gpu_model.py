@@ -1,5 +1,5 @@
 """A roofline model of one training step (forward + backward) of marginops' chunked CUDA backend
-(DESIGN.md §2b, issue 18 item 3): model, not measured.
+(docs/design.md, "CUDA chunked"): model, not measured.
 
     python3 benchmarks/gpu_model.py [--B 1024] [--D 512] [--C 1000000] [--dtype bf16]
                                     [--margin arcface] [--workspace 64] [--gpu H100,H200,A100]
@@ -30,8 +30,8 @@ figures for main before the specialization (chunk_softmax ~139, chunk_grad ~264 
 Bytes (HBM only; what stays in L2). The L2 is modelled as an LRU cache of whole buffers (x, the
 chunk's weight rows W[t], u, G, dw_acc — written over u's buffer, so the same buffer —, xs,
 dx_acc, the slots ...) of L2_EFFECTIVE_FRACTION of the L2's size (one half: Hopper's and Ampere's
-L2 is two partitions and data that every SM reads is held in both, which is why DESIGN.md says
-"≈ 24 MiB of u on an H100's 50 MB"). A kernel's read of a buffer costs no HBM traffic when the
+L2 is two partitions and data that every SM reads is held in both, so about 24 MiB of an
+H100's 50 MB holds a chunk's u). A kernel's read of a buffer costs no HBM traffic when the
 buffer was resident when the kernel started, else its bytes; a write costs nothing when issued
 and its bytes when the dirty buffer is evicted (charged to the kernel that wrote it; at the end
 of the step everything dirty is written back). A buffer larger than the cache streams through it
@@ -110,7 +110,7 @@ GPUS: Dict[str, GPU] = {
     # sparsity = 989.4 dense, TF32 989 with sparsity = 494.7 dense) and the NVIDIA H100 Tensor
     # Core GPU Architecture whitepaper (132 SMs in the SXM5 part, 50 MB L2). 989.4 TFLOP/s =
     # 132 SMs × 1024 dense bf16 FMA/clock × 2 × 1.83 GHz; the maximum boost is 1.98 GHz and the
-    # base 1.59 GHz; under a sustained 700 W load ~1.7 GHz (DESIGN.md §2b and issue 18 use 1.7).
+    # base 1.59 GHz; under a sustained 700 W load ~1.7 GHz (the design's figures use 1.7).
     "H100": GPU("H100", "H100 SXM5 80GB", 3.35, 989.4, 494.7, 132, 1.83, 1.70, 50.0, "sm_90a"),
     # NVIDIA H200 Tensor Core GPU datasheet (H200 SXM: HBM3e 4.8 TB/s, 141 GB; BF16 1,979 TFLOP/s
     # with sparsity = 989 dense): the same GH100 die as the H100 SXM (132 SMs, 50 MB L2, clocks).
@@ -128,7 +128,7 @@ HBM_EFFICIENCY = 0.90  # achievable share of peak HBM bandwidth (ANCHORS.md: ~3.
 GEMM_EFFICIENCY = 0.75  # achievable share of dense tensor-core peak for the step's GEMMs: ANCHORS.md
 #                               measures ~800 of 989 TFLOP/s (0.81) on large GEMMs; these have K = 512
 #                               (u, dw_acc) or a [B, D] output (dx), and a float32 output, so a bit less
-#                               (issue 18: "the four cuBLAS GEMMs are about 6 ms" at C = 1M: 0.72)
+#                               (the design's estimate, the four cuBLAS GEMMs at about 6 ms at C = 1M: 0.72)
 L2_EFFECTIVE_FRACTION = 0.5  # the share of L2 that holds a chunk's buffers (see the module docstring)
 LAUNCH_GAP_S = 2.0e-6  # per kernel on one stream: the gap between dependent kernels + grid ramp/tail
 LAUNCH_GAP_GRAPH_S = 1.0e-6  # the same inside a CUDA graph
@@ -146,7 +146,7 @@ EST_INSTR = {
     "chunk_dw": 20.0,  # per dW element: scalar loads of dw_acc and W, projection dot and write loops
     "row": 16.0,  # per [B, D] element: row_prep, chunk_scaled_x, chunk_dx_finalize
 }
-# The kernels before the specialization (issue 18: "about 139" and "about 264" per logit, sm_90a,
+# The kernels before the specialization (about 139 and about 264 instructions per logit, sm_90a,
 # bf16, K = 1, ArcFace); ex2 per logit taken as 1 (accurate expf: one MUFU.EX2 and its range
 # reduction, the latter in the instruction count).
 PRE_SPECIALIZATION = {"chunk_softmax": 139.0, "chunk_grad": 264.0}
@@ -933,7 +933,7 @@ CONFIGS = (
     ("current", "current kernels (sass-cost.json)", dict()),
     (
         "pre_specialization",
-        "pre-specialization kernels (chunk_softmax 139, chunk_grad 264 instr/logit, issue 18)",
+        "pre-specialization kernels (chunk_softmax 139, chunk_grad 264 instr/logit)",
         dict(pre_specialization=True),
     ),
     ("l2", "next step, part 1: L2-resident chunks, launches as today", dict(l2=True)),
@@ -1089,7 +1089,7 @@ def report(out: dict, s: Shape) -> str:
         top = next(iter(r["composition"].items()))
         p.append(
             f"H100, current kernels: the largest term is {top[0]} ({top[1]:.2f} of {r['step_ms']:.2f} ms); "
-            f"issue 18's target is <= 13 ms (>= 240 TFLOP/s, <= 0.66x eager): "
+            f"the target is <= 13 ms (>= 240 TFLOP/s, <= 0.66x eager): "
             f"{'met' if r['step_ms'] <= 13.0 and r['eager_ratio'] <= 0.66 else 'NOT met'} by this model."
         )
     return "\n".join(p)

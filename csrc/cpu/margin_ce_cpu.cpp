@@ -1,4 +1,4 @@
-// The margin cross-entropy on the CPU, without a [B, C] logits tensor: the tiled algorithm of DESIGN.md §2.
+// The margin cross-entropy on the CPU, without a [B, C] logits tensor: the tiled algorithm of docs/design.md.
 //
 // Classes are processed in tiles of kClassTile, rows in blocks of kRowBlock. For one (row block,
 // class tile) pair the logits live only in a kRowBlock × kClassTile·K workspace (K sub-centers):
@@ -250,7 +250,7 @@ at::Tensor filtered_entries(const RowData<T>& rd, const HeadConfig& cfg, const a
 }
 
 // The larger of a and b, NaN when either is: std::max and a comparison drop a NaN, and a NaN
-// logit must reach the row's lse as it does through eager logits (DESIGN.md §2b).
+// logit must reach the row's lse as it does through eager logits (docs/design.md, "Non-finite values").
 template <typename T>
 T max_nan(T a, T b) {
   return a > b || a != a ? a : b;

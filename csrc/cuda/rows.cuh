@@ -54,7 +54,7 @@ __device__ __forceinline__ ACC neg_inf() {
 
 // The larger of a and b, NaN when either is. CUDA's max/fmax return the other operand of a NaN
 // (the emulation's max keeps its first): a NaN logit must reach the row's lse as through eager
-// logits (DESIGN.md §2b), so the online log-sum-exp and its merges take this one.
+// logits (docs/design.md, "Non-finite values"), so the online log-sum-exp and its merges take this one.
 template <typename ACC>
 __device__ __forceinline__ ACC max_nan(ACC a, ACC b) {
   return a > b || a != a ? a : b;

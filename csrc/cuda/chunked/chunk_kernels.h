@@ -1,4 +1,4 @@
-// The chunked CUDA backend's kernels (DESIGN.md §2b): the class dimension in chunks of Cc
+// The chunked CUDA backend's kernels (docs/design.md, "CUDA chunked"): the class dimension in chunks of Cc
 // classes, all B rows at once. The products are cuBLAS GEMMs issued by the launcher
 // (chunked_launch.h); these kernels do what cuBLAS cannot, one pass over a chunk each. No torch
 // headers, so CI compile-checks them with nvcc alone.

@@ -1,4 +1,4 @@
-// The chunked backend's op bodies (DESIGN.md §2b): the chunk loop, written once against ATen and
+// The chunked backend's op bodies (docs/design.md, "CUDA chunked"): the chunk loop, written once against ATen and
 // a Runtime that adds gemm() to launch.h's (cuBLAS through torch's handle and current
 // stream on CUDA; ATen's CPU mm under tests/cuda_emu). Also the ops' CUDA entry points, which
 // pick a backend.

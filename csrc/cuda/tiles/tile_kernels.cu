@@ -1,4 +1,4 @@
-// The tile backend of the margin cross-entropy on CUDA (DESIGN.md §2), correctness-first version:
+// The tile backend of the margin cross-entropy on CUDA (docs/design.md, "CUDA tiles"), correctness-first version:
 //   prepass   per-row norms, target column, the target logit through margin_math.h; per-weight-
 //             row norms.
 //   forward   grid (row tile, class split): for its rows, stream the split's class tiles, form the
