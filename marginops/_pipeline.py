@@ -15,6 +15,7 @@ from . import ops
 from ._checks import check_call, check_inputs, message_context
 from .distributed import sharding
 from .margins import Margin, RowContext, target_cosines
+from .optim import head_stats_with_step
 from .options import HeadOptions
 
 TOPK_KINDS = ("cosine", "logit")
@@ -93,11 +94,13 @@ def head_loss(
     update_state: bool = True,
     head_dim: Optional[int] = None,
     shard: Optional[sharding.Shard] = None,
+    optimizer=None,
 ):
     """The loss (and accuracy with opts.return_accuracy) of x [B, D] against weight [C·K, D]
     (a shard of the classes with ``shard``), labels [B]. ``margin`` overrides opts.margin for
     this call (an annealed λ); ``margin_state`` is the stateful margins' state, updated in place
-    when update_state; ``head_dim`` is a head's embedding size (x's D is checked against it)."""
+    when update_state; ``head_dim`` is a head's embedding size (x's D is checked against it);
+    ``optimizer`` a marginops.optim optimizer of the head, which the backward runs."""
     margin = opts.margin if margin is None else margin
     K = margin.config().subcenters
     x = autocast_features(x) if isinstance(x, torch.Tensor) else x
@@ -125,10 +128,13 @@ def head_loss(
         target_cos = lambda: target_cosines(xg, weight, yg, valid, K)  # noqa: E731
     else:
         target_cos = lambda: sharding.target_cosines(shard, xg, weight, yg, valid, K)  # noqa: E731
+    class_index = None if shard is None or shard.sample is None else shard.sample(yg)
+    if optimizer is not None:  # rows it updates lazily are brought up to date before they are read
+        optimizer.before_forward(class_index, K)
     update = margin_state is not None and update_state
     terms = margin.prepare(RowContext(xg, yg, valid, update, target_cos), margin_state)
-    class_index = None if shard is None or shard.sample is None else shard.sample(yg)
-    stats = ops.head_stats(
+    head_stats = ops.head_stats if optimizer is None else head_stats_with_step(optimizer)
+    stats = head_stats(
         xg,
         weight,
         yg,

@@ -42,6 +42,8 @@ class ClassWeights(nn.Module):
     constructor's), and the inference helpers every head shares."""
 
     options: HeadOptions
+    # A marginops.optim optimizer that the backward runs (it sets this), or None: weight.grad.
+    optimizer = None
 
     def _init_weights(self, embedding_size, num_classes, subcenters, bias, factory):
         self.embedding_size = check_positive_int("embedding_size", embedding_size)
@@ -166,7 +168,7 @@ class MarginHead(ClassWeights):
             )
         return _pipeline.head_loss(
             options, x, self.weight, labels, self.bias, margin=margin, margin_state=state,
-            update_state=self.training, head_dim=self.embedding_size,
+            update_state=self.training, head_dim=self.embedding_size, optimizer=self.optimizer,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

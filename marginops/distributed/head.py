@@ -133,7 +133,7 @@ class ShardedMarginHead(ClassWeights):
         self.last_sample = None
         return _pipeline.head_loss(
             self.options, x, self.weight, labels, self.bias, margin_state=self.margin_state.as_dict(),
-            update_state=self.training, head_dim=self.embedding_size, shard=self._shard(x),
+            update_state=self.training, head_dim=self.embedding_size, shard=self._shard(x), optimizer=self.optimizer,
         )  # fmt: skip
 
     def _topk_shard(self) -> dict:

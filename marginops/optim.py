@@ -1,0 +1,432 @@
+"""Optimizers that a head's backward runs: the class weights are updated chunk by chunk as the
+backward produces ∂L/∂W, so the [C, D] gradient is never allocated (docs/design.md, "Training
+state"). ``SGD`` and ``AdamW`` are torch.optim.Optimizers over the head's weight (and bias), with
+torch's semantics and defaults: LR schedulers, state_dict()/load_state_dict(), zero_grad() and
+step() work unchanged (step() has nothing left to do: the backward did it). The backbone keeps
+its own optimizer.
+
+Under Partial FC (a sharded head with sample_rate < 1) only the sampled rows are read and
+written: ``sparse="lazy"`` leaves the other rows and their state untouched (Partial FC v1's
+sub-weight optimizer); ``sparse="exact"`` (SGD) catches up their momentum and weight decay in
+closed form when a row is next sampled, so the weights equal dense SGD's on the same gradients."""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import List, Optional
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from . import ops
+from .ops import HeadStats
+
+SPARSE = ("lazy", "exact")
+STATE_DTYPES = (None, torch.float32, torch.bfloat16)
+
+
+class _HeadOptimizer(torch.optim.Optimizer):
+    """An optimizer of a head's class weights that the head's backward runs. Subclasses define
+    the state of a row (``_init_state``) and the update of a chunk of rows (``_update``)."""
+
+    state_names: tuple = ()
+
+    def __init__(self, head, defaults: dict, *, sparse: str = "lazy", state_dtype=None, accumulate: bool = False):
+        if not isinstance(head, torch.nn.Module) or not hasattr(head, "weight") or not hasattr(head, "options"):
+            raise ValueError(f"head must be a marginops head (MarginHead, ShardedMarginHead, ...), got {head!r}")
+        if sparse not in SPARSE:
+            raise ValueError(f"sparse must be one of {SPARSE}, got {sparse!r}")
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(
+                f"state_dtype must be None (the weight's), torch.float32 or torch.bfloat16, got {state_dtype!r}"
+            )
+        if head.weight.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"the head's weight must be float32 or float64 (master weights), got {head.weight.dtype}")
+        if getattr(head, "optimizer", None) is not None:
+            raise ValueError("the head already has an optimizer in its backward: one per head")
+        if getattr(head, "_loss_fn", None) is not None or hasattr(head, "terms"):
+            raise ValueError(
+                f"{type(head).__name__} cannot run an optimizer in its backward (one fused pass per step is "
+                "needed): use MarginHead or ShardedMarginHead, or a torch optimizer on head.parameters()"
+            )
+        params = [head.weight] + ([head.bias] if head.bias is not None else [])
+        super().__init__(params, defaults)
+        if len(self.param_groups) != 1:
+            raise ValueError("a head optimizer takes one parameter group")
+        self.sparse, self.state_dtype, self.accumulate = sparse, state_dtype, bool(accumulate)
+        self._head = weakref.ref(head)
+        self._updated = False  # a backward updated the weights since the last step()/zero_grad()
+        head.optimizer = self
+        for p in params:
+            self.state[p].update(self._init_state(p))
+            p._marginops_head_optimizer = weakref.ref(self)
+
+    # -- torch.optim.Optimizer's interface -------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """The backward has applied the update; this finishes the step (or does nothing)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._updated = False
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._updated = False
+        super().zero_grad(set_to_none)
+
+    # -- what the head's backward calls -----------------------------------------------------------
+
+    def _begin(self) -> dict:
+        """One backward's update: refuses a second backward before step() (gradient accumulation
+        would need the gradients of both), counts the step, returns the hyperparameters."""
+        if self._updated and not self.accumulate:
+            raise RuntimeError(
+                "a second backward through the head before optimizer.step(): the head's optimizer updates "
+                "the weights in each backward, so gradient accumulation over several backward calls would "
+                "apply one update per call. Call step() (or zero_grad()) between backward calls, or pass "
+                "accumulate=True to apply every backward's gradient as its own step"
+            )
+        self._updated = True
+        group = self.param_groups[0]
+        for p in group["params"]:
+            state = self.state[p]
+            state["step"] = state["step"] + 1
+        return group
+
+    def before_forward(self, class_index: Optional[torch.Tensor], subcenters: int) -> None:
+        """Before a forward reads the head's rows (all, or those of class_index's classes)."""
+        classes = slice(None) if class_index is None else class_index
+        rows = classes if class_index is None else _rows_of(class_index, subcenters)
+        head = self._head()
+        self._prepare(head.weight, rows)
+        if head.bias is not None:
+            self._prepare(head.bias, classes)
+
+    def _prepare(self, param: torch.Tensor, rows) -> None:
+        """Before the forward reads param[rows] (a slice or an index tensor): bring them up to date."""
+
+    def _apply(self, param: torch.Tensor, rows, grad: torch.Tensor, group: dict) -> None:
+        """Updates param[rows] (a slice or an index tensor of rows) from their gradient."""
+        state = self.state[param]
+        if isinstance(rows, slice):
+            view = {name: state[name][rows] for name in self.state_names}
+            self._update(param[rows], grad, view, group, state)
+            return
+        values = param.index_select(0, rows)
+        view = {name: state[name].index_select(0, rows) for name in self.state_names}
+        self._update(values, grad, view, group, state)
+        param.index_copy_(0, rows, values)
+        for name in self.state_names:
+            state[name].index_copy_(0, rows, view[name])
+
+    def _state_tensor(self, p: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(p, dtype=self.state_dtype or p.dtype, memory_format=torch.contiguous_format)
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        raise NotImplementedError
+
+    def _update(self, w, g, state: dict, group: dict, param_state: dict) -> None:
+        raise NotImplementedError
+
+
+def _wide(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A state tensor in the update's arithmetic dtype (float32 for bfloat16 state)."""
+    return t.to(like.dtype) if t.dtype != like.dtype else t
+
+
+class SGD(_HeadOptimizer):
+    """SGD with momentum, dampening, Nesterov and weight decay, as torch.optim.SGD, applied to the
+    head's weight (and bias) in its backward. ``state_dtype=torch.bfloat16`` keeps the momentum
+    in bfloat16 (the update's arithmetic stays in the weight's dtype)."""
+
+    def __init__(
+        self,
+        head,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        sparse: str = "lazy",
+        state_dtype=None,
+        accumulate: bool = False,
+    ):
+        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
+        super().__init__(head, defaults, sparse=sparse, state_dtype=state_dtype, accumulate=accumulate)
+
+    def _init_state(self, p):
+        state = {"step": torch.zeros((), dtype=torch.float32)}
+        if self.defaults["momentum"] != 0:
+            state["momentum_buffer"] = self._state_tensor(p)
+        if self.sparse == "exact":  # the step each row is up to date with, and every step's hyperparameters
+            state["last_step"] = torch.zeros(p.shape[0], dtype=torch.long, device=p.device)
+            state["history"] = []
+        return state
+
+    def _begin(self) -> dict:
+        group = super()._begin()
+        if self.sparse == "exact":
+            hyper = tuple(group[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov"))
+            for p in group["params"]:
+                self.state[p]["history"].append(hyper)
+        return group
+
+    def _apply(self, param, rows, grad, group) -> None:
+        super()._apply(param, rows, grad, group)
+        if self.sparse == "exact":
+            self.state[param]["last_step"][rows] = int(self.state[param]["step"])
+
+    @torch.no_grad()
+    def _prepare(self, param, rows) -> None:
+        """sparse="exact": rows not updated since step s get steps s+1 … now with a zero gradient
+        (weight decay and momentum only), in closed form: (w, buf) is linear in itself."""
+        if self.sparse != "exact":
+            return
+        state = self.state[param]
+        now = int(state["step"])
+        index = torch.arange(param.shape[0], device=param.device)[rows] if isinstance(rows, slice) else rows
+        last = state["last_step"].index_select(0, index)
+        stale = last < now
+        if not bool(stale.any()):
+            return
+        index, last = index[stale], last[stale]
+        starts, inverse = torch.unique(last, return_inverse=True)
+        coef = _catch_up_matrices(state["history"], now, starts.tolist())
+        q = torch.tensor(coef, dtype=torch.float64, device=param.device)[inverse].to(param.dtype)  # [n, 2, 2]
+        w = param.index_select(0, index)
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        if "momentum_buffer" in state:
+            buf = _wide(state["momentum_buffer"].index_select(0, index), w)
+            new_w = w * q[:, 0, 0].view(shape) + buf * q[:, 0, 1].view(shape)
+            new_buf = w * q[:, 1, 0].view(shape) + buf * q[:, 1, 1].view(shape)
+            state["momentum_buffer"].index_copy_(0, index, new_buf.to(state["momentum_buffer"].dtype))
+        else:
+            new_w = w * q[:, 0, 0].view(shape)
+        param.index_copy_(0, index, new_w)
+        state["last_step"].index_copy_(0, index, torch.full_like(index, now))
+
+    @property
+    def state_names(self):
+        return ("momentum_buffer",) if self.param_groups[0]["momentum"] != 0 else ()
+
+    def _update(self, w, g, state, group, param_state):
+        lr, mu, damp, wd = group["lr"], group["momentum"], group["dampening"], group["weight_decay"]
+        g = g.to(w.dtype)
+        if wd != 0:
+            g = g.add(w, alpha=wd)
+        if mu != 0:
+            buf = state["momentum_buffer"]
+            first = int(param_state["step"]) == 1
+            new = g.clone() if first else _wide(buf, g).mul(mu).add_(g, alpha=1 - damp)
+            buf.copy_(new)
+            g = g.add(new, alpha=mu) if group["nesterov"] else new
+        w.add_(g, alpha=-lr)
+
+
+def _step_matrix(t: int, lr: float, mu: float, damp: float, wd: float, nesterov: bool):
+    """torch.optim.SGD's step t on one row with a zero gradient, as a matrix on (w, momentum)."""
+    if t == 1:  # the buffer starts as the gradient, wd·w
+        return ((1.0 - lr * wd * ((1.0 + mu) if nesterov else 1.0), 0.0), (wd, 0.0))
+    if nesterov:
+        return ((1.0 - lr * wd * (1.0 + mu * (1.0 - damp)), -lr * mu * mu), ((1.0 - damp) * wd, mu))
+    return ((1.0 - lr * (1.0 - damp) * wd, -lr * mu), ((1.0 - damp) * wd, mu))
+
+
+def _catch_up_matrices(history: list, now: int, starts: List[int]) -> list:
+    """For each s in starts (ascending): the product of steps s+1 … now's matrices."""
+    out, q, t = {}, ((1.0, 0.0), (0.0, 1.0)), now
+    for s in reversed(starts):
+        while t > s:
+            a = _step_matrix(t, *history[t - 1])
+            q = tuple(tuple(q[i][0] * a[0][j] + q[i][1] * a[1][j] for j in range(2)) for i in range(2))
+            t -= 1
+        out[s] = q
+    return [out[s] for s in starts]
+
+
+class AdamW(_HeadOptimizer):
+    """AdamW (decoupled weight decay), as torch.optim.AdamW, applied to the head's weight (and
+    bias) in its backward; the bias corrections count the head's steps. ``state_dtype=
+    torch.bfloat16`` keeps both moments in bfloat16 (arithmetic in the weight's dtype)."""
+
+    state_names = ("exp_avg", "exp_avg_sq")
+
+    def __init__(
+        self,
+        head,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        sparse: str = "lazy",
+        state_dtype=None,
+        accumulate: bool = False,
+    ):
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0:
+            raise ValueError(f"lr must be a non-negative number, got {lr!r}")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if not eps >= 0 or not weight_decay >= 0:
+            raise ValueError(f"eps and weight_decay must be non-negative, got {eps!r} and {weight_decay!r}")
+        if sparse == "exact":
+            raise ValueError(
+                "sparse=\"exact\" is SGD's: AdamW's skipped steps have no closed form (their update divides "
+                'by the decayed second moment); use sparse="lazy"'
+            )
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(head, defaults, sparse=sparse, state_dtype=state_dtype, accumulate=accumulate)
+
+    def _init_state(self, p):
+        return {
+            "step": torch.zeros((), dtype=torch.float32),
+            "exp_avg": self._state_tensor(p),
+            "exp_avg_sq": self._state_tensor(p),
+        }
+
+    def _update(self, w, g, state, group, param_state):
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        step = float(param_state["step"])
+        g = g.to(w.dtype)
+        w.mul_(1 - lr * wd)
+        m = _wide(state["exp_avg"], g).lerp_(g, 1 - b1)
+        v = _wide(state["exp_avg_sq"], g).mul_(b2).addcmul_(g, g, value=1 - b2)
+        state["exp_avg"].copy_(m)
+        state["exp_avg_sq"].copy_(v)
+        bias1, bias2 = 1 - b1**step, 1 - b2**step
+        denom = (v.sqrt() / math.sqrt(bias2)).add_(eps)
+        w.addcdiv_(m, denom, value=-lr / bias1)
+
+
+def _refuse_a_second_optimizer(optimizer, args, kwargs) -> None:
+    """A torch optimizer's step over a weight that a head optimizer updates in the backward would
+    see no gradient and skip it without a word: say so."""
+    if isinstance(optimizer, _HeadOptimizer):
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            owner = getattr(p, "_marginops_head_optimizer", None)
+            if owner is not None and owner() is not None:
+                raise RuntimeError(
+                    f"{type(optimizer).__name__} was given a head's weight that "
+                    f"marginops.optim.{type(owner()).__name__} updates in the head's backward (it has no .grad): "
+                    "give the torch optimizer the backbone's parameters only"
+                )
+
+
+register_optimizer_step_pre_hook(_refuse_a_second_optimizer)
+
+
+# -- the head's backward ------------------------------------------------------------------------
+
+
+def chunk_rows(dim: int, workspace_bytes: int) -> int:
+    """Classes per chunk of the backward: a chunk's ∂L/∂W (and its temporaries) within the budget."""
+    return max(1, workspace_bytes // (dim * 8 * 3))
+
+
+class _StatsThenStep(torch.autograd.Function):
+    """The op's per-row statistics, whose backward computes ∂L/∂W chunk by chunk and hands each
+    chunk to the head's optimizer instead of returning it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, row_margins, curricular, labels, class_index, args, optimizer):
+        out = ops._ops.margin_ce_forward(
+            x,
+            weight,
+            labels,
+            bias=bias,
+            row_margins=row_margins,
+            curricular=curricular,
+            class_index=class_index,
+            **args,
+        )
+        ctx.save_for_backward(x, weight, bias, row_margins, curricular, labels, class_index, out[0])
+        ctx.args, ctx.optimizer = args, optimizer
+        ctx.mark_non_differentiable(out[3], out[4])
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, grad_lse, grad_target, grad_sum, _grad_best, _grad_class):
+        x, weight, bias, row_margins, curricular, labels, class_index, lse = ctx.saved_tensors
+        if torch.is_grad_enabled() and any(
+            g is not None and g.requires_grad for g in (grad_lse, grad_target, grad_sum)
+        ):
+            raise RuntimeError(f"{ops.FIRST_ORDER_ONLY}, so a backward with create_graph=True is refused")
+        opt, args = ctx.optimizer, dict(ctx.args)
+        need_x, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[3] and row_margins is not None
+        group = opt._begin()
+        K = args["subcenters"]
+        local = weight.shape[0] // K
+        offset, num_classes = args.pop("class_offset"), args.pop("num_classes")
+        step = chunk_rows(weight.shape[1], args.get("workspace_bytes") or (64 << 20))
+        dx = torch.zeros_like(x, dtype=torch.promote_types(x.dtype, torch.float32)) if need_x else None
+        dm = torch.zeros_like(row_margins) if need_m else None
+        grads = dict(grad_lse=grad_lse, grad_target_logit=grad_target, grad_logit_sum=grad_sum, lse=lse)
+        for classes in _chunks(local, class_index, step):
+            if isinstance(classes, slice):
+                rows = slice(classes.start * K, classes.stop * K)
+                w, b, y = weight[rows], None if bias is None else bias[classes], labels
+                where = dict(num_classes=num_classes, class_offset=offset + classes.start)
+            else:  # sampled classes, gathered: labels renumbered to their positions (absent: past the end)
+                rows = _rows_of(classes, K)
+                w, b = weight.index_select(0, rows), None if bias is None else bias.index_select(0, classes)
+                y = _renumber(labels, classes + offset, args["ignore_index"])
+                where = dict(num_classes=classes.numel() + 1, class_offset=0)
+            gx, gw, gb, gm = ops._ops.margin_ce_backward(
+                **grads, x=x, weight=w, labels=y, bias=b, row_margins=row_margins, curricular=curricular,
+                class_index=None, output_mask=[need_x, True, b is not None, need_m], **where, **args,
+            )  # fmt: skip
+            with torch.no_grad():
+                opt._apply(weight, rows, gw, group)
+                if b is not None:
+                    opt._apply(bias, classes, gb, group)
+            if need_x:
+                dx += gx
+            if need_m:
+                dm += gm
+        return (None if dx is None else dx.to(x.dtype)), None, None, dm, None, None, None, None, None
+
+
+def _chunks(local: int, class_index: Optional[torch.Tensor], step: int) -> List:
+    """The classes of a backward, in chunks: slices of [0, local), or chunks of the sorted sample."""
+    if class_index is None:
+        return [slice(c, min(local, c + step)) for c in range(0, local, step)]
+    return list(torch.split(class_index, step))
+
+
+def _rows_of(classes: torch.Tensor, subcenters: int) -> torch.Tensor:
+    """The weight rows of classes (K sub-centers each)."""
+    return (classes[:, None] * subcenters + torch.arange(subcenters, device=classes.device)).reshape(-1)
+
+
+def _renumber(labels: torch.Tensor, classes: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Each label's position among the sorted global ``classes``; n (one past them) when absent."""
+    pos = torch.searchsorted(classes, labels).clamp(max=classes.numel() - 1)
+    found = classes[pos] == labels
+    out = torch.where(found, pos, torch.full_like(labels, classes.numel()))
+    return torch.where(labels == ignore_index, labels, out)
+
+
+def head_stats_with_step(optimizer: _HeadOptimizer):
+    """ops.head_stats' signature, with the head optimizer in the backward."""
+
+    def head_stats(
+        x, weight, labels, *, bias=None, row_margins=None, curricular=None, class_index=None, cfg, **scalars
+    ):
+        args = dict(cfg._asdict(), **scalars)
+        ops._refuse_func_transforms()
+        out = _StatsThenStep.apply(x, weight, bias, row_margins, curricular, labels, class_index, args, optimizer)
+        return HeadStats(*out)
+
+    return head_stats

@@ -1,0 +1,232 @@
+"""marginops.optim: the head's optimizer in its backward equals torch.optim on the same gradients
+(float64), dense and row-sparse under Partial FC, and never sees a [C, D] gradient."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import marginops as mo
+from marginops import distributed as mdist
+from marginops import ops, optim
+
+f64 = torch.float64
+B, D, C = 12, 6, 50
+# 7 classes per chunk of the backward: 50 classes cross eight chunks, the last one partial
+SMALL_WORKSPACE = D * 8 * 3 * 7
+
+
+def twin_heads(make_head):
+    """Two heads with the same weights: one trained by marginops.optim, one by torch.optim."""
+    torch.manual_seed(0)
+    ours, theirs = make_head(), make_head()
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def train(head, optimizer, scheduler, batches):
+    losses = []
+    for x, y in batches:
+        x = x.clone().requires_grad_()
+        loss = head(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append((loss.detach(), x.grad))
+    return losses
+
+
+def batches(steps=5, classes=C, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(B, D, generator=g, dtype=f64), torch.randint(0, classes, (B,), generator=g)) for _ in range(steps)
+    ]
+
+
+OPTIMIZERS = {
+    "sgd-momentum-wd": (dict(lr=0.1, momentum=0.9, weight_decay=5e-4), "SGD"),
+    "sgd-nesterov": (dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3), "SGD"),
+    "sgd-dampening": (dict(lr=0.05, momentum=0.8, dampening=0.3), "SGD"),
+    "sgd-plain": (dict(lr=0.2), "SGD"),
+    "adamw": (dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.05), "AdamW"),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("margin", [mo.ArcFace(s=16.0), mo.SubCenterArcFace(K=3, s=16.0)], ids=["arcface", "subcenter"])
+def test_equals_torch_optim_on_the_same_gradients(name, margin):
+    kwargs, kind = OPTIMIZERS[name]
+
+    def make():
+        return mo.MarginHead(D, C, margin, bias=True, label_smoothing=0.1, workspace_bytes=SMALL_WORKSPACE, dtype=f64)
+
+    ours, theirs = twin_heads(make)
+    opt_ours = getattr(optim, kind)(ours, **kwargs)
+    opt_theirs = getattr(torch.optim, kind)(theirs.parameters(), **kwargs)
+    sched = [torch.optim.lr_scheduler.StepLR(o, 2, gamma=0.5) for o in (opt_ours, opt_theirs)]
+    data = batches()
+    for (l1, dx1), (l2, dx2) in zip(train(ours, opt_ours, sched[0], data), train(theirs, opt_theirs, sched[1], data)):
+        torch.testing.assert_close(l1, l2, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(dx1, dx2, rtol=1e-10, atol=1e-13)
+    for p, q in ((ours.weight, theirs.weight), (ours.bias, theirs.bias)):
+        torch.testing.assert_close(p, q, rtol=1e-11, atol=1e-14)
+        assert p.grad is None, "no gradient is kept"
+    assert opt_ours.param_groups[0]["lr"] == opt_theirs.param_groups[0]["lr"] == kwargs["lr"] * 0.25
+    keys = ("exp_avg", "exp_avg_sq") if kind == "AdamW" else ("momentum_buffer",) if kwargs.get("momentum") else ()
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        for key in keys:
+            torch.testing.assert_close(opt_ours.state[p][key], opt_theirs.state[q][key], rtol=1e-11, atol=1e-16)
+
+
+def test_the_backward_never_holds_more_than_a_chunk_of_dW(monkeypatch):
+    """Every ∂L/∂W the backward sees is one chunk of classes; the weight's .grad stays None."""
+    seen = []
+    real = ops._ops.margin_ce_backward
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(out[1].shape[0])
+        return out
+
+    monkeypatch.setattr(ops._ops, "margin_ce_backward", spy)
+    head = mo.MarginHead(D, C, mo.CosFace(), workspace_bytes=SMALL_WORKSPACE, dtype=f64)
+    optim.SGD(head, lr=0.1, momentum=0.9)
+    x, y = batches(1)[0]
+    head(x, y).backward()
+    assert seen == [7] * 7 + [1], seen
+    assert head.weight.grad is None
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def sampled_heads(**kwargs):
+    def make():
+        return mdist.ShardedMarginHead(D, C, mo.ArcFace(s=16.0), sample_rate=0.3, seed=3, dtype=f64, **kwargs)
+
+    return twin_heads(make)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_exact_row_sparse_sgd_equals_dense_sgd(one_rank, nesterov):
+    """Partial FC with sparse="exact": only sampled rows are read and written each step, yet the
+    weights equal torch.optim.SGD's on the dense gradient (zero on unsampled rows)."""
+    kwargs = dict(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=nesterov)
+    ours, theirs = sampled_heads(bias=True)
+    opt_ours = optim.SGD(ours, sparse="exact", **kwargs)
+    opt_theirs = torch.optim.SGD(theirs.parameters(), **kwargs)
+    sched = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0 / (1 + step)) for o in (opt_ours, opt_theirs)]
+    data = batches(6)
+    stale = 0
+    for x, y in data:
+        train(ours, opt_ours, sched[0], [(x, y)])
+        train(theirs, opt_theirs, sched[1], [(x, y)])
+        assert torch.equal(ours.last_sample, theirs.last_sample)
+        sample = ours.last_sample
+        torch.testing.assert_close(ours.weight[sample], theirs.weight[sample], rtol=1e-11, atol=1e-14)
+        stale += int((ours.weight != theirs.weight).any(dim=1).sum())
+    assert stale > 0, "unsampled rows are not touched until they are read"
+    ours.eval()  # an evaluation forward reads every row: each is caught up first
+    with torch.no_grad():
+        ours(data[0][0], data[0][1])
+    torch.testing.assert_close(ours.weight, theirs.weight, rtol=1e-11, atol=1e-14)
+    torch.testing.assert_close(ours.bias, theirs.bias, rtol=1e-11, atol=1e-14)
+    buf = opt_theirs.state[theirs.weight]["momentum_buffer"]
+    torch.testing.assert_close(opt_ours.state[ours.weight]["momentum_buffer"], buf, rtol=1e-11, atol=1e-14)
+
+
+def test_lazy_row_sparse_sgd_touches_only_sampled_rows(one_rank):
+    """sparse="lazy" (Partial FC v1's sub-weight optimizer): a sampled row gets torch's SGD step
+    on its gradient and its own momentum; the other rows and their momentum do not change."""
+    lr, mu, wd = 0.1, 0.9, 0.01
+    ours, dense = sampled_heads()
+    opt = optim.SGD(ours, lr=lr, momentum=mu, weight_decay=wd)  # lazy is the default
+    w, buf = dense.weight.detach().clone(), torch.zeros(C, D, dtype=f64)
+    for step, (x, y) in enumerate(batches(5), start=1):
+        train(ours, opt, None, [(x, y)])
+        dense.weight.data.copy_(w)  # the gradient at the formula's weights, from the plain head
+        dense.zero_grad()
+        dense(x, y).backward()
+        rows = dense.last_sample
+        assert torch.equal(rows, ours.last_sample)
+        g = dense.weight.grad[rows] + wd * w[rows]
+        buf[rows] = g if step == 1 else mu * buf[rows] + g
+        w[rows] -= lr * buf[rows]
+        torch.testing.assert_close(ours.weight, w, rtol=1e-11, atol=1e-14)
+        torch.testing.assert_close(opt.state[ours.weight]["momentum_buffer"], buf, rtol=1e-11, atol=1e-14)
+
+
+def test_bfloat16_state_stays_close_to_float32_state():
+    def make():
+        return mo.MarginHead(D, C, mo.ArcFace(s=16.0), workspace_bytes=SMALL_WORKSPACE)
+
+    torch.manual_seed(0)
+    a, b = make(), make()
+    b.load_state_dict(a.state_dict())
+    opt_a = optim.SGD(a, lr=0.1, momentum=0.9, state_dtype=torch.bfloat16)
+    opt_b = optim.SGD(b, lr=0.1, momentum=0.9)
+    data = [(x.float(), y) for x, y in batches(4)]
+    train(a, opt_a, None, data)
+    train(b, opt_b, None, data)
+    assert opt_a.state[a.weight]["momentum_buffer"].dtype == torch.bfloat16
+    assert a.weight.dtype == torch.float32
+    change = (b.weight - make().weight).norm()
+    assert (a.weight - b.weight).norm() <= 2e-2 * change
+    momentum = opt_b.state[b.weight]["momentum_buffer"]
+    rel = (opt_a.state[a.weight]["momentum_buffer"].float() - momentum).norm() / momentum.norm()
+    assert rel <= 1e-2, rel
+
+
+def test_state_dict_round_trip_continues_the_same_steps():
+    def make():
+        return mo.MarginHead(D, C, mo.CosFace(), dtype=f64)
+
+    data = batches(6)
+    one, two = twin_heads(make)
+    opt_one = optim.AdamW(one, lr=1e-2)
+    train(one, opt_one, None, data)
+    opt_two = optim.AdamW(two, lr=1e-2)
+    train(two, opt_two, None, data[:3])
+    saved_head, saved_opt = two.state_dict(), opt_two.state_dict()
+    three = make()
+    three.load_state_dict(saved_head)
+    opt_three = optim.AdamW(three, lr=1e-2)
+    opt_three.load_state_dict(saved_opt)
+    train(three, opt_three, None, data[3:])
+    torch.testing.assert_close(three.weight, one.weight, rtol=0, atol=0)
+
+
+def test_combinations_that_cannot_work_are_refused():
+    head = mo.MarginHead(D, C, mo.CosFace(), dtype=f64)
+    opt = optim.SGD(head, lr=0.1, momentum=0.9)
+    x, y = batches(1)[0]
+    head(x, y).backward()
+    with pytest.raises(RuntimeError, match="a second backward through the head before optimizer.step"):
+        head(x, y).backward()
+    opt.step()
+    head(x, y).backward()  # fine after step()
+    with pytest.raises(RuntimeError, match="SGD was given a head's weight that marginops.optim.SGD updates"):
+        torch.optim.SGD(head.parameters(), lr=0.1).step()
+    with pytest.raises(ValueError, match="already has an optimizer"):
+        optim.AdamW(head)
+    with pytest.raises(ValueError, match='sparse="exact" is SGD'):
+        optim.AdamW(mo.MarginHead(D, C), sparse="exact")
+    with pytest.raises(ValueError, match="sparse must be one of"):
+        optim.SGD(mo.MarginHead(D, C), sparse="dense")
+    with pytest.raises(ValueError, match="WeightedMarginHead cannot run an optimizer in its backward"):
+        optim.SGD(mo.WeightedMarginHead(D, C, [(mo.CosFace(), 1.0)]))
+    with pytest.raises(ValueError, match="master weights"):
+        optim.SGD(mo.MarginHead(D, C, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="Nesterov momentum requires"):
+        optim.SGD(mo.MarginHead(D, C), nesterov=True)
+    accumulating = mo.MarginHead(D, C, mo.CosFace(), dtype=f64)
+    optim.SGD(accumulating, lr=0.1, accumulate=True)
+    accumulating(x, y).backward()
+    accumulating(x, y).backward()  # each backward is its own step
