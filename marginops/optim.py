@@ -78,6 +78,44 @@ class _HeadOptimizer(torch.optim.Optimizer):
         self._updated = False
         super().zero_grad(set_to_none)
 
+    # -- checkpoints: the rows of a shard -----------------------------------------------------------
+
+    def row_state_names(self) -> tuple:
+        """The per-row state tensors, each aligned with its parameter's rows."""
+        return tuple(self.state_names) + (("last_step",) if self.sparse == "exact" else ())
+
+    def shard_state(self) -> dict:
+        """What a checkpoint shard holds of this optimizer: its kind, hyperparameters, step (and
+        sparse="exact"'s history) and, per parameter, the per-row state on the CPU."""
+        group = self.param_groups[0]
+        head = self._head()
+        rows = lambda p: {name: self.state[p][name].detach().cpu() for name in self.row_state_names()}  # noqa: E731
+        return {
+            "kind": type(self).__name__,
+            "sparse": self.sparse,
+            "hyper": {k: v for k, v in group.items() if k != "params"},
+            "step": int(self.state[head.weight]["step"]),
+            "history": list(self.state[head.weight].get("history", [])),
+            "weight": rows(head.weight),
+            "bias": None if head.bias is None else rows(head.bias),
+        }
+
+    @torch.no_grad()
+    def load_shard_state(self, entry: dict, weight_rows: dict, bias_rows: Optional[dict]) -> None:
+        """Restores what shard_state() saved, with each parameter's rows gathered for this head
+        (any world size): hyperparameters, step, history and the per-row state."""
+        head = self._head()
+        self.param_groups[0].update(entry["hyper"])
+        for p, rows in ((head.weight, weight_rows), (head.bias, bias_rows)):
+            if p is None:
+                continue
+            state = self.state[p]
+            state["step"] = torch.tensor(float(entry["step"]))
+            if "history" in state:
+                state["history"] = [tuple(h) for h in entry["history"]]
+            for name, value in rows.items():
+                state[name][: value.shape[0]].copy_(value)
+
     # -- what the head's backward calls -----------------------------------------------------------
 
     def _begin(self) -> dict:

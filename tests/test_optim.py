@@ -230,3 +230,78 @@ def test_combinations_that_cannot_work_are_refused():
     optim.SGD(accumulating, lr=0.1, accumulate=True)
     accumulating(x, y).backward()
     accumulating(x, y).backward()  # each backward is its own step
+
+
+# -- checkpoints: the optimizer state sharded like the weight, resumed at another world size ----------
+
+RESUME_B = 8  # the global batch of each step, split evenly over the ranks
+
+
+def _step_data(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(RESUME_B, D, generator=g, dtype=f64), torch.randint(0, C, (RESUME_B,), generator=g)
+
+
+def _make_optimizer(kind, head):
+    if kind == "SGD":
+        return optim.SGD(head, lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    return optim.AdamW(head, lr=1e-2, weight_decay=0.05)
+
+
+def _train_and_save(rank, world, kind, load_from, steps, save_to):
+    head = mdist.ShardedMarginHead(D, C, mo.ArcFace(s=16.0), bias=True, dtype=f64)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        head.weight.copy_(mdist.split(torch.randn(C, D, generator=g, dtype=f64), world)[rank])
+    opt = _make_optimizer(kind, head)
+    if load_from is not None:
+        mdist.load_sharded(head, load_from)
+        assert int(opt.state[head.weight]["step"]) == steps[0]
+    per = RESUME_B // world
+    for step in steps:
+        x, y = _step_data(step)
+        head(x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]).backward()
+        opt.step()
+    mdist.save_sharded(head, save_to)
+
+
+@pytest.mark.parametrize("kind", ["SGD", "AdamW"])
+def test_resume_on_another_world_size_continues_the_run(tmp_path, kind):
+    """2 ranks -> 1 and 1 -> 2, two steps before and two after: the weights and the optimizer
+    state equal a run on one rank that did not stop (float64; the ranks' partial sums round
+    differently, hence 1e-12 rather than bit-equality), and a load restores the saved state exactly."""
+    from helpers import spawn
+
+    spawn(_train_and_save, 1, kind, None, [0, 1, 2, 3], str(tmp_path / "straight"))
+    for first, second in ((2, 1), (1, 2)):
+        half, done = tmp_path / f"{first}-half", tmp_path / f"{first}-to-{second}"
+        spawn(_train_and_save, first, kind, None, [0, 1], str(half))
+        spawn(_train_and_save, second, kind, str(half), [2, 3], str(done))
+        want, got = mdist.consolidate(tmp_path / "straight"), mdist.consolidate(done)
+        assert got["optimizer"]["step"] == want["optimizer"]["step"] == 4
+        for part in ("weight", "bias"):
+            torch.testing.assert_close(got[part], want[part], rtol=1e-12, atol=1e-15)
+            for name, value in want["optimizer"][part].items():
+                torch.testing.assert_close(got["optimizer"][part][name], value, rtol=1e-12, atol=1e-15)
+
+
+def test_load_restores_the_saved_optimizer_rows_exactly(tmp_path, one_rank):
+    head = mdist.ShardedMarginHead(D, C, mo.CosFace(), bias=True, dtype=f64)
+    opt = optim.SGD(head, lr=0.1, momentum=0.9, sparse="exact")
+    train(head, opt, None, batches(2))
+    mdist.save_sharded(head, tmp_path / "ckpt")
+    saved = mdist.consolidate(tmp_path / "ckpt")["optimizer"]
+    twin = mdist.ShardedMarginHead(D, C, mo.CosFace(), bias=True, dtype=f64)
+    twin_opt = optim.SGD(twin, lr=0.5, momentum=0.9, sparse="exact")
+    mdist.load_sharded(twin, tmp_path / "ckpt")
+    assert twin_opt.param_groups[0]["lr"] == 0.1 and int(twin_opt.state[twin.weight]["step"]) == 2
+    for name, value in saved["weight"].items():
+        assert torch.equal(twin_opt.state[twin.weight][name], value), name
+    assert twin_opt.state[twin.weight]["history"] == opt.state[head.weight]["history"]
+    with pytest.raises(ValueError, match="holds \\[\\('SGD', 'exact'\\)\\] optimizer state, but the head's is"):
+        other = mdist.ShardedMarginHead(D, C, mo.CosFace(), bias=True, dtype=f64)
+        optim.AdamW(other)
+        mdist.load_sharded(other, tmp_path / "ckpt")
+    plain = mdist.ShardedMarginHead(D, C, mo.CosFace(), bias=True, dtype=f64)
+    mdist.load_sharded(plain, tmp_path / "ckpt")  # a head without an optimizer takes the weights alone
+    assert torch.equal(plain.weight, head.weight)

@@ -65,6 +65,7 @@ def save_sharded(head: torch.nn.Module, directory: str) -> None:
         "weight": head.weight.detach().cpu(),
         "bias": None if head.bias is None else head.bias.detach().cpu(),
         "margin_state": {k: v.detach().cpu() for k, v in head.margin_state.state_dict().items()},
+        "optimizer": None if head.optimizer is None else head.optimizer.shard_state(),
         "meta": _head_meta(head),
     }
     name = _SHARD.format(rank=rank, world=world)
@@ -76,7 +77,8 @@ def save_sharded(head: torch.nn.Module, directory: str) -> None:
         entries = [None] * world
         dist.all_gather_object(entries, {"file": name, "bytes": size, "sha256": digest}, group=head.group)
     if rank == 0:
-        meta = {**_head_meta(head), "world_size": world, "shards": entries}
+        optimizer = None if head.optimizer is None else type(head.optimizer).__name__
+        meta = {**_head_meta(head), "world_size": world, "optimizer": optimizer, "shards": entries}
 
         def write(tmp):
             with open(tmp, "w") as f:
@@ -198,6 +200,20 @@ def _check_shard(path: str, shard, meta: dict, rank: int, first: int) -> int:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise bad("margin_state must map names to tensors")
+    opt = shard.get("optimizer")
+    if opt is not None:
+        ok = isinstance(opt, dict) and all(k in opt for k in ("kind", "hyper", "step", "weight", "bias"))
+        for rows, part in (
+            ((end - start) * K, opt.get("weight") if ok else None),
+            (end - start, opt.get("bias") if ok else {}),
+        ):
+            ok = (
+                ok
+                and (part is None or isinstance(part, dict))
+                and all(isinstance(t, torch.Tensor) and t.shape[:1] == (rows,) for t in (part or {}).values())
+            )
+        if not ok:
+            raise bad(f"optimizer state must hold kind, hyper, step and per-row tensors of its {end - start} classes")
     return end
 
 
@@ -209,9 +225,8 @@ def _read_shards(directory: str) -> Tuple[dict, List[dict]]:
     entries = meta.get("shards")
     if entries is None:
         warnings.warn(
-            f"checkpoint {directory} records no checksums (written before marginops recorded them): its shard files "
-            "are "
-            "checked for shape only, not for damage; save it again to add them",
+            f"checkpoint {directory} records no checksums (written before marginops recorded them): its shard "
+            "files are checked for shape only, not for damage; save it again to add them",
             stacklevel=3,
         )
     shards, first = [], 0
@@ -248,15 +263,44 @@ def _check_meta(meta: dict, head, strict: bool) -> List[str]:
     return list(diffs.values())
 
 
-def _gather_range(shards: List[dict], key: str, start: int, end: int, per_class: int) -> Optional[torch.Tensor]:
-    """Rows of classes [start, end) from the shards that hold them."""
+def _gather_range(shards: List[dict], key, start: int, end: int, per_class: int) -> Optional[torch.Tensor]:
+    """Rows of classes [start, end) from the shards that hold them; key: a shard's entry, or a
+    function of the shard giving the tensor."""
+    get = key if callable(key) else (lambda s: s[key])
     parts = []
     for s in shards:
         lo, hi = max(start, s["class_start"]), min(end, s["class_end"])
-        if lo < hi and s[key] is not None:
+        if lo < hi and get(s) is not None:
             off = s["class_start"]
-            parts.append(s[key][(lo - off) * per_class : (hi - off) * per_class])
+            parts.append(get(s)[(lo - off) * per_class : (hi - off) * per_class])
     return torch.cat(parts) if parts else None
+
+
+def _optimizer_rows(head, shards: List[dict], directory: str, start: int, stop: int):
+    """The head optimizer's entry and per-row state for classes [start, stop), or None when the
+    head has no optimizer; raises when the checkpoint's state cannot restore it."""
+    opt = head.optimizer
+    if opt is None:
+        return None
+    entries = [s.get("optimizer") for s in shards]
+    kind, names = type(opt).__name__, opt.row_state_names()
+    if any(e is None for e in entries):
+        raise ValueError(
+            f"{directory} holds no optimizer state, but the head has a marginops.optim.{kind}: load it into a head "
+            "without one, or restore the optimizer from its own state_dict"
+        )
+    found = {(e.get("kind"), e.get("sparse")) for e in entries}
+    if found != {(kind, opt.sparse)}:
+        raise ValueError(f"{directory} holds {sorted(found)} optimizer state, but the head's is {(kind, opt.sparse)}")
+    missing = [n for n in names if any(n not in e["weight"] for e in entries)]
+    if missing:
+        raise ValueError(f"{directory}: the optimizer state lacks {missing} (the head's {kind} keeps {list(names)})")
+    K = head.subcenters
+    weight = {n: _gather_range(shards, lambda s, n=n: s["optimizer"]["weight"][n], start, stop, K) for n in names}
+    bias = None
+    if head.bias is not None:
+        bias = {n: _gather_range(shards, lambda s, n=n: s["optimizer"]["bias"][n], start, stop, 1) for n in names}
+    return entries[0], weight, bias
 
 
 @torch.no_grad()
@@ -284,13 +328,13 @@ def load_sharded(head: torch.nn.Module, directory: str, *, strict: bool = True) 
     K = head.subcenters
     weight = _gather_range(shards, "weight", start, stop, K)
     bias = _gather_range(shards, "bias", start, stop, 1) if head.bias is not None else None
+    optimizer = _optimizer_rows(head, shards, directory, start, stop)
     state, mine = shards[0]["margin_state"], head.margin_state.state_dict()
     state_fits = sorted(state) == sorted(mine) and all(tuple(state[k].shape) == tuple(mine[k].shape) for k in mine)
     if not state_fits and not differences:
         raise ValueError(
-            f"{directory}: the margin state {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in state.items())}}} does "
-            "not fit "
-            f"the head's {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in mine.items())}}}"
+            f"{directory}: the margin state {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in state.items())}}} "
+            f"does not fit the head's {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in mine.items())}}}"
         )
     if differences:
         kept = [] if state_fits else ["margin state"]
@@ -309,17 +353,26 @@ def load_sharded(head: torch.nn.Module, directory: str, *, strict: bool = True) 
         head.bias[: bias.shape[0]].copy_(bias)
     if state_fits:
         head.margin_state.load_state_dict(state)  # kept alike on every rank
+    if optimizer is not None:
+        head.optimizer.load_shard_state(*optimizer)
 
 
 def consolidate(directory: str) -> Dict[str, Optional[torch.Tensor]]:
-    """The whole head of a sharded checkpoint: {"weight": [C·K, D], "bias": [C] or None}.
-    Verifies the files as :func:`load_sharded` does."""
+    """The whole head of a sharded checkpoint: {"weight": [C·K, D], "bias": [C] or None,
+    "optimizer": None, or the head optimizer's {"kind", "step", "weight": {name: [C·K, ...]},
+    "bias": {name: [C]} or None}}. Verifies the files as :func:`load_sharded` does."""
     meta, shards = _read_shards(directory)
-    C = meta["num_classes"]
-    return {
-        "weight": _gather_range(shards, "weight", 0, C, meta["subcenters"]),
-        "bias": _gather_range(shards, "bias", 0, C, 1),
-    }
+    C, K = meta["num_classes"], meta["subcenters"]
+    out = {"weight": _gather_range(shards, "weight", 0, C, K), "bias": _gather_range(shards, "bias", 0, C, 1)}
+    entry = shards[0].get("optimizer")
+    out["optimizer"] = None
+    if entry is not None and all(s.get("optimizer") is not None for s in shards):
+        rows = lambda part, per: {  # noqa: E731
+            n: _gather_range(shards, lambda s, n=n: s["optimizer"][part][n], 0, C, per) for n in entry[part]
+        }
+        bias = None if entry["bias"] is None else rows("bias", 1)
+        out["optimizer"] = {"kind": entry["kind"], "step": entry["step"], "weight": rows("weight", K), "bias": bias}
+    return out
 
 
 def split(weight: torch.Tensor, world_size: int, subcenters: int = 1) -> List[torch.Tensor]:
