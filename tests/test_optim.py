@@ -305,3 +305,24 @@ def test_load_restores_the_saved_optimizer_rows_exactly(tmp_path, one_rank):
     plain = mdist.ShardedMarginHead(D, C, mo.CosFace(), bias=True, dtype=f64)
     mdist.load_sharded(plain, tmp_path / "ckpt")  # a head without an optimizer takes the weights alone
     assert torch.equal(plain.weight, head.weight)
+
+
+def test_a_compiled_head_runs_its_optimizer():
+    """torch.compile of a head with an optimizer in its backward (not fullgraph: the backward's
+    updates of the weights and the optimizer's state run eagerly, a graph break) equals eager."""
+
+    def make():
+        return mo.MarginHead(D, C, mo.ArcFace(s=16.0), dtype=f64)
+
+    compiled, eager = twin_heads(make)
+    opts = [optim.SGD(h, lr=0.1, momentum=0.9) for h in (compiled, eager)]
+    step = torch.compile(lambda x, y: compiled(x, y))
+    for x, y in batches(3):
+        losses = []
+        for fn, opt in ((step, opts[0]), (eager, opts[1])):
+            loss = fn(x, y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(compiled.weight, eager.weight, rtol=1e-12, atol=1e-15)
