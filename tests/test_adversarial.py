@@ -1,12 +1,12 @@
-"""Issue 19 ("nothing silently wrong"): requests marginops cannot honour must fail loudly, and
-documented conventions must hold exactly.
+"""Nothing silently wrong: requests marginops cannot honour must fail loudly, and documented
+conventions must hold exactly.
 
-- item 2: second-order gradients. The backward op has no derivative of its own, so a backward
-  with create_graph=True used to return gradients that differentiate as zeros. It is refused at
+- second-order gradients. The backward op has no derivative of its own, so a backward with
+  create_graph=True would return gradients that differentiate as zeros. It is refused at
   the first backward with a RuntimeError saying "first-order gradients only", from the functional
   API and from MarginHead; torch.func's gradient transforms are refused with the same words
   (first and second order), while first-order backward stays exact.
-- item 8: MarginHead's lambda_schedule counts the iteration from 1 at the first training step,
+- MarginHead's lambda_schedule counts the iteration from 1 at the first training step,
   as SphereFace's Caffe layer (margin_inner_product: iter_ += 1 before λ is computed) does.
 
 Expected values: the eager reference (marginops.reference) or a formula written here."""

@@ -1,4 +1,4 @@
-"""Issue 19, item 10: every public op of the CPU backend at sizes that cross all its internal
+"""Every public op of the CPU backend at sizes that cross all its internal
 boundaries, against eager PyTorch in float64.
 
 csrc/cpu/margin_ce_cpu.cpp processes rows in blocks of 256 (kRowBlock) and classes in tiles of 256

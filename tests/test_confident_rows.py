@@ -1,11 +1,11 @@
-"""Issue 19, item 3: confident rows. Without a margin (Softmax, WeightNormSoftmax, L2Softmax,
-NormFace: ψ(c) = c) the target logit is an ordinary logit, α_i β_y (x_i · W_y) + bias_y. It used to
-be rebuilt as ‖x‖‖W‖·(u / (‖x‖‖W‖)) (csrc/margin_math.h), which rounds differently from the
-entry the log-sum-exp saw: a confident row's loss lse − z_iy came out negative (down to −1e-4 in
-float32, growing with the logits), and a weight row whose float32 norm overflows (‖W_y‖² past
-3.4e38 while every product x·W_y is finite) gave NaN where the reference is finite.
+"""Confident rows. Without a margin (Softmax, WeightNormSoftmax, L2Softmax, NormFace: ψ(c) = c)
+the target logit is an ordinary logit, α_i β_y (x_i · W_y) + bias_y, and must be the very entry
+the log-sum-exp saw. Rebuilt as ‖x‖‖W‖·(u / (‖x‖‖W‖)) it would round differently: a confident
+row's loss lse − z_iy would come out negative (down to −1e-4 in float32, growing with the
+logits), and a weight row whose float32 norm overflows (‖W_y‖² past 3.4e38 while every product
+x·W_y is finite) would give NaN where the reference is finite.
 
-Now the loss of every row is ≥ 0 and within float32 rounding of the float64 reference
+The loss of every row is ≥ 0 and within float32 rounding of the float64 reference
 (marginops.reference on the same float32 inputs, widened), rows whose target logit lies 1e4
 above all others included (loss exactly 0, as in float64): the CPU op at sizes crossing its row
 blocks, class tiles and chunks with 1 and 2 threads, and both CUDA backends under the emulation

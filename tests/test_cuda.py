@@ -1,10 +1,10 @@
 """CUDA-only checks (skipped without a GPU): graph capture, 64-bit indexing past 2^31 elements of
 W, the memory contract at the face-recognition shape, mixed precision under autocast, and TF32
-only when torch allows it; and for the two CUDA backends of issue #10 (backend="chunked", the
-default, and backend="fused", the tile path): float64 and bfloat16 against the eager reference,
+only when torch allows it; and for the two CUDA backends (backend="chunked", the default,
+and backend="fused", the tile path): float64 and bfloat16 against the eager reference,
 a CUDA graph of the chunked backend, its kernel-launch count and its 64 MiB contract. The
-rest of the CUDA coverage comes from the device-parametrized tests (test_fused, test_ops,
-test_margin_zoo: `-k cuda`)."""
+rest of the CUDA coverage comes from the device-parametrized tests (test_functional, test_ops,
+test_margins_zoo: `-k cuda`)."""
 
 import pytest
 import torch

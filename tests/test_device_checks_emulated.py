@@ -1,4 +1,4 @@
-"""Labels and class_index checked by the CUDA kernels, not on the host (issue #18, item 4), run
+"""Labels and class_index checked by the CUDA kernels, not on the host, run
 under the CPU emulation of tests/cuda_emu for both backends: a training step copies nothing to the
 host; a bad label gets a NaN target logit, leaves every other row's statistics and gradients as
 they are without it, and raises the host check's ValueError at the next call (or at

@@ -1,4 +1,4 @@
-"""Nothing silently wrong in the sharded head (issue 19 L, items 4-7): damaged checkpoints are
+"""Nothing silently wrong in the sharded head: damaged checkpoints are
 refused naming the file (checksums, meta.json, shapes) and a failed load changes nothing; the
 checkpoint's margin and class count must fit the head unless strict=False; labels of every
 integer dtype give the loss of their int64 values; labels on the meta device and a tensor
@@ -34,7 +34,7 @@ def spawn_within(fn, world, *args, pg_timeout=5, deadline=90):
     spawn(fn, world, *args, timeout=pg_timeout, deadline=deadline)
 
 
-# ---- item 4: checkpoints ---------------------------------------------------------------------------
+# ---- checkpoints ---------------------------------------------------------------------------------
 
 C, D = 10, 3
 
@@ -288,7 +288,7 @@ def test_the_margin_and_class_count_must_fit_unless_strict_is_false(saved):
         mdist.load_sharded(mo.MarginHead(D + 1, C, margin=mo.CurricularFace(s=8.0), bias=True), directory, strict=False)
 
 
-# ---- item 5: label dtypes, meta labels, label_smoothing ----------------------------------------------
+# ---- label dtypes, meta labels, label_smoothing ----------------------------------------------------
 
 BIG = 70_000  # past int16's range: a Python int compared with int16 labels would wrap
 LABELS = {
@@ -352,7 +352,7 @@ def test_a_tensor_label_smoothing_must_be_a_float():
         mo.margin_cross_entropy(x, W, y, mo.ArcFace(), label_smoothing=1.5)
 
 
-# ---- item 6: ranks that call the head differently ----------------------------------------------------
+# ---- ranks that call the head differently ----------------------------------------------------------
 
 PREFIX = "ShardedMarginHead is called differently across ranks: "
 
@@ -442,7 +442,7 @@ def test_ranks_that_call_the_head_differently_raise_on_every_rank():
     spawn_within(_mismatches, 2, pg_timeout=5, deadline=90)
 
 
-# ---- item 7: a rank that skips a call ----------------------------------------------------------------
+# ---- a rank that skips a call ----------------------------------------------------------------------
 
 
 def test_the_process_group_timeout_is_documented_for_a_skipped_call():

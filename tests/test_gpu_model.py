@@ -1,7 +1,7 @@
-"""benchmarks/gpu_model.py, the roofline model of one chunked-backend step (issue 18 item 3): it runs
-on the committed SASS counts, prints one summary line per GPU and configuration in the issue's
-format, its rows add up to the step, the pre-specialization counts give a slower step, and a few
-terms match hand arithmetic. Its copy of plan_chunks() is checked against the C++ one (the CPU
+"""benchmarks/gpu_model.py, the roofline model of one chunked-backend step: it runs on the committed
+SASS counts, prints one summary line per GPU and configuration in a fixed format (SUMMARY), its
+rows add up to the step, the pre-specialization counts give a slower step, and a few terms match
+hand arithmetic. Its copy of plan_chunks() is checked against the C++ one (the CPU
 emulation build of csrc/cuda)."""
 
 import contextlib
@@ -183,7 +183,7 @@ def test_plan_matches_the_cpp_plan_chunks(emu, case):
     assert gm.chunk_launches(got, nw, bw) == want["launches"]
 
 
-# ---- benchmarks/chunked_profile.py: the model beside the measurement (issue 18 item 6) -----------
+# ---- benchmarks/chunked_profile.py: the model beside the measurement ------------------
 
 
 def load_profile():

@@ -1,4 +1,4 @@
-"""Issue 19, item 1: non-finite values are data (DESIGN.md §2b). A NaN or ±Inf in x, in a weight
+"""Non-finite values are data (docs/design.md, "Non-finite values"). A NaN or ±Inf in x, in a weight
 row that is no row's label, or a −inf bias reaches the loss and the gradients exactly as it does
 through eager logits and torch.nn.functional.cross_entropy: the expected values are
 marginops.reference on the same inputs (it materializes the logits), compared entry by entry —
@@ -6,9 +6,9 @@ the same NaN positions, the same ±Inf positions, the finite entries equal withi
 
 The CPU op runs at sizes that cross its row blocks, class tiles and per-thread chunks (the bad
 class lies in the fourth tile of five, so with 2 threads it is in the second chunk) with
-torch.set_num_threads 1 and 2: before the fix a NaN class gave loss −inf with one thread (std::max
-dropped the NaN, then log(0)) and a finite loss over the other chunk's classes with two (the merge
-dropped a chunk whose sum was NaN). Both CUDA backends run the same cases under the CPU emulation
+torch.set_num_threads 1 and 2: a max that drops a NaN would give loss −inf with one thread (then
+log(0)), and a merge that drops a chunk whose sum is NaN a finite loss over the other chunk's
+classes with two. Both CUDA backends run the same cases under the CPU emulation
 (tests/cuda_emu), the fused one over several class splits, the chunked one over several chunks.
 check_finite=True still names the first bad row instead."""
 

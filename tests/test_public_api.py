@@ -1,6 +1,6 @@
-"""Issue #12, item 3: the public functions and methods that no other test checked against an
-independent expectation, each against a value written out here with plain torch ops, a closed
-form or a hand-built file (see tests/README.md for the whole table and the oracle policy).
+"""The public functions and methods that no other test checks against an independent
+expectation, each against a value written out here with plain torch ops, a closed form or a
+hand-built file (see tests/README.md for the whole table and the oracle policy).
 Nothing here calls marginops code to compute an expected value."""
 
 import hashlib
