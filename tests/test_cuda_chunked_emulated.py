@@ -231,7 +231,7 @@ def test_grad_skip_is_exact_in_the_chunked_backend(emu):
 def test_backend_argument_on_the_cpu():
     x, W, y, _ = make_inputs(4, 8, 10)
     assert mo.backends()["cpu"] == "tiled"
-    for backend in ("chunked", "fused"):
+    for backend in ("chunked", "tiles"):
         with pytest.raises(ValueError, match=f"backend='{backend}' runs on CUDA only, but x is on cpu"):
             mo.margin_cross_entropy(x, W, y, mo.ArcFace(), backend=backend)
         with pytest.raises(ValueError, match=f"the {backend} backend runs on CUDA only"):
@@ -248,7 +248,7 @@ def test_backend_argument_on_the_cpu():
                 -100,
                 *mo.ArcFace().config(),
                 0.0,
-                mo._checks.BACKENDS[backend],
+                mo.options.BACKENDS[backend],
                 0,
             )
     with pytest.raises(ValueError, match="backend must be one of"):
