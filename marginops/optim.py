@@ -23,6 +23,9 @@ from . import ops
 from .ops import HeadStats
 
 SPARSE = ("lazy", "exact")
+# sparse="exact" keeps each step's hyperparameters until every row has caught up past them; past
+# this many, the next forward catches up every row (one dense pass) and the history starts anew.
+HISTORY_STEPS = 1024
 STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 
 
@@ -96,6 +99,7 @@ class _HeadOptimizer(torch.optim.Optimizer):
             "hyper": {k: v for k, v in group.items() if k != "params"},
             "step": int(self.state[head.weight]["step"]),
             "history": list(self.state[head.weight].get("history", [])),
+            "history_start": int(self.state[head.weight].get("history_start", 0)),
             "weight": rows(head.weight),
             "bias": None if head.bias is None else rows(head.bias),
         }
@@ -113,6 +117,7 @@ class _HeadOptimizer(torch.optim.Optimizer):
             state["step"] = torch.tensor(float(entry["step"]))
             if "history" in state:
                 state["history"] = [tuple(h) for h in entry["history"]]
+                state["history_start"] = int(entry.get("history_start", 0))
             for name, value in rows.items():
                 state[name][: value.shape[0]].copy_(value)
 
@@ -208,7 +213,7 @@ class SGD(_HeadOptimizer):
             state["momentum_buffer"] = self._state_tensor(p)
         if self.sparse == "exact":  # the step each row is up to date with, and every step's hyperparameters
             state["last_step"] = torch.zeros(p.shape[0], dtype=torch.long, device=p.device)
-            state["history"] = []
+            state["history"], state["history_start"] = [], 0  # history[i]: step history_start + i + 1
         return state
 
     def _begin(self) -> dict:
@@ -232,6 +237,8 @@ class SGD(_HeadOptimizer):
             return
         state = self.state[param]
         now = int(state["step"])
+        if len(state["history"]) > HISTORY_STEPS:  # every row up to date, and the history starts anew
+            rows = slice(None)
         index = torch.arange(param.shape[0], device=param.device)[rows] if isinstance(rows, slice) else rows
         last = state["last_step"].index_select(0, index)
         stale = last < now
@@ -239,7 +246,7 @@ class SGD(_HeadOptimizer):
             return
         index, last = index[stale], last[stale]
         starts, inverse = torch.unique(last, return_inverse=True)
-        coef = _catch_up_matrices(state["history"], now, starts.tolist())
+        coef = _catch_up_matrices(state["history"], state["history_start"], now, starts.tolist())
         q = torch.tensor(coef, dtype=torch.float64, device=param.device)[inverse].to(param.dtype)  # [n, 2, 2]
         w = param.index_select(0, index)
         shape = (-1,) + (1,) * (w.dim() - 1)
@@ -252,6 +259,8 @@ class SGD(_HeadOptimizer):
             new_w = w * q[:, 0, 0].view(shape)
         param.index_copy_(0, index, new_w)
         state["last_step"].index_copy_(0, index, torch.full_like(index, now))
+        if isinstance(rows, slice) and rows == slice(None):
+            state["history"], state["history_start"] = [], now
 
     @property
     def state_names(self):
@@ -259,15 +268,19 @@ class SGD(_HeadOptimizer):
 
     def _update(self, w, g, state, group, param_state):
         lr, mu, damp, wd = group["lr"], group["momentum"], group["dampening"], group["weight_decay"]
-        g = g.to(w.dtype)
+        g = g.to(w.dtype)  # the chunk's own gradient: updated in place, as torch's steps are
         if wd != 0:
-            g = g.add(w, alpha=wd)
+            g.add_(w, alpha=wd)
         if mu != 0:
             buf = state["momentum_buffer"]
-            first = int(param_state["step"]) == 1
-            new = g.clone() if first else _wide(buf, g).mul(mu).add_(g, alpha=1 - damp)
-            buf.copy_(new)
-            g = g.add(new, alpha=mu) if group["nesterov"] else new
+            new = _wide(buf, g)
+            if int(param_state["step"]) == 1:
+                new = new.copy_(g) if new is buf else g.clone()
+            else:
+                new.mul_(mu).add_(g, alpha=1 - damp)
+            if new is not buf:  # bfloat16 state: rounded once per step
+                buf.copy_(new)
+            g = g.add_(new, alpha=mu) if group["nesterov"] else new
         w.add_(g, alpha=-lr)
 
 
@@ -280,12 +293,13 @@ def _step_matrix(t: int, lr: float, mu: float, damp: float, wd: float, nesterov:
     return ((1.0 - lr * (1.0 - damp) * wd, -lr * mu), ((1.0 - damp) * wd, mu))
 
 
-def _catch_up_matrices(history: list, now: int, starts: List[int]) -> list:
-    """For each s in starts (ascending): the product of steps s+1 … now's matrices."""
+def _catch_up_matrices(history: list, start: int, now: int, starts: List[int]) -> list:
+    """For each s in starts (ascending): the product of steps s+1 … now's matrices (history[i]
+    holds step start + i + 1's hyperparameters)."""
     out, q, t = {}, ((1.0, 0.0), (0.0, 1.0)), now
     for s in reversed(starts):
         while t > s:
-            a = _step_matrix(t, *history[t - 1])
+            a = _step_matrix(t, *history[t - 1 - start])
             q = tuple(tuple(q[i][0] * a[0][j] + q[i][1] * a[1][j] for j in range(2)) for i in range(2))
             t -= 1
         out[s] = q
@@ -339,10 +353,11 @@ class AdamW(_HeadOptimizer):
         w.mul_(1 - lr * wd)
         m = _wide(state["exp_avg"], g).lerp_(g, 1 - b1)
         v = _wide(state["exp_avg_sq"], g).mul_(b2).addcmul_(g, g, value=1 - b2)
-        state["exp_avg"].copy_(m)
-        state["exp_avg_sq"].copy_(v)
+        for name, value in (("exp_avg", m), ("exp_avg_sq", v)):
+            if value is not state[name]:  # bfloat16 state: rounded once per step
+                state[name].copy_(value)
         bias1, bias2 = 1 - b1**step, 1 - b2**step
-        denom = (v.sqrt() / math.sqrt(bias2)).add_(eps)
+        denom = g.copy_(v).sqrt_().div_(math.sqrt(bias2)).add_(eps)  # g is spent: its memory holds denom
         w.addcdiv_(m, denom, value=-lr / bias1)
 
 

@@ -114,10 +114,13 @@ def sampled_heads(**kwargs):
     return twin_heads(make)
 
 
+@pytest.mark.parametrize("history", [optim.HISTORY_STEPS, 2], ids=["history", "flushed"])
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_exact_row_sparse_sgd_equals_dense_sgd(one_rank, nesterov):
+def test_exact_row_sparse_sgd_equals_dense_sgd(one_rank, nesterov, history, monkeypatch):
     """Partial FC with sparse="exact": only sampled rows are read and written each step, yet the
-    weights equal torch.optim.SGD's on the dense gradient (zero on unsampled rows)."""
+    weights equal torch.optim.SGD's on the dense gradient (zero on unsampled rows). With a history
+    of 2 steps, every row is caught up whenever 3 are pending and the history starts anew."""
+    monkeypatch.setattr(optim, "HISTORY_STEPS", history)
     kwargs = dict(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=nesterov)
     ours, theirs = sampled_heads(bias=True)
     opt_ours = optim.SGD(ours, sparse="exact", **kwargs)
