@@ -6,12 +6,19 @@ SGD over both with insightface's polynomial learning rate and linear warm-up, pe
 checkpoints ``checkpoint_gpu_{rank}.pt`` holding backbone, softmax-fc shard, optimizer and
 scheduler. Unlike insightface, resuming also works at another world size: the head's shards are
 gathered (``marginops.distributed.import_insightface``) and re-split; the head's optimizer
-momentum then restarts (it is sharded like the weight and is not carried over).
+momentum then restarts (insightface's optimizer state is not sharded like the weight).
+
+``--head-optimizer exact|lazy``: the head's SGD runs in its backward (marginops.optim.SGD: no
+[C, D] gradient; under Partial FC only the sampled rows are touched, "exact" catching up the
+others' momentum and weight decay so that the run equals the dense one), the backbone keeps
+torch's SGD, and the head is checkpointed with marginops.distributed.save_sharded under
+``head/``: its momentum is resharded with it at another world size.
 
 CPU, two processes (gloo)::
 
     torchrun --standalone --nproc_per_node=2 examples/insightface_train.py --steps 20 --output /tmp/run
     torchrun --standalone --nproc_per_node=1 examples/insightface_train.py --steps 30 --output /tmp/run --resume
+    torchrun --standalone --nproc_per_node=2 examples/insightface_train.py --head-optimizer exact ...
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from marginops import distributed as mdist
+from marginops import optim
 from marginops.insightface import CombinedMarginLoss, PartialFC_V2  # the one changed line
 
 
@@ -70,6 +78,12 @@ def main() -> None:
     p.add_argument("--save-every", type=int, default=10)
     p.add_argument("--output", required=True)
     p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--head-optimizer",
+        choices=("exact", "lazy"),
+        default=None,
+        help="the head's SGD in its backward (marginops.optim.SGD, sparse=...); default: torch's SGD over both",
+    )
     args = p.parse_args()
 
     dist.init_process_group("gloo")
@@ -82,13 +96,17 @@ def main() -> None:
     margin_loss = CombinedMarginLoss(64, 1.0, 0.5, 0.0, 0)  # insightface's ArcFace config
     module_partial_fc = PartialFC_V2(margin_loss, args.embedding_size, args.num_classes, args.sample_rate, False)
     module_partial_fc.train()
-    opt = torch.optim.SGD(
-        params=[{"params": net.parameters()}, {"params": module_partial_fc.parameters()}],
-        lr=args.lr,
-        momentum=0.9,
-        weight_decay=5e-4,
-    )
+    sgd = dict(lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    head_opt = None
+    if args.head_optimizer is None:
+        opt = torch.optim.SGD(params=[{"params": net.parameters()}, {"params": module_partial_fc.parameters()}], **sgd)
+    else:
+        opt = torch.optim.SGD(net.parameters(), **sgd)
+        head_opt = optim.SGD(module_partial_fc, sparse=args.head_optimizer, **sgd)
+        if rank == 0:
+            print(f"head optimizer: marginops.optim.SGD in the backward, sparse={args.head_optimizer!r}", flush=True)
     lr_scheduler = PolynomialLRWarmup(opt, args.warmup, args.steps)
+    head_scheduler = None if head_opt is None else PolynomialLRWarmup(head_opt, args.warmup, args.steps)
 
     start_step = 0
     if args.resume:
@@ -99,7 +117,11 @@ def main() -> None:
         )
         start_step = ckpt["global_step"]
         net.module.load_state_dict(ckpt["state_dict_backbone"])
-        if saved_world == world:  # insightface's resume: every rank its own file
+        if head_opt is not None:  # the head and its momentum, resharded to this world size
+            mdist.load_sharded(module_partial_fc, os.path.join(args.output, "head"))
+            opt.load_state_dict(ckpt["state_optimizer"])
+            head_scheduler.load_state_dict(ckpt["state_lr_scheduler"])
+        elif saved_world == world:  # insightface's resume: every rank its own file
             module_partial_fc.load_state_dict(ckpt["state_dict_softmax_fc"])
             opt.load_state_dict(ckpt["state_optimizer"])
         else:  # another world size: gather the head's shards and re-split them
@@ -125,6 +147,9 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(net.parameters(), 5)
         opt.step()
         lr_scheduler.step()
+        if head_opt is not None:
+            head_opt.step()
+            head_scheduler.step()
         if rank == 0:
             print(f"step {global_step + 1} loss {loss.item():.4f} lr {lr_scheduler.get_last_lr()[0]:.4f}", flush=True)
         if (global_step + 1) % args.save_every == 0 or global_step + 1 == args.steps:
@@ -141,6 +166,8 @@ def main() -> None:
                 "state_lr_scheduler": lr_scheduler.state_dict(),
             }
             torch.save(checkpoint, os.path.join(args.output, f"checkpoint_gpu_{rank}.pt"))
+            if head_opt is not None:
+                mdist.save_sharded(module_partial_fc, os.path.join(args.output, "head"))
             dist.barrier()
     dist.destroy_process_group()
 

@@ -42,3 +42,20 @@ def test_train_checkpoint_and_resume_at_another_world_size(tmp_path):
     assert "resumed at step 6 from a world size of 2 on 1" in second
     assert len(losses(second)) == 2 and all(math.isfinite(v) for v in losses(second))
     assert sorted(os.listdir(tmp_path)) == ["checkpoint_gpu_0.pt"]
+
+
+def test_the_head_optimizer_in_the_backward_follows_the_dense_run(tmp_path):
+    """--head-optimizer exact under Partial FC: the loss curve of torch's SGD over both (dense
+    gradients); lazy leaves the unsampled rows' momentum and decay out, and says so. Then a resume
+    at another world size carries the head's momentum over (marginops checkpoints under head/)."""
+    common = ["--steps", "6", "--save-every", "3", "--sample-rate", "0.5", "--num-classes", "40"]
+    dense = losses(torchrun(2, *common, "--output", str(tmp_path / "dense")))
+    out = torchrun(2, *common, "--output", str(tmp_path / "exact"), "--head-optimizer", "exact")
+    assert "head optimizer: marginops.optim.SGD in the backward, sparse='exact'" in out
+    assert losses(out) == pytest.approx(dense, rel=1e-4)
+    lazy = torchrun(2, *common, "--output", str(tmp_path / "lazy"), "--head-optimizer", "lazy")
+    assert "sparse='lazy'" in lazy and len(losses(lazy)) == 6
+    again = ["--steps", "8", "--sample-rate", "0.5", "--num-classes", "40", "--resume", "--head-optimizer", "exact"]
+    resumed = torchrun(1, *again, "--output", str(tmp_path / "exact"))
+    assert "resumed at step 6 from a world size of 2 on 1" in resumed
+    assert len(losses(resumed)) == 2 and all(math.isfinite(v) for v in losses(resumed))
