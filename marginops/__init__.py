@@ -1,6 +1,6 @@
 """marginops: fused margin-softmax cross-entropy heads that never materialize logits."""
 
-from . import distributed, insightface, margins, ops, pml, reference, regularizers, subcenter  # noqa: F401  (ops loads the library)
+from . import distributed, insightface, margins, ops, optim, pml, reference, regularizers, subcenter  # noqa: F401  (ops loads the library)
 from .distributed import ShardedMarginHead
 from .functional import margin_cross_entropy
 from .heads import MarginHead, WeightedMarginHead
@@ -94,4 +94,5 @@ __all__ = [
     "regularizers",
     "subcenter",
     "distributed",
+    "optim",
 ]
