@@ -113,7 +113,7 @@ IGNORED = 5
 
 
 def _backend_inputs(name, dtype, B=300, D=64, C=3000):
-    """Inputs from conftest (the last rows past θ + m > π), W with K rows per class, the first
+    """Inputs from helpers.make_inputs (the last rows past θ + m > π), W with K rows per class, the first
     IGNORED labels -100; softmax weights scaled down so 16-bit eager logits stay moderate."""
     margin, bias = BACKEND_CASES[name]
     K = margin.config().subcenters

@@ -1,5 +1,5 @@
 """marginops.insightface: PartialFC_V2 with insightface's arguments reproduces insightface's loss
-and gradients (its formula written out in test_insightface_options.py) on gloo ranks, loads
+and gradients (its formula written out in helpers.insightface_formula) on gloo ranks, loads
 insightface's per-rank state, and ShardedMarginHead's input handling ([B, 1] labels, messages,
 loss dtype)."""
 

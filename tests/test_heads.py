@@ -1,4 +1,4 @@
-"""MarginHead: drop-in training, parity with the eager head, state_dict, accuracy, bias."""
+"""marginops.heads.MarginHead: drop-in training, parity with the eager head, state_dict, accuracy, bias."""
 
 import pytest
 import torch

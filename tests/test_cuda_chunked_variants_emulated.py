@@ -1,7 +1,7 @@
 """Every compiled variant of the chunked backend's per-logit kernels (csrc/cuda/chunked/chunk_logits.cuh:
 Variant<sub-centers 1 | 3 | any, inverse norms, bias, hard negatives>), run under the CPU
 emulation of tests/cuda_emu against the op's semantics written out eagerly
-(conftest.eager_op_outputs: torch ops, no code shared with csrc): forward statistics and, for
+(helpers.eager_op_outputs: torch ops, no code shared with csrc): forward statistics and, for
 random incoming gradients of all three, dx, dW and dbias, in float64.
 
 The shape crosses every boundary of the kernels: a chunk of 576 classes (three segments, one row

@@ -1,4 +1,5 @@
-"""The fused op against the eager reference: values and gradients in float64 for the whole matrix
+"""The functional API (marginops.functional.margin_cross_entropy, run through _pipeline.py and the
+CPU op) against the eager reference: values and gradients in float64 for the whole matrix
 of margins × reductions × ignore_index × label smoothing × bias, low-precision error against the
 eager same-dtype error, gradcheck, per-row margins, accuracy and edge cases."""
 

@@ -1,10 +1,8 @@
-"""Nothing silently wrong in the sharded head: damaged checkpoints are
-refused naming the file (checksums, meta.json, shapes) and a failed load changes nothing; the
-checkpoint's margin and class count must fit the head unless strict=False; labels of every
-integer dtype give the loss of their int64 values; labels on the meta device and a tensor
-label_smoothing are clear errors; ranks that call the head differently raise the same error on
-every rank instead of hanging; the process-group timeout is documented for a rank that skips a
-call. Every multi-process test runs under a short process-group timeout and its own deadline."""
+"""marginops.distributed.checkpoint: sharded checkpoints reshard across world sizes (4 -> 2 -> 1 -> 3
+ranks) and insightface's per-rank files import; damaged checkpoints are refused naming the file
+(checksums, meta.json, shapes) and a failed load changes nothing; the checkpoint's margin and class
+count must fit the head unless strict=False. The multi-process tests of damaged checkpoints run
+under a short process-group timeout and their own deadline."""
 
 import hashlib
 import json
@@ -17,20 +15,17 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from helpers import expect_error, spawn
+from helpers import DIST_D, expect_error, spawn
 
 import marginops as mo
 from marginops import distributed as mdist
-from marginops import insightface
 
 f64 = torch.float64
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def spawn_within(fn, world, *args, pg_timeout=5, deadline=90):
-    """test_distributed.spawn with a short process-group timeout and deadline."""
+    """helpers.spawn with a short process-group timeout and deadline."""
     spawn(fn, world, *args, timeout=pg_timeout, deadline=deadline)
 
 
@@ -288,167 +283,68 @@ def test_the_margin_and_class_count_must_fit_unless_strict_is_false(saved):
         mdist.load_sharded(mo.MarginHead(D + 1, C, margin=mo.CurricularFace(s=8.0), bias=True), directory, strict=False)
 
 
-# ---- label dtypes, meta labels, label_smoothing ----------------------------------------------------
-
-BIG = 70_000  # past int16's range: a Python int compared with int16 labels would wrap
-LABELS = {
-    torch.uint8: [200, 156, 3, 255, 0, 17, 128],  # 156 is -100 mod 256: a class here, not ignored
-    torch.int8: [100, 127, 0, -100, 5, 64, 1],
-    torch.int16: [30_000, 20_000, 1, -100, 32_767, 300, 9],
-    torch.int32: [69_999, 40_000, 2, -100, 50_000, 123, 65_536],
-}
+# ---- resharding (4 -> 2 -> 1 -> 3 ranks) and insightface's per-rank files ----------------------
 
 
-@pytest.fixture
-def one_rank(tmp_path):
-    """A gloo process group of this process alone (world size 1), destroyed after the test."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
+def check_checkpoint(rank, world, C, load_from, save_to, truth):
+    margin = mo.SubCenterArcFace(K=2, s=30.0)
+    torch.manual_seed(100 + rank)
+    head = mdist.ShardedMarginHead(DIST_D, C, margin, bias=True)
+    if load_from is not None:
+        mdist.load_sharded(head, load_from)
+        expected = truth["weight"]
+        assert torch.equal(head.weight, mdist.split(expected, world, 2)[rank])
+        assert torch.equal(head.bias, mdist.split(truth["bias"], world)[rank])
+    mdist.save_sharded(head, save_to)
 
 
-def test_every_integer_label_dtype_gives_the_int64_loss(one_rank):
-    g = torch.Generator().manual_seed(5)
-    W = torch.randn(BIG, 4, generator=g, dtype=f64)
-    x = torch.randn(7, 4, generator=g, dtype=f64)
-    head = mdist.ShardedMarginHead(4, BIG, mo.Softmax(), dtype=f64)
-    pfc = insightface.PartialFC_V2(mo.Softmax(), 4, BIG).double()
-    for h in (head, pfc):
-        with torch.no_grad():
-            h.weight.copy_(W)
-    for dtype, values in LABELS.items():
-        y = torch.tensor(values, dtype=dtype)
-        want = F.cross_entropy(x @ W.T, y.long(), ignore_index=-100)  # Softmax: logits x·Wᵀ
-        torch.testing.assert_close(head(x, y), want, rtol=1e-12, atol=0, msg=str(dtype))
-        torch.testing.assert_close(pfc(x, y[:, None]), want, rtol=1e-12, atol=0, msg=str(dtype))  # insightface's [B, 1]
-    small = mdist.ShardedMarginHead(4, 150, mo.Softmax(), dtype=f64)  # uint8 156 is a class id, not ignore_index -100
-    with pytest.raises(
-        ValueError, match=re.escape("rank 0: labels[1] = 156 is out of range: class ids must lie in [0, 150)")
-    ):
-        small(x, torch.tensor([3, 156, 0, 1, 2, 4, 5], dtype=torch.uint8))
-    with pytest.raises(ValueError, match=re.escape("rank 0: labels is on meta but x is on cpu")):
-        head(x, torch.tensor(LABELS[torch.int32]).to("meta"))
-    with pytest.raises(ValueError, match=re.escape("rank 0: labels is on meta but x is on cpu")):
-        pfc(x, torch.tensor(LABELS[torch.int32]).to("meta"))
-    with pytest.raises(
-        ValueError, match=re.escape("rank 0: labels must hold integer class ids, got dtype torch.complex64")
-    ):
-        head(x, torch.tensor(LABELS[torch.int32]).to(torch.complex64))
-    with pytest.raises(
-        ValueError, match=re.escape("label_smoothing must be a float in [0, 1], got a Tensor tensor(0.1000)")
-    ):
-        mdist.ShardedMarginHead(4, 10, label_smoothing=torch.tensor(0.1))
-
-
-def test_a_tensor_label_smoothing_must_be_a_float():
-    x, W, y = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2])
-    with pytest.raises(ValueError, match=r"label_smoothing must be a float in \[0, 1\], got a Tensor tensor\(0.1000\)"):
-        mo.margin_cross_entropy(x, W, y, mo.ArcFace(), label_smoothing=torch.tensor(0.1))
-    with pytest.raises(ValueError, match="label_smoothing must be a float"):  # checked once, by the constructor
-        mo.MarginHead(4, 5, mo.ArcFace(), label_smoothing=torch.tensor(0.1))
-    with pytest.raises(ValueError, match=r"label_smoothing must lie in \[0, 1\], got 1.5"):
-        mo.margin_cross_entropy(x, W, y, mo.ArcFace(), label_smoothing=1.5)
-
-
-# ---- ranks that call the head differently ----------------------------------------------------------
-
-PREFIX = "ShardedMarginHead is called differently across ranks: "
-
-
-def _mismatches(rank, world):
-    g = torch.Generator().manual_seed(9)
-    W = torch.randn(12, 5, generator=g)
-    x = torch.randn(6, 5, generator=g)
-    y = torch.tensor([0, 11, 5, 6, -100, 3])
-    rows = [slice(0, 2), slice(2, 6)][rank]
-    xl, yl = x[rows], y[rows]
-    head = mdist.ShardedMarginHead(5, 12, mo.Softmax())
+def check_insightface_import(rank, world, C, directory):
+    full = mdist.import_insightface(directory)
+    head = mdist.ShardedMarginHead(DIST_D, C, mo.ArcFace())
     with torch.no_grad():
-        head.weight.copy_(W[head.class_start : head.class_end])
+        head.weight.copy_(mdist.split(full, world)[rank])
+    assert torch.equal(head.weight, full[head.class_start : head.class_end])
 
-    yi = torch.tensor([1, 2])
-    expect_error(lambda: head(xl[:2], yi.to("meta") if rank == 0 else yi), "rank 0: labels is on meta but x is on cpu")
 
-    def still_works():  # the ranks are still in step: forward, backward, values
-        xr = xl.clone().requires_grad_()
-        loss = head(xr, yl)
-        loss.backward()
-        xw = x.clone().requires_grad_()
-        want = F.cross_entropy(xw @ W.T, y)
-        want.backward()
-        torch.testing.assert_close(loss, want.detach(), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(xr.grad, xw.grad[rows], rtol=1e-5, atol=1e-7)
-        head.zero_grad()
+def test_checkpoints_reshard_4_2_1_3_and_import_insightface(tmp_path):
+    C = 4 * 10 + 3
+    dirs = [str(tmp_path / name) for name in ("w4", "w2", "w1", "w3")]
+    spawn(check_checkpoint, 4, C, None, dirs[0], None)
+    truth = mdist.consolidate(dirs[0])
+    assert truth["weight"].shape == (2 * C, DIST_D) and truth["bias"].shape == (C,)
+    spawn(check_checkpoint, 2, C, dirs[0], dirs[1], truth)
+    single = mo.MarginHead(DIST_D, C, margin=mo.SubCenterArcFace(K=2, s=30.0), bias=True)
+    mdist.load_sharded(single, dirs[1])
+    assert torch.equal(single.weight, truth["weight"]) and torch.equal(single.bias, truth["bias"])
+    mdist.save_sharded(single, dirs[2])
+    spawn(check_checkpoint, 3, C, dirs[2], dirs[3], truth)
+    assert torch.equal(mdist.consolidate(dirs[3])["weight"], truth["weight"])
+    with pytest.raises(ValueError, match="checkpoint does not fit this head: num_classes: checkpoint 43, head 44"):
+        mdist.load_sharded(mo.MarginHead(DIST_D, C + 1, margin=mo.SubCenterArcFace(K=2), bias=True), dirs[0])
+    with pytest.raises(ValueError, match="embedding_size: checkpoint 8, head 9"):
+        mdist.load_sharded(mo.MarginHead(DIST_D + 1, C, margin=mo.SubCenterArcFace(K=2), bias=True), dirs[0])
+    os.remove(os.path.join(dirs[0], "shard-00002-of-00004.pt"))
+    with pytest.raises(ValueError, match="missing shard-00002-of-00004.pt of its 4 shards"):
+        mdist.consolidate(dirs[0])
 
-    expect_error(
-        lambda: head(xl.clone().requires_grad_(rank == 0), yl),
-        PREFIX + "rank 1 has x.requires_grad=False but rank 0 has x.requires_grad=True",
-    )
-    still_works()
-
-    def no_grad_on_rank_1():
-        with torch.set_grad_enabled(rank == 0):
-            head(xl.clone().requires_grad_(), yl)
-
-    expect_error(no_grad_on_rank_1, "rank 1 has x.requires_grad=False")
-    still_works()
-    head.train(rank == 0)
-    expect_error(lambda: head(xl, yl), PREFIX + "rank 1 has training=False but rank 0 has training=True")
-    head.train()
-    still_works()
-    head.weight.requires_grad_(rank == 1)
-    expect_error(
-        lambda: head(xl, yl), PREFIX + "rank 1 has weight.requires_grad=True but rank 0 has weight.requires_grad=False"
-    )
-    head.weight.requires_grad_(True)
-    still_works()
-    head.grad_scale = 2.0 if rank == 1 else 1.0
-    expect_error(
-        lambda: head(xl, yl),
-        PREFIX + "rank 1 has scale_grad_by_world_size=True but rank 0 has scale_grad_by_world_size=False",
-    )
-    head.grad_scale = 1.0
-    expect_error(
-        lambda: mdist.ShardedMarginHead(5, 12, scale_grad_by_world_size=rank == 1),
-        "rank 1: scale_grad_by_world_size=True",
-    )
-    still_works()
-    head.margin = mo.Softmax() if rank == 0 else mo.NormFace(s=4.0)
-    expect_error(lambda: head(xl, yl), PREFIX + "rank 1 has margin=NormFace(s=4.0) but rank 0 has margin=Softmax()")
-    head.margin = mo.Softmax()
-    still_works()
-    expect_error(
-        lambda: head(xl.to(torch.bfloat16 if rank else torch.float32), yl),
-        PREFIX + "x has different dtypes across ranks: rank 1 has x.dtype=bfloat16 but rank 0 has x.dtype=float32",
-    )
-    head.to(torch.bfloat16 if rank else torch.float32)
-    expect_error(
-        lambda: head(xl.bfloat16(), yl),
-        PREFIX
-        + "weight has different dtypes across ranks: "
-        + "rank 1 has weight.dtype=bfloat16 but rank 0 has weight.dtype=float32",
-    )
-    head.float()
+    # insightface: checkpoint_gpu_{rank}.pt with the shard under state_dict_softmax_fc, 3 ranks.
+    insight = tmp_path / "insightface"
+    insight.mkdir()
+    full = torch.randn(C, DIST_D)
+    for r, shard in enumerate(mdist.split(full, 3)):
+        torch.save(
+            {"epoch": 1, "global_step": 10, "state_dict_softmax_fc": {"weight": shard}},
+            insight / f"checkpoint_gpu_{r}.pt",
+        )
+    assert torch.equal(mdist.import_insightface(str(insight)), full)
+    head = mo.MarginHead(DIST_D, C, margin=mo.ArcFace())
     with torch.no_grad():
-        head.weight.copy_(W[head.class_start : head.class_end])
-    still_works()
-
-
-def test_ranks_that_call_the_head_differently_raise_on_every_rank():
-    # Before the header carried these fields, x.requires_grad on one rank only passed the forward
-    # and the other rank waited in the backward's reduce-scatter until the process-group timeout.
-    spawn_within(_mismatches, 2, pg_timeout=5, deadline=90)
-
-
-# ---- a rank that skips a call ----------------------------------------------------------------------
-
-
-def test_the_process_group_timeout_is_documented_for_a_skipped_call():
-    doc = " ".join(mdist.ShardedMarginHead.__doc__.split())
-    assert "does not call the head" in doc and "init_process_group(timeout=" in doc
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    section = readme[readme.index("## Sharding across GPUs") :]
-    section = " ".join(section[: section.index("\n## ", 1)].split())
-    assert "skips a call" in section and "init_process_group(timeout=" in section
+        head.weight.copy_(mdist.import_insightface(str(insight)))
+    assert torch.equal(head.weight, full)
+    spawn(check_insightface_import, 2, C, str(insight))
+    (insight / "checkpoint_gpu_1.pt").unlink()
+    with pytest.raises(ValueError, match="must be ranks 0..1"):
+        mdist.import_insightface(str(insight))
+    torch.save({"state_dict_softmax_fc": {"weight": torch.randn(5, DIST_D)}}, insight / "checkpoint_gpu_1.pt")
+    with pytest.raises(ValueError, match="do not follow insightface's split"):
+        mdist.import_insightface(str(insight))

@@ -1,6 +1,6 @@
 """The CUDA kernels' source (csrc/cuda/tiles/tile_kernels.cu) and launcher (tiles/tile_launch.h), built for
 the CPU emulation in tests/cuda_emu and compared with the CPU op and with the op's semantics
-written out eagerly (conftest.eager_op_outputs, which shares no code with csrc: the CPU op and
+written out eagerly (helpers.eager_op_outputs, which shares no code with csrc: the CPU op and
 the kernels share csrc/margin_math.h, so agreeing with each other is not enough), and with the
 eager reference through autograd. This checks their indexing,
 tiling, class splits, reductions, epilogues and backward formulas on machines without a GPU;
@@ -226,7 +226,7 @@ def test_edge_cases(emu):
     x, W, y, _ = make_inputs(9, 8, 20, ignore=9, requires_grad=False)  # every row ignored
     compare(emu, op_args(x, W, y, None, mo.ArcFace(s=30.0)), 1e-12)
     # a bad label: checked by the kernels, raised by the next call or check_errors
-    # (tests/test_device_checks_emulated.py)
+    # (tests/test_cuda_device_checks_emulated.py)
     emu.forward(*op_args(x, W, torch.full((9,), 25), None, mo.ArcFace()))
     with pytest.raises(ValueError, match=r"labels\[\d\] = 25 is out of range"):  # one of the nine
         emu.check_errors()

@@ -1,4 +1,4 @@
-"""The rest of the family (sub-center ArcFace, CurricularFace, AdaFace, MagFace, the adaptive
+"""marginops.margins, the rest of the family (sub-center ArcFace, CurricularFace, AdaFace, MagFace, the adaptive
 angular margin) and its training aids: the reference against each method's published formula,
 the fused op against the reference, gradcheck, state, and parameter errors."""
 
