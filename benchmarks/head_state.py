@@ -18,6 +18,7 @@ torch.optim step on the same head.
 """
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -61,6 +62,7 @@ def timed_optimizer(opt):
 
 
 def run(make_head, make_opt, B, steps, seed=0):
+    gc.collect()  # the previous path's head and optimizer (a cycle through the clock) are gone
     torch.manual_seed(seed)
     head = make_head()
     opt = make_opt(head)

@@ -383,6 +383,10 @@ register_optimizer_step_pre_hook(_refuse_a_second_optimizer)
 # -- the head's backward ------------------------------------------------------------------------
 
 
+# The ops the backward calls per chunk (the tests put the emulated CUDA backends here).
+_op = ops._ops
+
+
 def chunk_rows(dim: int, workspace_bytes: int) -> int:
     """Classes per chunk of the backward: a chunk's ∂L/∂W (and its temporaries) within the budget."""
     return max(1, workspace_bytes // (dim * 8 * 3))
@@ -394,7 +398,7 @@ class _StatsThenStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, row_margins, curricular, labels, class_index, args, optimizer):
-        out = ops._ops.margin_ce_forward(
+        out = _op.margin_ce_forward(
             x,
             weight,
             labels,
@@ -436,7 +440,7 @@ class _StatsThenStep(torch.autograd.Function):
                 w, b = weight.index_select(0, rows), None if bias is None else bias.index_select(0, classes)
                 y = _renumber(labels, classes + offset, args["ignore_index"])
                 where = dict(num_classes=classes.numel() + 1, class_offset=0)
-            gx, gw, gb, gm = ops._ops.margin_ce_backward(
+            gx, gw, gb, gm = _op.margin_ce_backward(
                 **grads, x=x, weight=w, labels=y, bias=b, row_margins=row_margins, curricular=curricular,
                 class_index=None, output_mask=[need_x, True, b is not None, need_m], **where, **args,
             )  # fmt: skip

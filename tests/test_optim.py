@@ -329,3 +329,44 @@ def test_a_compiled_head_runs_its_optimizer():
             losses.append(loss.detach())
         torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(compiled.weight, eager.weight, rtol=1e-12, atol=1e-15)
+
+
+class EmulatedOps:
+    """The CUDA entry points built for the CPU emulation (tests/cuda_emu) behind the registered
+    ops' keyword interface, with one backend (1 chunked, 2 tiles)."""
+
+    def __init__(self, emu, backend):
+        self.emu, self.backend = emu, backend
+
+    def margin_ce_forward(self, *args, **kwargs):
+        bound = ops._bind(ops._ops.margin_ce_forward, args, kwargs)
+        return self.emu.forward_any(*{**bound, "backend": self.backend}.values())
+
+    def margin_ce_backward(self, *args, **kwargs):
+        bound = ops._bind(ops._ops.margin_ce_backward, args, kwargs)
+        return self.emu.backward_any(*{**bound, "backend": self.backend}.values())
+
+
+@pytest.mark.parametrize("backend", [1, 2], ids=["chunked", "tiles"])
+def test_the_emulated_cuda_backends_run_the_optimizer(emu, backend, monkeypatch, one_rank):
+    """The chunk loop on both CUDA backends' code (CPU emulation), dense and under Partial FC
+    (exact): the weights equal torch.optim.SGD's over the CPU op's dense gradients (float64)."""
+    kwargs = dict(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)
+    for make in (
+        lambda: mo.MarginHead(D, C, mo.ArcFace(s=16.0), bias=True, workspace_bytes=SMALL_WORKSPACE, dtype=f64),
+        lambda: mdist.ShardedMarginHead(D, C, mo.CosFace(s=16.0), sample_rate=0.3, seed=3, dtype=f64),
+    ):
+        ours, theirs = twin_heads(make)
+        opt_ours = optim.SGD(ours, sparse="exact", **kwargs)
+        opt_theirs = torch.optim.SGD(theirs.parameters(), **kwargs)
+        data = batches(3)
+        launches = emu.launches()
+        with monkeypatch.context() as m:
+            m.setattr(optim, "_op", EmulatedOps(emu, backend))
+            train(ours, opt_ours, None, data)
+        assert emu.launches() > launches, "the emulated kernels ran"
+        train(theirs, opt_theirs, None, data)
+        ours.eval()
+        with torch.no_grad():
+            ours(*data[0])  # catches every row up
+        torch.testing.assert_close(ours.weight, theirs.weight, rtol=1e-10, atol=1e-13)
