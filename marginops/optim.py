@@ -35,7 +35,9 @@ class _HeadOptimizer(torch.optim.Optimizer):
 
     state_names: tuple = ()
 
-    def __init__(self, head, defaults: dict, *, sparse: str = "lazy", state_dtype=None, accumulate: bool = False):
+    def __init__(
+        self, head, defaults: dict, *, sparse="lazy", state_dtype=None, accumulate=False, stochastic_rounding=False
+    ):
         if not isinstance(head, torch.nn.Module) or not hasattr(head, "weight") or not hasattr(head, "options"):
             raise ValueError(f"head must be a marginops head (MarginHead, ShardedMarginHead, ...), got {head!r}")
         if sparse not in SPARSE:
@@ -44,8 +46,12 @@ class _HeadOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"state_dtype must be None (the weight's), torch.float32 or torch.bfloat16, got {state_dtype!r}"
             )
-        if head.weight.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"the head's weight must be float32 or float64 (master weights), got {head.weight.dtype}")
+        weight_dtypes = (torch.float32, torch.float64) + ((torch.bfloat16,) if stochastic_rounding else ())
+        if head.weight.dtype not in weight_dtypes:
+            raise ValueError(
+                f"the head's weight must be float32 or float64 (master weights), or bfloat16 with "
+                f"stochastic_rounding=True (rounding to nearest would drop small updates), got {head.weight.dtype}"
+            )
         if getattr(head, "optimizer", None) is not None:
             raise ValueError("the head already has an optimizer in its backward: one per head")
         if getattr(head, "_loss_fn", None) is not None or hasattr(head, "terms"):
@@ -58,6 +64,7 @@ class _HeadOptimizer(torch.optim.Optimizer):
         if len(self.param_groups) != 1:
             raise ValueError("a head optimizer takes one parameter group")
         self.sparse, self.state_dtype, self.accumulate = sparse, state_dtype, bool(accumulate)
+        self.stochastic_rounding = bool(stochastic_rounding)
         self._head = weakref.ref(head)
         self._updated = False  # a backward updated the weights since the last step()/zero_grad()
         head.optimizer = self
@@ -155,14 +162,21 @@ class _HeadOptimizer(torch.optim.Optimizer):
     def _apply(self, param: torch.Tensor, rows, grad: torch.Tensor, group: dict) -> None:
         """Updates param[rows] (a slice or an index tensor of rows) from their gradient."""
         state = self.state[param]
+        low = param.dtype == torch.bfloat16  # updated in float32, stored with stochastic rounding
         if isinstance(rows, slice):
             view = {name: state[name][rows] for name in self.state_names}
-            self._update(param[rows], grad, view, group, state)
+            if not low:
+                self._update(param[rows], grad, view, group, state)
+                return
+            values = param[rows].float()
+            self._update(values, grad, view, group, state)
+            param[rows] = round_stochastically(values)
             return
         values = param.index_select(0, rows)
+        values = values.float() if low else values
         view = {name: state[name].index_select(0, rows) for name in self.state_names}
         self._update(values, grad, view, group, state)
-        param.index_copy_(0, rows, values)
+        param.index_copy_(0, rows, round_stochastically(values) if low else values)
         for name in self.state_names:
             state[name].index_copy_(0, rows, view[name])
 
@@ -176,6 +190,16 @@ class _HeadOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
 
+def round_stochastically(values: torch.Tensor) -> torch.Tensor:
+    """float32 to bfloat16, rounding up with probability equal to the distance to the lower
+    neighbour (in units of the spacing): unbiased, so that updates far below a bfloat16 ulp still
+    move the weight on average. NaN and ±Inf are converted as they are."""
+    bits = values.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=values.device)
+    rounded = ((bits + noise) & -(1 << 16)).view(torch.float32).to(torch.bfloat16)  # exact: low bits are 0
+    return torch.where(torch.isfinite(values), rounded, values.to(torch.bfloat16))
+
+
 def _wide(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A state tensor in the update's arithmetic dtype (float32 for bfloat16 state)."""
     return t.to(like.dtype) if t.dtype != like.dtype else t
@@ -184,7 +208,8 @@ def _wide(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class SGD(_HeadOptimizer):
     """SGD with momentum, dampening, Nesterov and weight decay, as torch.optim.SGD, applied to the
     head's weight (and bias) in its backward. ``state_dtype=torch.bfloat16`` keeps the momentum
-    in bfloat16 (the update's arithmetic stays in the weight's dtype)."""
+    in bfloat16 (the update's arithmetic stays in the weight's dtype); ``stochastic_rounding=True``
+    allows a bfloat16 weight, updated in float32 and rounded stochastically."""
 
     def __init__(
         self,
@@ -198,6 +223,7 @@ class SGD(_HeadOptimizer):
         sparse: str = "lazy",
         state_dtype=None,
         accumulate: bool = False,
+        stochastic_rounding: bool = False,
     ):
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -205,7 +231,10 @@ class SGD(_HeadOptimizer):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
-        super().__init__(head, defaults, sparse=sparse, state_dtype=state_dtype, accumulate=accumulate)
+        super().__init__(
+            head, defaults, sparse=sparse, state_dtype=state_dtype, accumulate=accumulate,
+            stochastic_rounding=stochastic_rounding,
+        )  # fmt: skip
 
     def _init_state(self, p):
         state = {"step": torch.zeros((), dtype=torch.float32)}
@@ -247,8 +276,9 @@ class SGD(_HeadOptimizer):
         index, last = index[stale], last[stale]
         starts, inverse = torch.unique(last, return_inverse=True)
         coef = _catch_up_matrices(state["history"], state["history_start"], now, starts.tolist())
-        q = torch.tensor(coef, dtype=torch.float64, device=param.device)[inverse].to(param.dtype)  # [n, 2, 2]
         w = param.index_select(0, index)
+        w = w.float() if w.dtype == torch.bfloat16 else w
+        q = torch.tensor(coef, dtype=torch.float64, device=param.device)[inverse].to(w.dtype)  # [n, 2, 2]
         shape = (-1,) + (1,) * (w.dim() - 1)
         if "momentum_buffer" in state:
             buf = _wide(state["momentum_buffer"].index_select(0, index), w)
@@ -257,7 +287,7 @@ class SGD(_HeadOptimizer):
             state["momentum_buffer"].index_copy_(0, index, new_buf.to(state["momentum_buffer"].dtype))
         else:
             new_w = w * q[:, 0, 0].view(shape)
-        param.index_copy_(0, index, new_w)
+        param.index_copy_(0, index, round_stochastically(new_w) if param.dtype == torch.bfloat16 else new_w)
         state["last_step"].index_copy_(0, index, torch.full_like(index, now))
         if isinstance(rows, slice) and rows == slice(None):
             state["history"], state["history_start"] = [], now
@@ -309,7 +339,8 @@ def _catch_up_matrices(history: list, start: int, now: int, starts: List[int]) -
 class AdamW(_HeadOptimizer):
     """AdamW (decoupled weight decay), as torch.optim.AdamW, applied to the head's weight (and
     bias) in its backward; the bias corrections count the head's steps. ``state_dtype=
-    torch.bfloat16`` keeps both moments in bfloat16 (arithmetic in the weight's dtype)."""
+    torch.bfloat16`` keeps both moments in bfloat16 (arithmetic in the weight's dtype);
+    ``stochastic_rounding=True`` allows a bfloat16 weight (float32 arithmetic, stochastic rounding)."""
 
     state_names = ("exp_avg", "exp_avg_sq")
 
@@ -324,6 +355,7 @@ class AdamW(_HeadOptimizer):
         sparse: str = "lazy",
         state_dtype=None,
         accumulate: bool = False,
+        stochastic_rounding: bool = False,
     ):
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0:
             raise ValueError(f"lr must be a non-negative number, got {lr!r}")
@@ -337,7 +369,10 @@ class AdamW(_HeadOptimizer):
                 'by the decayed second moment); use sparse="lazy"'
             )
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        super().__init__(head, defaults, sparse=sparse, state_dtype=state_dtype, accumulate=accumulate)
+        super().__init__(
+            head, defaults, sparse=sparse, state_dtype=state_dtype, accumulate=accumulate,
+            stochastic_rounding=stochastic_rounding,
+        )  # fmt: skip
 
     def _init_state(self, p):
         return {

@@ -370,3 +370,33 @@ def test_the_emulated_cuda_backends_run_the_optimizer(emu, backend, monkeypatch,
         with torch.no_grad():
             ours(*data[0])  # catches every row up
         torch.testing.assert_close(ours.weight, theirs.weight, rtol=1e-10, atol=1e-13)
+
+
+def test_stochastic_rounding_is_unbiased_and_trains_bfloat16_weights():
+    """A value a quarter of a bfloat16 spacing above 1 rounds to 1 + 2^-7 a quarter of the time
+    (round-to-nearest would always give 1: an update that small would be lost); a head with
+    bfloat16 weights and stochastic rounding follows the float32 head's losses."""
+    torch.manual_seed(0)
+    value = torch.full((200_000,), 1.0 + 0.25 * 2**-7)
+    rounded = optim.round_stochastically(value).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert abs(float(rounded.mean()) - float(value[0])) < 3e-5  # 5 standard errors of the mean
+    assert torch.equal(
+        optim.round_stochastically(torch.tensor([float("inf"), -1.5])).float(), torch.tensor([float("inf"), -1.5])
+    )
+
+    def make(dtype):
+        torch.manual_seed(0)
+        return mo.MarginHead(D, C, mo.CosFace(s=16.0), dtype=dtype)
+
+    full, low = make(torch.float32), make(torch.bfloat16)
+    with torch.no_grad():
+        low.weight.copy_(full.weight)
+    opts = [optim.SGD(full, lr=0.5, momentum=0.9), optim.SGD(low, lr=0.5, momentum=0.9, stochastic_rounding=True)]
+    data = batches(8)
+    curves = [
+        torch.stack([l for l, _ in train(h, o, None, [(x.to(h.weight.dtype), y) for x, y in data])]).float()
+        for h, o in zip((full, low), opts)
+    ]
+    assert low.weight.dtype == torch.bfloat16 and curves[1][-1] < curves[1][0]
+    assert (curves[1] - curves[0]).abs().max() <= 0.05 * curves[0].abs().max(), curves
