@@ -4,9 +4,9 @@ The one changed line against train_v2.py is the import of PartialFC_V2 and Combi
 Everything else is insightface's structure: a backbone under DDP, the head sharded over the ranks,
 SGD over both with insightface's polynomial learning rate and linear warm-up, per-rank
 checkpoints ``checkpoint_gpu_{rank}.pt`` holding backbone, softmax-fc shard, optimizer and
-scheduler. Unlike insightface, resuming also works at another world size: the head's shards are
-gathered (``marginops.distributed.import_insightface``) and re-split; the head's optimizer
-momentum then restarts (insightface's optimizer state is not sharded like the weight).
+scheduler. Unlike insightface, resuming also works at another world size: the head's shards and
+their SGD momentum are gathered (``marginops.distributed.import_insightface(..., momentum=True)``)
+and re-split.
 
 ``--head-optimizer exact|lazy``: the head's SGD runs in its backward (marginops.optim.SGD: no
 [C, D] gradient; under Partial FC only the sampled rows are touched, "exact" catching up the
@@ -125,13 +125,15 @@ def main() -> None:
             module_partial_fc.load_state_dict(ckpt["state_dict_softmax_fc"])
             opt.load_state_dict(ckpt["state_optimizer"])
         else:  # another world size: gather the head's shards and re-split them
-            whole = mdist.import_insightface(args.output)
+            whole, momentum = mdist.import_insightface(args.output, momentum=True)
             module_partial_fc.load_state_dict({"weight": mdist.split(whole, world)[rank].clone()})
-            backbone_state = opt.state_dict()
-            for i, state in ckpt["state_optimizer"]["state"].items():  # momentum of the backbone's parameters
-                if i < len(list(net.parameters())):
-                    backbone_state["state"][i] = state
-            opt.load_state_dict(backbone_state)
+            state = opt.state_dict()
+            head_index = len(list(net.parameters()))  # the head's weight follows the backbone's parameters
+            for i, saved in ckpt["state_optimizer"]["state"].items():  # momentum of the backbone's parameters
+                if i < head_index:
+                    state["state"][i] = saved
+            state["state"][head_index] = {"momentum_buffer": mdist.split(momentum, world)[rank].clone()}
+            opt.load_state_dict(state)
         lr_scheduler.load_state_dict(ckpt["state_lr_scheduler"])
         if rank == 0:
             print(f"resumed at step {start_step} from a world size of {saved_world} on {world}", flush=True)

@@ -385,12 +385,16 @@ def split(weight: torch.Tensor, world_size: int, subcenters: int = 1) -> List[to
     ]
 
 
-def import_insightface(paths: Union[str, Sequence[str]]) -> torch.Tensor:
+def import_insightface(paths: Union[str, Sequence[str]], momentum: bool = False):
     """The class weight [C, D] of an insightface Partial FC run from its per-rank files: either
     ``checkpoint_gpu_{rank}.pt`` (the shard under ``state_dict_softmax_fc``) or
     ``softmax_fc_gpu_{rank}.pt`` (the shard's state dict). ``paths``: a directory or the files.
     Checks that the shard sizes follow insightface's split. Load the result with
-    ``head.weight.copy_(...)`` or, for a ShardedMarginHead, its ``split(...)[rank]``."""
+    ``head.weight.copy_(...)`` or, for a ShardedMarginHead, its ``split(...)[rank]``.
+
+    ``momentum=True`` returns ``(weight, momentum)``: the SGD momentum of the weight [C, D] from
+    each checkpoint's ``state_optimizer`` (train_v2.py's optimizer: the head's weight is its last
+    parameter group's), for ``marginops.optim.SGD``'s ``momentum_buffer`` (split like the weight)."""
     if isinstance(paths, str):
         found = sorted(glob.glob(os.path.join(paths, "checkpoint_gpu_*.pt"))) or sorted(
             glob.glob(os.path.join(paths, "softmax_fc_gpu_*.pt"))
@@ -404,13 +408,15 @@ def import_insightface(paths: Union[str, Sequence[str]]) -> torch.Tensor:
         raise ValueError(
             f"insightface shards must be ranks 0..{len(paths) - 1}, got {[os.path.basename(p) for p in paths]}"
         )
-    shards = []
+    shards, buffers = [], []
     for p in paths:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-        state = state.get("state_dict_softmax_fc", state)
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        state = ckpt.get("state_dict_softmax_fc", ckpt)
         if "weight" not in state:
             raise ValueError(f"{p} has no softmax-fc weight (keys: {sorted(state)})")
         shards.append(state["weight"])
+        if momentum:
+            buffers.append(_insightface_momentum(p, ckpt, state["weight"].shape))
     C = sum(s.shape[0] for s in shards)
     expected = [e - s for s, e in (class_range(C, len(shards), r) for r in range(len(shards)))]
     if [s.shape[0] for s in shards] != expected or len({s.shape[1] for s in shards}) != 1:
@@ -418,4 +424,18 @@ def import_insightface(paths: Union[str, Sequence[str]]) -> torch.Tensor:
             f"shard shapes {[tuple(s.shape) for s in shards]} do not follow insightface's split of {C} classes over "
             f"{len(shards)} ranks"
         )
-    return torch.cat(shards)
+    return (torch.cat(shards), torch.cat(buffers)) if momentum else torch.cat(shards)
+
+
+def _insightface_momentum(path: str, ckpt: dict, shape) -> torch.Tensor:
+    """The head weight's momentum buffer in an insightface checkpoint's optimizer state."""
+    opt = ckpt.get("state_optimizer")
+    try:
+        index = opt["param_groups"][-1]["params"][0]
+        buf = opt["state"][index]["momentum_buffer"]
+    except (TypeError, KeyError, IndexError):
+        raise ValueError(f"{path} holds no SGD momentum of the head's weight (state_optimizer)") from None
+    if not isinstance(buf, torch.Tensor) or tuple(buf.shape) != tuple(shape):
+        got = tuple(buf.shape) if isinstance(buf, torch.Tensor) else type(buf).__name__
+        raise ValueError(f"{path}: the head's momentum has shape {got}, its weight {tuple(shape)}")
+    return buf
