@@ -109,7 +109,9 @@ def one_rank(tmp_path):
 
 def sampled_heads(**kwargs):
     def make():
-        return mdist.ShardedMarginHead(D, C, mo.ArcFace(s=16.0), sample_rate=0.3, seed=3, dtype=f64, **kwargs)
+        return mdist.ShardedMarginHead(
+            D, C, mo.ArcFace(s=16.0), sample_rate=0.3, seed=3, workspace_bytes=SMALL_WORKSPACE, dtype=f64, **kwargs
+        )  # 15 sampled classes: three chunks in the backward
 
     return twin_heads(make)
 
@@ -354,7 +356,9 @@ def test_the_emulated_cuda_backends_run_the_optimizer(emu, backend, monkeypatch,
     kwargs = dict(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)
     for make in (
         lambda: mo.MarginHead(D, C, mo.ArcFace(s=16.0), bias=True, workspace_bytes=SMALL_WORKSPACE, dtype=f64),
-        lambda: mdist.ShardedMarginHead(D, C, mo.CosFace(s=16.0), sample_rate=0.3, seed=3, dtype=f64),
+        lambda: mdist.ShardedMarginHead(
+            D, C, mo.CosFace(s=16.0), sample_rate=0.3, seed=3, workspace_bytes=SMALL_WORKSPACE, dtype=f64
+        ),
     ):
         ours, theirs = twin_heads(make)
         opt_ours = optim.SGD(ours, sparse="exact", **kwargs)
