@@ -4,12 +4,23 @@ import os
 
 import pytest
 import torch
+import torch.distributed as dist
 from helpers import DEVICES, ROOT, Emulated
 
 
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A gloo process group of this process alone (world size 1), destroyed after the test."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
-"""The one input check (marginops._checks): bad input gives a ValueError that names the argument and the value, from the functional API,
-the head, the reference and the raw op alike; never a crash or a silent loss."""
+"""The one input check (marginops._checks): bad input gives a ValueError that names the argument
+and the value, from the functional API, the head, the reference and the raw op alike; never a
+crash or a silent loss."""
 
 import pytest
 import torch

@@ -256,16 +256,6 @@ LABELS = {
 }
 
 
-@pytest.fixture
-def one_rank(tmp_path):
-    """A gloo process group of this process alone (world size 1), destroyed after the test."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def test_every_integer_label_dtype_gives_the_int64_loss(one_rank):
     g = torch.Generator().manual_seed(5)
     W = torch.randn(BIG, 4, generator=g, dtype=f64)

@@ -3,7 +3,6 @@
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import marginops as mo
 from marginops import distributed as mdist
@@ -96,15 +95,6 @@ def test_the_backward_never_holds_more_than_a_chunk_of_dW(monkeypatch):
     head(x, y).backward()
     assert seen == [7] * 7 + [1], seen
     assert head.weight.grad is None
-
-
-@pytest.fixture
-def one_rank(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def sampled_heads(**kwargs):
