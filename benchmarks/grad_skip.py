@@ -44,7 +44,7 @@ def skipped_fraction(x, W, y, margin, threshold, tile):
         return 0.0
     with torch.no_grad():
         C = W.shape[0]
-        lse = ops.head_stats(x, W, y, None, None, None, None, C, 0, -100, margin.config()).lse
+        lse = ops.head_stats(x, W, y, num_classes=C, cfg=margin.config()).lse
         P = (functional.class_logits(x, W, margin).double() - lse.double()[:, None]).exp()
         P[torch.arange(len(y)), y] = 0.0  # label entries never count
         rows, cols = tile

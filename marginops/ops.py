@@ -76,14 +76,15 @@ def head_stats(
     x: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
+    *,
     bias: Optional[torch.Tensor] = None,
     row_margins: Optional[torch.Tensor] = None,
     curricular: Optional[torch.Tensor] = None,
     class_index: Optional[torch.Tensor] = None,
-    num_classes: Optional[int] = None,
+    num_classes: int,
     class_offset: int = 0,
     ignore_index: int = -100,
-    cfg: Optional[OpConfig] = None,
+    cfg: OpConfig,
     grad_skip: float = 0.0,
     backend: int = 0,
     workspace_bytes: int = 0,
@@ -91,14 +92,12 @@ def head_stats(
     """Per-row statistics of the head over the classes [class_offset, class_offset + C) (a
     shard; with class_index, only those of its classes). Differentiable in x, weight, bias and
     row_margins; ``grad_skip`` > 0 lets the backward skip negligible tiles (see
-    margin_ce_backward's schema). ``backend`` and ``workspace_bytes`` are the ops' codes (see
-    ``_checks.check_backend``). ``num_classes`` and ``cfg`` are required.
+    margin_ce_backward's schema). ``backend`` and ``workspace_bytes`` are the ops' codes
+    (HeadOptions.backend_code, workspace_code). Everything after labels is passed by name.
 
     First-order gradients only: a backward with ``create_graph=True`` through it raises a
     RuntimeError (see ``_backward``), and so does a call under a ``torch.func`` gradient
     transform (``grad``, ``vjp``, ``jacrev``, ``jvp``, ...), whose backward always builds a graph."""
-    if num_classes is None or cfg is None:
-        raise TypeError("head_stats() needs the keyword arguments num_classes and cfg")
     _refuse_func_transforms()
     return HeadStats(
         *_ops.margin_ce_forward(

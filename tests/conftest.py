@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import DEVICES, ROOT, Emulated
+from helpers import DEVICES, Emulated, load_emulation
 
 
 @pytest.fixture(params=DEVICES)
@@ -25,21 +25,9 @@ def one_rank(tmp_path):
 
 @pytest.fixture(scope="session")
 def emu():
-    from torch.utils.cpp_extension import load
-
     if os.environ.get("MARGINOPS_SKIP_EMULATION") == "1":
         pytest.skip("MARGINOPS_SKIP_EMULATION=1")
-    return Emulated(
-        load(
-            name="marginops_cuda_emu",
-            sources=[
-                os.path.join(ROOT, "tests", "cuda_emu", "emu_ext.cpp"),
-                os.path.join(ROOT, "csrc", "head_inputs.cpp"),
-            ],
-            extra_include_paths=[os.path.join(ROOT, "tests", "cuda_emu", "include")],
-            extra_cflags=["-O2", "-std=c++20"],  # std::barrier; torch before 2.13 defaults to C++17
-        )
-    )
+    return Emulated(load_emulation())
 
 
 # -- skips: with MARGINOPS_NO_SKIPS=1 (set by .ci/run) a skip whose reason does not name a GPU fails

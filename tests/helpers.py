@@ -145,6 +145,22 @@ def check_op_against_eager(fwd, bwd, args, grads, mask, tol):
             assert rel_err(got, w) <= tol, f"backward {name} against eager: {rel_err(got, w):.2e}"
 
 
+def load_emulation():
+    """csrc/cuda built for the CPU emulation (tests/cuda_emu), once per machine (torch's extension
+    cache); a process that loads it again reuses the build."""
+    from torch.utils.cpp_extension import load
+
+    return load(
+        name="marginops_cuda_emu",
+        sources=[
+            os.path.join(ROOT, "tests", "cuda_emu", "emu_ext.cpp"),
+            os.path.join(ROOT, "csrc", "head_inputs.cpp"),
+        ],
+        extra_include_paths=[os.path.join(ROOT, "tests", "cuda_emu", "include")],
+        extra_cflags=["-O2", "-std=c++20"],  # std::barrier; torch before 2.13 defaults to C++17
+    )
+
+
 class Emulated:
     """csrc/cuda built for the CPU emulation (tests/cuda_emu): the fused backend's ops with the
     schemas' trailing default (grad_skip = 0), the CUDA entry points that pick a backend

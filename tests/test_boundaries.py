@@ -171,7 +171,9 @@ def test_head_stats_of_a_sampled_shard_across_tiles_and_chunks(threads):
     y = G[torch.randint(0, C, (B,), generator=g)]
     y[::5] = torch.randint(0, total, (len(y[::5]),), generator=g)  # some labels elsewhere: other shard, or not sampled
     y[3::ROW_BLOCK] = -100
-    stats = ops.head_stats(x, W, y, bias, None, None, index, total, off, -100, mo.CosFace(s=s, m=m).config())
+    stats = ops.head_stats(
+        x, W, y, bias=bias, class_index=index, num_classes=total, class_offset=off, cfg=mo.CosFace(s=s, m=m).config()
+    )
     plain = s * F.normalize(x, dim=1) @ F.normalize(W[index], dim=1).T + bias[index]
     hit = y[:, None] == G[None, :]
     z = plain - s * m * hit

@@ -62,6 +62,7 @@ def test_head_stats_keywords():
         assert params[name].default == defaults[name], name
     for name in TENSORS[3:]:
         assert params[name].default is None
+    assert all(params[n].kind is inspect.Parameter.KEYWORD_ONLY for n in after), "called by keyword"
 
 
 def test_topk_schema_and_wrapper():

@@ -243,7 +243,11 @@ def _make_optimizer(kind, head):
     return optim.AdamW(head, lr=1e-2, weight_decay=0.05)
 
 
-def _train_and_save(rank, world, kind, load_from, steps, save_to):
+def _train_and_save(rank, world, kind, load_from, steps, save_to, backend=None):
+    if backend is not None:  # an emulated CUDA backend runs the chunks (1 chunked, 2 tiles)
+        from helpers import Emulated, load_emulation
+
+        optim._op = EmulatedOps(Emulated(load_emulation()), backend)
     head = mdist.ShardedMarginHead(D, C, mo.ArcFace(s=16.0), bias=True, dtype=f64)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -260,18 +264,23 @@ def _train_and_save(rank, world, kind, load_from, steps, save_to):
     mdist.save_sharded(head, save_to)
 
 
-@pytest.mark.parametrize("kind", ["SGD", "AdamW"])
-def test_resume_on_another_world_size_continues_the_run(tmp_path, kind):
+@pytest.mark.parametrize(
+    "kind, backend",
+    [("SGD", None), ("AdamW", None), ("SGD", 1), ("AdamW", 2)],
+    ids=["sgd", "adamw", "sgd-chunked-emulated", "adamw-tiles-emulated"],
+)
+def test_resume_on_another_world_size_continues_the_run(tmp_path, kind, backend, emu):
     """2 ranks -> 1 and 1 -> 2, two steps before and two after: the weights and the optimizer
     state equal a run on one rank that did not stop (float64; the ranks' partial sums round
-    differently, hence 1e-12 rather than bit-equality), and a load restores the saved state exactly."""
+    differently, hence 1e-12 rather than bit-equality), on the CPU op and on the emulated CUDA
+    backends (the uninterrupted run on the CPU op)."""
     from helpers import spawn
 
     spawn(_train_and_save, 1, kind, None, [0, 1, 2, 3], str(tmp_path / "straight"))
     for first, second in ((2, 1), (1, 2)):
         half, done = tmp_path / f"{first}-half", tmp_path / f"{first}-to-{second}"
-        spawn(_train_and_save, first, kind, None, [0, 1], str(half))
-        spawn(_train_and_save, second, kind, str(half), [2, 3], str(done))
+        spawn(_train_and_save, first, kind, None, [0, 1], str(half), backend)
+        spawn(_train_and_save, second, kind, str(half), [2, 3], str(done), backend)
         want, got = mdist.consolidate(tmp_path / "straight"), mdist.consolidate(done)
         assert got["optimizer"]["step"] == want["optimizer"]["step"] == 4
         for part in ("weight", "bias"):

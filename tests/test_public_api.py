@@ -189,7 +189,9 @@ def test_head_stats_of_a_sampled_shard_by_hand():
     )  # computed, computed, in the shard but not sampled, other shard, ignored, computed
     index = torch.tensor([0, 2, 3, 6])
     G = off + index  # global ids of the computed classes: 5, 7, 8, 11
-    stats = ops.head_stats(x, W[off:12], y, None, None, None, index, C, off, -100, mo.CosFace(s=s, m=m).config())
+    stats = ops.head_stats(
+        x, W[off:12], y, class_index=index, num_classes=C, class_offset=off, cfg=mo.CosFace(s=s, m=m).config()
+    )
     plain = s * unit(x) @ unit(W[G]).T  # [6, 4] margin-free
     hit = y[:, None] == G[None, :]
     z = plain - s * m * hit
