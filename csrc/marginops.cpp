@@ -58,4 +58,11 @@ TORCH_LIBRARY(marginops, m) {
       "margin_psi(Tensor cos, Tensor m1, Tensor m2, Tensor m3, int margin_kind, "
       "int theta_policy, float lambda_) -> (Tensor psi, Tensor d_cos, Tensor d_m1, "
       "Tensor d_m2, Tensor d_m3)");
+  // marginops.optim.SGD's row-sparse steps (CPU): the update of param's rows `rows` from grad
+  // [n, D] (torch.optim.SGD's formulas), and sparse="exact"'s catch-up (w, momentum) <- coef[i]
+  // (row-major 2x2 per row, float64) of those rows. In place; float32/float64, momentum like param.
+  m.def(
+      "sgd_rows_(Tensor(a!) param, Tensor(b!)? momentum, Tensor rows, Tensor grad, float lr, "
+      "float momentum_factor, float dampening, float weight_decay, bool nesterov, bool first) -> ()");
+  m.def("sgd_catch_up_(Tensor(a!) param, Tensor(b!)? momentum, Tensor rows, Tensor coef) -> ()");
 }

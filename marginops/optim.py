@@ -200,6 +200,17 @@ def round_stochastically(values: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(values), rounded, values.to(torch.bfloat16))
 
 
+def _row_kernels(param: torch.Tensor, momentum: Optional[torch.Tensor], grad: Optional[torch.Tensor] = None) -> bool:
+    """Whether the compiled row kernels (sgd_rows_, sgd_catch_up_) take these tensors: float32
+    or float64 on a device that has them, the momentum and the gradient of the same dtype."""
+    like = (t is None or t.dtype == param.dtype for t in (momentum, grad))
+    return (
+        param.dtype in (torch.float32, torch.float64)
+        and all(like)
+        and torch._C._dispatch_has_kernel_for_dispatch_key("marginops::sgd_rows_", param.device.type.upper())
+    )
+
+
 def _wide(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A state tensor in the update's arithmetic dtype (float32 for bfloat16 state)."""
     return t.to(like.dtype) if t.dtype != like.dtype else t
@@ -254,7 +265,14 @@ class SGD(_HeadOptimizer):
         return group
 
     def _apply(self, param, rows, grad, group) -> None:
-        super()._apply(param, rows, grad, group)
+        state = self.state[param]
+        buf = state.get("momentum_buffer")
+        if not isinstance(rows, slice) and _row_kernels(param, buf, grad):  # gathered rows: one pass each
+            first = int(state["step"]) == 1
+            hyper = (group[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov"))
+            torch.ops.marginops.sgd_rows_(param, buf, rows, grad.contiguous(), *hyper, first)
+        else:
+            super()._apply(param, rows, grad, group)
         if self.sparse == "exact":
             self.state[param]["last_step"][rows] = int(self.state[param]["step"])
 
@@ -276,9 +294,14 @@ class SGD(_HeadOptimizer):
         index, last = index[stale], last[stale]
         starts, inverse = torch.unique(last, return_inverse=True)
         coef = _catch_up_matrices(state["history"], state["history_start"], now, starts.tolist())
+        q = torch.tensor(coef, dtype=torch.float64, device=param.device)[inverse]  # [n, 2, 2]
+        if _row_kernels(param, state.get("momentum_buffer")):
+            torch.ops.marginops.sgd_catch_up_(param, state.get("momentum_buffer"), index, q.contiguous())
+            self._caught_up(state, index, rows, now)
+            return
         w = param.index_select(0, index)
         w = w.float() if w.dtype == torch.bfloat16 else w
-        q = torch.tensor(coef, dtype=torch.float64, device=param.device)[inverse].to(w.dtype)  # [n, 2, 2]
+        q = q.to(w.dtype)
         shape = (-1,) + (1,) * (w.dim() - 1)
         if "momentum_buffer" in state:
             buf = _wide(state["momentum_buffer"].index_select(0, index), w)
@@ -288,6 +311,10 @@ class SGD(_HeadOptimizer):
         else:
             new_w = w * q[:, 0, 0].view(shape)
         param.index_copy_(0, index, round_stochastically(new_w) if param.dtype == torch.bfloat16 else new_w)
+        self._caught_up(state, index, rows, now)
+
+    @staticmethod
+    def _caught_up(state, index, rows, now: int) -> None:
         state["last_step"].index_copy_(0, index, torch.full_like(index, now))
         if isinstance(rows, slice) and rows == slice(None):
             state["history"], state["history_start"] = [], now

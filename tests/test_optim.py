@@ -403,3 +403,18 @@ def test_stochastic_rounding_is_unbiased_and_trains_bfloat16_weights():
     ]
     assert low.weight.dtype == torch.bfloat16 and curves[1][-1] < curves[1][0]
     assert (curves[1] - curves[0]).abs().max() <= 0.05 * curves[0].abs().max(), curves
+
+
+def test_the_row_kernels_check_their_arguments():
+    w, buf, g = torch.zeros(5, 3, dtype=f64), torch.zeros(5, 3, dtype=f64), torch.zeros(2, 3, dtype=f64)
+    step = torch.ops.marginops.sgd_rows_
+    with pytest.raises(RuntimeError, match=r"rows\[1\] = 5 is not a row of param"):
+        step(w, buf, torch.tensor([0, 5]), g, 0.1, 0.9, 0.0, 0.0, False, False)
+    with pytest.raises(RuntimeError, match="momentum must be a contiguous tensor like param"):
+        step(w, buf.float(), torch.tensor([0, 1]), g, 0.1, 0.9, 0.0, 0.0, False, False)
+    with pytest.raises(RuntimeError, match="coef must be a contiguous float64"):
+        torch.ops.marginops.sgd_catch_up_(w, buf, torch.tensor([0, 1]), torch.zeros(2, 4))
+    step(w, buf, torch.tensor([1, 3]), g + 1.0, 0.5, 0.9, 0.0, 0.0, False, True)  # first step: buf = g
+    want = torch.zeros(5, 3, dtype=f64)
+    want[[1, 3]] = -0.5
+    assert torch.equal(w, want) and torch.equal(buf, -2 * want)
