@@ -53,6 +53,12 @@ class ClassWeights(nn.Module):
         self.bias = nn.Parameter(torch.empty(num_classes, **factory)) if bias else None
         self.reset_parameters()
 
+    def __getstate__(self):
+        """Pickled or copied, a head leaves its optimizer behind (it belongs to this head's weights)."""
+        state = super().__getstate__()
+        state.pop("optimizer", None)
+        return state
+
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=0.01)
         if self.bias is not None:

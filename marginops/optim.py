@@ -70,7 +70,9 @@ class _HeadOptimizer(torch.optim.Optimizer):
         head.optimizer = self
         for p in params:
             self.state[p].update(self._init_state(p))
-            p._marginops_head_optimizer = weakref.ref(self)
+            _OWNERS[id(p)] = (weakref.ref(p), weakref.ref(self))
+        for key in [key for key, (p, _) in _OWNERS.items() if p() is None]:  # parameters gone since
+            del _OWNERS[key]
 
     # -- torch.optim.Optimizer's interface -------------------------------------------------------
 
@@ -423,6 +425,11 @@ class AdamW(_HeadOptimizer):
         w.addcdiv_(m, denom, value=-lr / bias1)
 
 
+# id(parameter) -> (the parameter, its head optimizer), both weakly: no attribute on the parameter,
+# so a head and its parameters pickle and copy as before.
+_OWNERS: dict = {}
+
+
 def _refuse_a_second_optimizer(optimizer, args, kwargs) -> None:
     """A torch optimizer's step over a weight that a head optimizer updates in the backward would
     see no gradient and skip it without a word: say so."""
@@ -430,8 +437,8 @@ def _refuse_a_second_optimizer(optimizer, args, kwargs) -> None:
         return
     for group in optimizer.param_groups:
         for p in group["params"]:
-            owner = getattr(p, "_marginops_head_optimizer", None)
-            if owner is not None and owner() is not None:
+            param, owner = _OWNERS.get(id(p), (lambda: None, lambda: None))
+            if param() is p and owner() is not None:
                 raise RuntimeError(
                     f"{type(optimizer).__name__} was given a head's weight that "
                     f"marginops.optim.{type(owner()).__name__} updates in the head's backward (it has no .grad): "

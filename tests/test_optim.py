@@ -418,3 +418,17 @@ def test_the_row_kernels_check_their_arguments():
     want = torch.zeros(5, 3, dtype=f64)
     want[[1, 3]] = -0.5
     assert torch.equal(w, want) and torch.equal(buf, -2 * want)
+
+
+def test_a_head_with_an_optimizer_pickles_and_copies_without_it(tmp_path):
+    import copy
+
+    head = mo.MarginHead(D, C, mo.CosFace(), dtype=f64)
+    optim.SGD(head, lr=0.1, momentum=0.9)
+    torch.save(head, tmp_path / "head.pt")
+    loaded = torch.load(tmp_path / "head.pt", weights_only=False)
+    twin = copy.deepcopy(head)
+    for other in (loaded, twin):
+        assert other.optimizer is None and torch.equal(other.weight, head.weight)
+        torch.optim.SGD(other.parameters(), lr=0.1).step()  # a torch optimizer may take the copy's weights
+    assert head.optimizer is not None
