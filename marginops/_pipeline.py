@@ -63,9 +63,8 @@ def accuracy_from_stats(stats: ops.HeadStats, labels: torch.Tensor, ignore_index
     return ((stats.best_class == labels) & valid).sum() / valid.sum()
 
 
-def check_device(x: torch.Tensor, opts: HeadOptions) -> None:
-    """This build has kernels for x's device, and the backend runs on it."""
-    opts.check_device(x.device)
+def check_kernels(x: torch.Tensor) -> None:
+    """This build has kernels for x's device."""
     if x.device.type not in ("cpu", "meta") and not torch._C._dispatch_has_kernel_for_dispatch_key(
         "marginops::margin_ce_forward", x.device.type.upper()
     ):
@@ -109,6 +108,8 @@ def head_loss(
     if shard is None:  # label values are the op's to check: its CUDA kernels do, without a sync
         labels = check_call(opts, x, weight, labels, bias, margin=margin, head_dim=head_dim, label_values=False)
         num_classes, counts = weight.shape[0] // K, [x.shape[0]]
+        check_kernels(x)
+        xg, yg = x, labels
     else:
         num_classes = shard.num_classes
         bad = check_inputs(
@@ -117,12 +118,9 @@ def head_loss(
         )  # fmt: skip
         context = message_context(margin, opts.ignore_index, num_classes)
         counts = sharding.exchange_header(shard, bad, x, weight, margin, context)
-        labels = labels.long()
-    check_device(x, opts)
-    if shard is None:
-        xg, yg = x, labels
-    else:
-        xg, yg = sharding.gather_batch(shard, x, labels, counts, opts.ignore_index)
+        opts.check_device(x.device)
+        check_kernels(x)
+        xg, yg = sharding.gather_batch(shard, x, labels.long(), counts, opts.ignore_index)
     valid = yg != opts.ignore_index
     if shard is None:
         target_cos = lambda: target_cosines(xg, weight, yg, valid, K)  # noqa: E731

@@ -180,6 +180,7 @@ def check_faults(rank, world):
         lambda: head(torch.randn(3, D, dtype=torch.float64 if rank else torch.float32), torch.tensor([1, 2, 3])),
         "rank 1: x is float64 but weight is float32: use equal dtypes, or float32 weight with float16/bfloat16 x",
     )
+    expect_error(lambda: head.topk(torch.randn(3, D + rank), k=2), "rank 1: x must have shape [B, 8], got (3, 9)")
     loss = head(torch.randn(3, D), torch.tensor([1, 2, 3]))
     assert torch.isfinite(loss), "the head still works after the errors"
 
