@@ -58,11 +58,16 @@ TORCH_LIBRARY(marginops, m) {
       "margin_psi(Tensor cos, Tensor m1, Tensor m2, Tensor m3, int margin_kind, "
       "int theta_policy, float lambda_) -> (Tensor psi, Tensor d_cos, Tensor d_m1, "
       "Tensor d_m2, Tensor d_m3)");
-  // marginops.optim.SGD's row-sparse steps (CPU): the update of param's rows `rows` from grad
-  // [n, D] (torch.optim.SGD's formulas), and sparse="exact"'s catch-up (w, momentum) <- coef[i]
-  // (row-major 2x2 per row, float64) of those rows. In place; float32/float64, momentum like param.
+  // marginops.optim's steps (row_step.h), in place, one pass over each row: param's rows `rows`
+  // (or first_row + i) from grad [n, D] (float64 for a float64 param, else float32) by
+  // torch.optim.SGD's or AdamW's formulas, and sparse="exact"'s catch-up (w, momentum) <- coef[i]
+  // (row-major 2x2 per row, float64). The state in param's dtype, float32 or bfloat16; a bfloat16
+  // param rounded stochastically (seed).
   m.def(
-      "sgd_rows_(Tensor(a!) param, Tensor(b!)? momentum, Tensor rows, Tensor grad, float lr, "
-      "float momentum_factor, float dampening, float weight_decay, bool nesterov, bool first) -> ()");
-  m.def("sgd_catch_up_(Tensor(a!) param, Tensor(b!)? momentum, Tensor rows, Tensor coef) -> ()");
+      "sgd_step_(Tensor(a!) param, Tensor(b!)? momentum, Tensor grad, Tensor? rows, int first_row, float lr, "
+      "float momentum_factor, float dampening, float weight_decay, bool nesterov, bool first, int seed) -> ()");
+  m.def(
+      "adamw_step_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor grad, Tensor? rows, "
+      "int first_row, float lr, float beta1, float beta2, float eps, float weight_decay, int step, int seed) -> ()");
+  m.def("sgd_catch_up_(Tensor(a!) param, Tensor(b!)? momentum, Tensor rows, Tensor coef, int seed) -> ()");
 }

@@ -12,7 +12,6 @@ closed form when a row is next sampled, so the weights equal dense SGD's on the 
 
 from __future__ import annotations
 
-import math
 import weakref
 from typing import List, Optional
 
@@ -31,7 +30,7 @@ STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 
 class _HeadOptimizer(torch.optim.Optimizer):
     """An optimizer of a head's class weights that the head's backward runs. Subclasses define
-    the state of a row (``_init_state``) and the update of a chunk of rows (``_update``)."""
+    the state of a row (``_init_state``) and the row kernel that updates a chunk of rows (``_step_rows``)."""
 
     state_names: tuple = ()
 
@@ -162,25 +161,12 @@ class _HeadOptimizer(torch.optim.Optimizer):
         """Before the forward reads param[rows] (a slice or an index tensor): bring them up to date."""
 
     def _apply(self, param: torch.Tensor, rows, grad: torch.Tensor, group: dict) -> None:
-        """Updates param[rows] (a slice or an index tensor of rows) from their gradient."""
-        state = self.state[param]
-        low = param.dtype == torch.bfloat16  # updated in float32, stored with stochastic rounding
-        if isinstance(rows, slice):
-            view = {name: state[name][rows] for name in self.state_names}
-            if not low:
-                self._update(param[rows], grad, view, group, state)
-                return
-            values = param[rows].float()
-            self._update(values, grad, view, group, state)
-            param[rows] = round_stochastically(values)
-            return
-        values = param.index_select(0, rows)
-        values = values.float() if low else values
-        view = {name: state[name].index_select(0, rows) for name in self.state_names}
-        self._update(values, grad, view, group, state)
-        param.index_copy_(0, rows, round_stochastically(values) if low else values)
-        for name in self.state_names:
-            state[name].index_copy_(0, rows, view[name])
+        """Updates param[rows] (a slice or an index tensor of rows) and their state from their
+        gradient: one pass of the row kernel (csrc/row_step.h), arithmetic in float64 for a
+        float64 param, else float32."""
+        index, first = (None, rows.start or 0) if isinstance(rows, slice) else (rows, 0)
+        arith = torch.float64 if param.dtype == torch.float64 else torch.float32
+        self._step_rows(param, index, first, grad.to(arith).contiguous(), group, _seed(param))
 
     def _state_tensor(self, p: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(p, dtype=self.state_dtype or p.dtype, memory_format=torch.contiguous_format)
@@ -188,34 +174,14 @@ class _HeadOptimizer(torch.optim.Optimizer):
     def _init_state(self, p: torch.Tensor) -> dict:
         raise NotImplementedError
 
-    def _update(self, w, g, state: dict, group: dict, param_state: dict) -> None:
+    def _step_rows(self, param, index, first: int, grad, group: dict, seed: int) -> None:
         raise NotImplementedError
 
 
-def round_stochastically(values: torch.Tensor) -> torch.Tensor:
-    """float32 to bfloat16, rounding up with probability equal to the distance to the lower
-    neighbour (in units of the spacing): unbiased, so that updates far below a bfloat16 ulp still
-    move the weight on average. NaN and ±Inf are converted as they are."""
-    bits = values.contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=values.device)
-    rounded = ((bits + noise) & -(1 << 16)).view(torch.float32).to(torch.bfloat16)  # exact: low bits are 0
-    return torch.where(torch.isfinite(values), rounded, values.to(torch.bfloat16))
-
-
-def _row_kernels(param: torch.Tensor, momentum: Optional[torch.Tensor], grad: Optional[torch.Tensor] = None) -> bool:
-    """Whether the compiled row kernels (sgd_rows_, sgd_catch_up_) take these tensors: float32
-    or float64 on a device that has them, the momentum and the gradient of the same dtype."""
-    like = (t is None or t.dtype == param.dtype for t in (momentum, grad))
-    return (
-        param.dtype in (torch.float32, torch.float64)
-        and all(like)
-        and torch._C._dispatch_has_kernel_for_dispatch_key("marginops::sgd_rows_", param.device.type.upper())
-    )
-
-
-def _wide(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A state tensor in the update's arithmetic dtype (float32 for bfloat16 state)."""
-    return t.to(like.dtype) if t.dtype != like.dtype else t
+def _seed(param: torch.Tensor) -> int:
+    """The stochastic rounding's seed of one kernel call: drawn from torch's CPU generator for a
+    bfloat16 param (reproducible under torch.manual_seed), else 0 (unused)."""
+    return int(torch.randint(1 << 62, ())) if param.dtype == torch.bfloat16 else 0
 
 
 class SGD(_HeadOptimizer):
@@ -267,16 +233,14 @@ class SGD(_HeadOptimizer):
         return group
 
     def _apply(self, param, rows, grad, group) -> None:
-        state = self.state[param]
-        buf = state.get("momentum_buffer")
-        if not isinstance(rows, slice) and _row_kernels(param, buf, grad):  # gathered rows: one pass each
-            first = int(state["step"]) == 1
-            hyper = (group[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov"))
-            torch.ops.marginops.sgd_rows_(param, buf, rows, grad.contiguous(), *hyper, first)
-        else:
-            super()._apply(param, rows, grad, group)
+        super()._apply(param, rows, grad, group)
         if self.sparse == "exact":
             self.state[param]["last_step"][rows] = int(self.state[param]["step"])
+
+    def _step_rows(self, param, index, first, grad, group, seed) -> None:
+        state = self.state[param]
+        hyper = (group[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov"))
+        _op.sgd_step_(param, state.get("momentum_buffer"), grad, index, first, *hyper, int(state["step"]) == 1, seed)
 
     @torch.no_grad()
     def _prepare(self, param, rows) -> None:
@@ -297,22 +261,7 @@ class SGD(_HeadOptimizer):
         starts, inverse = torch.unique(last, return_inverse=True)
         coef = _catch_up_matrices(state["history"], state["history_start"], now, starts.tolist())
         q = torch.tensor(coef, dtype=torch.float64, device=param.device)[inverse]  # [n, 2, 2]
-        if _row_kernels(param, state.get("momentum_buffer")):
-            torch.ops.marginops.sgd_catch_up_(param, state.get("momentum_buffer"), index, q.contiguous())
-            self._caught_up(state, index, rows, now)
-            return
-        w = param.index_select(0, index)
-        w = w.float() if w.dtype == torch.bfloat16 else w
-        q = q.to(w.dtype)
-        shape = (-1,) + (1,) * (w.dim() - 1)
-        if "momentum_buffer" in state:
-            buf = _wide(state["momentum_buffer"].index_select(0, index), w)
-            new_w = w * q[:, 0, 0].view(shape) + buf * q[:, 0, 1].view(shape)
-            new_buf = w * q[:, 1, 0].view(shape) + buf * q[:, 1, 1].view(shape)
-            state["momentum_buffer"].index_copy_(0, index, new_buf.to(state["momentum_buffer"].dtype))
-        else:
-            new_w = w * q[:, 0, 0].view(shape)
-        param.index_copy_(0, index, round_stochastically(new_w) if param.dtype == torch.bfloat16 else new_w)
+        _op.sgd_catch_up_(param, state.get("momentum_buffer"), index, q.contiguous(), _seed(param))
         self._caught_up(state, index, rows, now)
 
     @staticmethod
@@ -324,23 +273,6 @@ class SGD(_HeadOptimizer):
     @property
     def state_names(self):
         return ("momentum_buffer",) if self.param_groups[0]["momentum"] != 0 else ()
-
-    def _update(self, w, g, state, group, param_state):
-        lr, mu, damp, wd = group["lr"], group["momentum"], group["dampening"], group["weight_decay"]
-        g = g.to(w.dtype)  # the chunk's own gradient: updated in place, as torch's steps are
-        if wd != 0:
-            g.add_(w, alpha=wd)
-        if mu != 0:
-            buf = state["momentum_buffer"]
-            new = _wide(buf, g)
-            if int(param_state["step"]) == 1:
-                new = new.copy_(g) if new is buf else g.clone()
-            else:
-                new.mul_(mu).add_(g, alpha=1 - damp)
-            if new is not buf:  # bfloat16 state: rounded once per step
-                buf.copy_(new)
-            g = g.add_(new, alpha=mu) if group["nesterov"] else new
-        w.add_(g, alpha=-lr)
 
 
 def _step_matrix(t: int, lr: float, mu: float, damp: float, wd: float, nesterov: bool):
@@ -410,19 +342,11 @@ class AdamW(_HeadOptimizer):
             "exp_avg_sq": self._state_tensor(p),
         }
 
-    def _update(self, w, g, state, group, param_state):
-        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        step = float(param_state["step"])
-        g = g.to(w.dtype)
-        w.mul_(1 - lr * wd)
-        m = _wide(state["exp_avg"], g).lerp_(g, 1 - b1)
-        v = _wide(state["exp_avg_sq"], g).mul_(b2).addcmul_(g, g, value=1 - b2)
-        for name, value in (("exp_avg", m), ("exp_avg_sq", v)):
-            if value is not state[name]:  # bfloat16 state: rounded once per step
-                state[name].copy_(value)
-        bias1, bias2 = 1 - b1**step, 1 - b2**step
-        denom = g.copy_(v).sqrt_().div_(math.sqrt(bias2)).add_(eps)  # g is spent: its memory holds denom
-        w.addcdiv_(m, denom, value=-lr / bias1)
+    def _step_rows(self, param, index, first, grad, group, seed) -> None:
+        state = self.state[param]
+        (b1, b2), step = group["betas"], int(state["step"])
+        hyper = (group["lr"], b1, b2, group["eps"], group["weight_decay"], step, seed)
+        _op.adamw_step_(param, state["exp_avg"], state["exp_avg_sq"], grad, index, first, *hyper)
 
 
 # id(parameter) -> (the parameter, its head optimizer), both weakly: no attribute on the parameter,

@@ -347,6 +347,16 @@ class EmulatedOps:
         bound = ops._bind(ops._ops.margin_ce_backward, args, kwargs)
         return self.emu.backward_any(*{**bound, "backend": self.backend}.values())
 
+    def __getattr__(self, name):  # the optimizers' row kernels (sgd_step_, ...): one launch per call
+        kernel = getattr(self.emu.ext, name)
+
+        def launch(*args):
+            before = self.emu.ext.launches()
+            kernel(*args)
+            assert self.emu.ext.launches() - before == 1, f"{name} took more than one kernel"
+
+        return launch
+
 
 @pytest.mark.parametrize("backend", [1, 2], ids=["chunked", "tiles"])
 def test_the_emulated_cuda_backends_run_the_optimizer(emu, backend, monkeypatch, one_rank):
@@ -376,17 +386,24 @@ def test_the_emulated_cuda_backends_run_the_optimizer(emu, backend, monkeypatch,
 
 
 def test_stochastic_rounding_is_unbiased_and_trains_bfloat16_weights():
-    """A value a quarter of a bfloat16 spacing above 1 rounds to 1 + 2^-7 a quarter of the time
-    (round-to-nearest would always give 1: an update that small would be lost); a head with
-    bfloat16 weights and stochastic rounding follows the float32 head's losses."""
-    torch.manual_seed(0)
-    value = torch.full((200_000,), 1.0 + 0.25 * 2**-7)
-    rounded = optim.round_stochastically(value).float()
+    """A bfloat16 weight of 1 that an SGD step moves a quarter of a spacing up ends at 1 + 2^-7 a
+    quarter of the time (round-to-nearest would always give 1: an update that small would be
+    lost), whatever the chunking; a head with bfloat16 weights and stochastic rounding follows
+    the float32 head's losses."""
+    step = torch.ops.marginops.sgd_step_
+    w = torch.ones(2000, 100, dtype=torch.bfloat16)
+    w[0, :2] = torch.tensor([float("inf"), -1.5])
+    grad = torch.full((2000, 100), -0.25 * 2**-7)
+    grad[0, :2] = 0.0
+    step(w, None, grad, None, 0, 1.0, 0.0, 0.0, 0.0, False, True, 12345)
+    rounded = w.float()[1:]
     assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2**-7}
-    assert abs(float(rounded.mean()) - float(value[0])) < 3e-5  # 5 standard errors of the mean
-    assert torch.equal(
-        optim.round_stochastically(torch.tensor([float("inf"), -1.5])).float(), torch.tensor([float("inf"), -1.5])
-    )
+    assert abs(float(rounded.mean()) - (1.0 + 0.25 * 2**-7)) < 3e-5  # 5 standard errors of the mean
+    assert w[0, 0] == float("inf") and w[0, 1] == -1.5
+    halves = torch.ones(2000, 100, dtype=torch.bfloat16)
+    for first in (0, 1000):  # the noise is a function of the seed and the element: chunks do not matter
+        step(halves, None, grad[first : first + 1000], None, first, 1.0, 0.0, 0.0, 0.0, False, True, 12345)
+    assert torch.equal(halves[1:], w[1:])
 
     def make(dtype):
         torch.manual_seed(0)
@@ -405,16 +422,83 @@ def test_stochastic_rounding_is_unbiased_and_trains_bfloat16_weights():
     assert (curves[1] - curves[0]).abs().max() <= 0.05 * curves[0].abs().max(), curves
 
 
+ROW_HYPER = {
+    "sgd": dict(lr=0.3, momentum=0.9, dampening=0.1, weight_decay=0.05),
+    "nesterov": dict(lr=0.3, momentum=0.9, weight_decay=0.05, nesterov=True),
+    "adamw": dict(lr=0.3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05),
+}
+
+
+@pytest.mark.parametrize("where", ["cpu", "emulated-cuda"])
+@pytest.mark.parametrize(
+    "dtype, state_dtype",
+    [(f64, f64), (torch.float32, torch.float32), (torch.float32, torch.bfloat16), (f64, torch.float32)],
+    ids=["f64", "f32", "f32-bf16-state", "f64-f32-state"],
+)
+@pytest.mark.parametrize("kind", list(ROW_HYPER))
+def test_the_row_kernels_equal_torch_optim(request, where, dtype, state_dtype, kind):
+    """Three steps of a row kernel on gathered rows [7, 2, 5] and on the slice [3, 6) of a [9, 33]
+    weight and a [9] bias equal torch.optim's steps on those rows alone, its state rounded to the
+    kernel's state dtype after each step (the kernel updates with the unrounded state, as torch
+    does within a step); the other rows are untouched. 33 columns cross a block of threads."""
+    row_ops = torch.ops.marginops if where == "cpu" else request.getfixturevalue("emu").ext
+    hyper = ROW_HYPER[kind]
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == f64 else dict(rtol=2e-6, atol=1e-6)
+    g = torch.Generator().manual_seed(5)
+    for shape in ((9, 33), (9,)):
+        for rows in (torch.tensor([7, 2, 5]), slice(3, 6)):
+            param = torch.randn(shape, generator=g, dtype=f64).to(dtype)
+            states = [torch.randn(shape, generator=g).abs().to(state_dtype) for _ in range(2 if kind == "adamw" else 1)]
+            before = param.clone()
+            ref = param[rows].clone().requires_grad_(True)
+            opt = (torch.optim.AdamW if kind == "adamw" else torch.optim.SGD)([ref], **hyper)
+            for step in (1, 2, 3):
+                grad = torch.randn((3,) + shape[1:], generator=g, dtype=f64).to(dtype)
+                index, first = (rows, 0) if isinstance(rows, torch.Tensor) else (None, rows.start)
+                if kind == "adamw":
+                    if step == 1:  # torch's moments start at zero
+                        for s in states:
+                            s[rows] = 0
+                    args = (hyper["lr"], *hyper["betas"], hyper["eps"], hyper["weight_decay"], step, 0)
+                    row_ops.adamw_step_(param, states[0], states[1], grad, index, first, *args)
+                else:
+                    args = [hyper.get(k, 0.0) for k in ("lr", "momentum", "dampening", "weight_decay")]
+                    nesterov = hyper.get("nesterov", False)
+                    row_ops.sgd_step_(param, states[0], grad, index, first, *args, nesterov, step == 1, 0)
+                ref.grad = grad.clone()
+                opt.step()
+                for name in ("exp_avg", "exp_avg_sq") if kind == "adamw" else ("momentum_buffer",):
+                    opt.state[ref][name].copy_(opt.state[ref][name].to(state_dtype))
+                torch.testing.assert_close(param[rows], ref.detach(), **tol)
+                names = ("exp_avg", "exp_avg_sq") if kind == "adamw" else ("momentum_buffer",)
+                for s, name in zip(states, names):
+                    torch.testing.assert_close(s[rows].to(dtype), opt.state[ref][name], **tol)
+            untouched = torch.ones(shape[0], dtype=torch.bool)
+            untouched[rows] = False
+            assert torch.equal(param[untouched], before[untouched])
+
+
 def test_the_row_kernels_check_their_arguments():
     w, buf, g = torch.zeros(5, 3, dtype=f64), torch.zeros(5, 3, dtype=f64), torch.zeros(2, 3, dtype=f64)
-    step = torch.ops.marginops.sgd_rows_
-    with pytest.raises(RuntimeError, match=r"rows\[1\] = 5 is not a row of param"):
-        step(w, buf, torch.tensor([0, 5]), g, 0.1, 0.9, 0.0, 0.0, False, False)
-    with pytest.raises(RuntimeError, match="momentum must be a contiguous tensor like param"):
-        step(w, buf.float(), torch.tensor([0, 1]), g, 0.1, 0.9, 0.0, 0.0, False, False)
-    with pytest.raises(RuntimeError, match="coef must be a contiguous float64"):
-        torch.ops.marginops.sgd_catch_up_(w, buf, torch.tensor([0, 1]), torch.zeros(2, 4))
-    step(w, buf, torch.tensor([1, 3]), g + 1.0, 0.5, 0.9, 0.0, 0.0, False, True)  # first step: buf = g
+    step = torch.ops.marginops.sgd_step_
+    hyper = (0.1, 0.9, 0.0, 0.0, False, False, 0)
+    with pytest.raises(ValueError, match=r"rows\[1\] = 5 is not a row of param \(5 rows\)"):
+        step(w, buf, g, torch.tensor([0, 5]), 0, *hyper)
+    with pytest.raises(ValueError, match=r"rows \[4, 6\) are not rows of param \(5 rows\)"):
+        step(w, buf, g, None, 4, *hyper)
+    with pytest.raises(ValueError, match="the optimizer state must be a contiguous tensor like param"):
+        step(w, buf[:, :2], g, None, 0, *hyper)
+    with pytest.raises(
+        ValueError, match="must be stored in param's dtype, float32 or bfloat16, got Double for a Float"
+    ):
+        step(w.float(), buf, g.float(), None, 0, *hyper)
+    with pytest.raises(ValueError, match=r"grad must be a contiguous \[n, D\] tensor of Double"):
+        step(w, buf, g.float(), None, 0, *hyper)
+    with pytest.raises(ValueError, match="coef must be a contiguous float64"):
+        torch.ops.marginops.sgd_catch_up_(w, buf, torch.tensor([0, 1]), torch.zeros(2, 4), 0)
+    with pytest.raises(ValueError, match="step must count from 1, got 0"):
+        torch.ops.marginops.adamw_step_(w, buf, buf.clone(), g, None, 0, 0.1, 0.9, 0.999, 1e-8, 0.0, 0, 0)
+    step(w, buf, g + 1.0, torch.tensor([1, 3]), 0, 0.5, 0.9, 0.0, 0.0, False, True, 0)  # first step: buf = g
     want = torch.zeros(5, 3, dtype=f64)
     want[[1, 3]] = -0.5
     assert torch.equal(w, want) and torch.equal(buf, -2 * want)

@@ -13,6 +13,7 @@
 #include <mutex>
 
 #include "dispatch.h"
+#include "optim/row_step_launch.h"
 
 namespace marginops::cuda {
 namespace {
@@ -91,6 +92,9 @@ TORCH_LIBRARY_IMPL(marginops, CUDA, m) {
   m.impl("margin_ce_backward", &backward_any<CudaRuntime>);
   m.impl("margin_psi", &psi_op<CudaRuntime>);
   m.impl("margin_topk", &topk_op<CudaRuntime>);
+  m.impl("sgd_step_", &row_step::sgd_step<RowStepRun<CudaRuntime>>);
+  m.impl("adamw_step_", &row_step::adamw_step<RowStepRun<CudaRuntime>>);
+  m.impl("sgd_catch_up_", &row_step::sgd_catch_up<RowStepRun<CudaRuntime>>);
 }
 
 }  // namespace marginops::cuda

@@ -7,6 +7,8 @@
 #include "../../csrc/cuda/tiles/tile_kernels.cu"
 #include "../../csrc/cuda/chunked/chunk_kernels.cu"
 #include "../../csrc/cuda/dispatch.h"
+#include "../../csrc/cuda/optim/row_step_kernels.cu"
+#include "../../csrc/cuda/optim/row_step_launch.h"
 
 namespace {
 
@@ -72,6 +74,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward_any", &backward_any<EmuRuntime>, "margin_ce_backward's CUDA entry point");
   m.def("psi", &psi_op<EmuRuntime>);
   m.def("topk", &topk_op<EmuRuntime>);
+  using RowRun = marginops::cuda::RowStepRun<EmuRuntime>;
+  m.def("sgd_step_", &marginops::row_step::sgd_step<RowRun>, "the sgd_step_ op's CUDA kernel");
+  m.def("adamw_step_", &marginops::row_step::adamw_step<RowRun>, "the adamw_step_ op's CUDA kernel");
+  m.def("sgd_catch_up_", &marginops::row_step::sgd_catch_up<RowRun>, "the sgd_catch_up_ op's CUDA kernel");
   m.def(
       "check_errors", [] { marginops::cuda::raise_recorded_error(&g_error); },
       "raises what the emulated kernels recorded (marginops.check_errors on CUDA)");
