@@ -12,6 +12,8 @@ closed form when a row is next sampled, so the weights equal dense SGD's on the 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import weakref
 from typing import List, Optional
 
@@ -66,6 +68,8 @@ class _HeadOptimizer(torch.optim.Optimizer):
         self.stochastic_rounding = bool(stochastic_rounding)
         self._head = weakref.ref(head)
         self._updated = False  # a backward updated the weights since the last step()/zero_grad()
+        self._handle = next(_HANDLES)  # how the backward's op (an int argument) finds this optimizer
+        _BY_HANDLE[self._handle] = self
         head.optimizer = self
         for p in params:
             self.state[p].update(self._init_state(p))
@@ -149,13 +153,22 @@ class _HeadOptimizer(torch.optim.Optimizer):
         return group
 
     def before_forward(self, class_index: Optional[torch.Tensor], subcenters: int) -> None:
-        """Before a forward reads the head's rows (all, or those of class_index's classes)."""
+        """Before a forward reads the head's rows (all, or those of class_index's classes): brings
+        them up to date (sparse="exact"), in one call of the op head_prepare_, which declares the
+        weight and bias it updates (torch.compile traces the call, not the catch-up's bookkeeping)."""
+        if self.sparse != "exact":  # lazy: nothing to do
+            return
+        head = self._head()
+        with torch.no_grad():
+            torch.ops.marginops.head_prepare_(head.weight, head.bias, class_index, subcenters, self._handle)
+
+    def _prepare_rows(self, weight, bias, class_index: Optional[torch.Tensor], subcenters: int) -> None:
+        """head_prepare_'s work on weight and bias (the head's, or what the op was given for them)."""
         classes = slice(None) if class_index is None else class_index
         rows = classes if class_index is None else _rows_of(class_index, subcenters)
-        head = self._head()
-        self._prepare(head.weight, rows)
-        if head.bias is not None:
-            self._prepare(head.bias, classes)
+        self._prepare(weight, rows)
+        if bias is not None:
+            self._prepare(bias, classes)
 
     def _prepare(self, param: torch.Tensor, rows) -> None:
         """Before the forward reads param[rows] (a slice or an index tensor): bring them up to date."""
@@ -349,6 +362,10 @@ class AdamW(_HeadOptimizer):
         _op.adamw_step_(param, state["exp_avg"], state["exp_avg_sq"], grad, index, first, *hyper)
 
 
+# optimizer._handle -> the optimizer (weakly): the op that runs it in the backward takes the handle.
+_HANDLES = itertools.count(1)
+_BY_HANDLE: "weakref.WeakValueDictionary[int, _HeadOptimizer]" = weakref.WeakValueDictionary()
+
 # id(parameter) -> (the parameter, its head optimizer), both weakly: no attribute on the parameter,
 # so a head and its parameters pickle and copy as before.
 _OWNERS: dict = {}
@@ -387,10 +404,13 @@ def chunk_rows(dim: int, workspace_bytes: int) -> int:
 
 class _StatsThenStep(torch.autograd.Function):
     """The op's per-row statistics, whose backward computes ∂L/∂W chunk by chunk and hands each
-    chunk to the head's optimizer instead of returning it."""
+    chunk to the head's optimizer instead of returning it: one call of the op head_step_backward_,
+    which declares the weight and bias it updates, so that torch.compile(fullgraph=True) traces
+    the backward (the optimizer's own state and bookkeeping stay inside the op, read when it runs:
+    a scheduler's new LR applies without a recompile)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, row_margins, curricular, labels, class_index, args, optimizer):
+    def forward(ctx, x, weight, bias, row_margins, curricular, labels, class_index, args, handle):
         out = _op.margin_ce_forward(
             x,
             weight,
@@ -402,7 +422,7 @@ class _StatsThenStep(torch.autograd.Function):
             **args,
         )
         ctx.save_for_backward(x, weight, bias, row_margins, curricular, labels, class_index, out[0])
-        ctx.args, ctx.optimizer = args, optimizer
+        ctx.args, ctx.handle = args, handle
         ctx.mark_non_differentiable(out[3], out[4])
         return tuple(out)
 
@@ -413,39 +433,117 @@ class _StatsThenStep(torch.autograd.Function):
             g is not None and g.requires_grad for g in (grad_lse, grad_target, grad_sum)
         ):
             raise RuntimeError(f"{ops.FIRST_ORDER_ONLY}, so a backward with create_graph=True is refused")
-        opt, args = ctx.optimizer, dict(ctx.args)
         need_x, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[3] and row_margins is not None
-        group = opt._begin()
-        K = args["subcenters"]
-        local = weight.shape[0] // K
-        offset, num_classes = args.pop("class_offset"), args.pop("num_classes")
-        step = chunk_rows(weight.shape[1], args.get("workspace_bytes") or (64 << 20))
-        dx = torch.zeros_like(x, dtype=torch.promote_types(x.dtype, torch.float32)) if need_x else None
-        dm = torch.zeros_like(row_margins) if need_m else None
-        grads = dict(grad_lse=grad_lse, grad_target_logit=grad_target, grad_logit_sum=grad_sum, lse=lse)
-        for classes in _chunks(local, class_index, step):
-            if isinstance(classes, slice):
-                rows = slice(classes.start * K, classes.stop * K)
-                w, b, y = weight[rows], None if bias is None else bias[classes], labels
-                where = dict(num_classes=num_classes, class_offset=offset + classes.start)
-            else:  # sampled classes, gathered: labels renumbered to their positions (absent: past the end)
-                rows = _rows_of(classes, K)
-                w, b = weight.index_select(0, rows), None if bias is None else bias.index_select(0, classes)
-                y = _renumber(labels, classes + offset, args["ignore_index"])
-                where = dict(num_classes=classes.numel() + 1, class_offset=0)
-            gx, gw, gb, gm = _op.margin_ce_backward(
-                **grads, x=x, weight=w, labels=y, bias=b, row_margins=row_margins, curricular=curricular,
-                class_index=None, output_mask=[need_x, True, b is not None, need_m], **where, **args,
-            )  # fmt: skip
-            with torch.no_grad():
-                opt._apply(weight, rows, gw, group)
-                if b is not None:
-                    opt._apply(bias, classes, gb, group)
-            if need_x:
-                dx += gx
-            if need_m:
-                dm += gm
-        return (None if dx is None else dx.to(x.dtype)), None, None, dm, None, None, None, None, None
+        dx, dm = torch.ops.marginops.head_step_backward_(
+            grad_lse=grad_lse, grad_target_logit=grad_target, grad_logit_sum=grad_sum, lse=lse, x=x, weight=weight,
+            labels=labels, bias=bias, row_margins=row_margins, curricular=curricular, class_index=class_index,
+            need_x=need_x, need_m=need_m, optimizer=ctx.handle, **ctx.args,
+        )  # fmt: skip
+        return (dx if need_x else None), None, None, (dm if need_m else None), None, None, None, None, None
+
+
+def _step_schema() -> str:
+    """margin_ce_backward's schema with the weight and bias updated in place (Tensor(a!)), the
+    output mask replaced by need_x/need_m and the optimizer's handle, and (grad_x,
+    grad_row_margins) returned: empty where not asked for."""
+    schema = str(_op.margin_ce_backward.default._schema)
+    arguments = schema[schema.index("(") + 1 : schema.index(") ->")]
+    for old, new in (
+        ("Tensor weight,", "Tensor(a!) weight,"),
+        ("Tensor? bias,", "Tensor(b!)? bias,"),
+        ("bool[4] output_mask,", "bool need_x, bool need_m, int optimizer,"),
+    ):
+        assert arguments.count(old) == 1, f"margin_ce_backward's schema has no {old!r}"
+        arguments = arguments.replace(old, new)
+    return f"({arguments}) -> (Tensor grad_x, Tensor grad_row_margins)"
+
+
+def _step_backward(*args, **kwargs):
+    """head_step_backward_: the backward with the head's optimizer."""
+    a = ops._bind(torch.ops.marginops.head_step_backward_, args, kwargs)
+    opt = _BY_HANDLE[a.pop("optimizer")]
+    with _state_under(opt, a["weight"], a["bias"]):
+        return _backward_with_step(opt, **a)
+
+
+def _backward_with_step(
+    opt, grad_lse, grad_target_logit, grad_logit_sum, lse, x, weight, labels, bias, row_margins, curricular,
+    class_index, need_x, need_m, **args,
+):  # fmt: skip
+    """∂L/∂W chunk by chunk, each chunk applied to the weight (and bias) at once by opt; returns
+    ∂L/∂x and ∂L/∂row_margins (empty where not asked for)."""
+    group = opt._begin()
+    K = args["subcenters"]
+    local = weight.shape[0] // K
+    offset, num_classes = args.pop("class_offset"), args.pop("num_classes")
+    step = chunk_rows(weight.shape[1], args.get("workspace_bytes") or (64 << 20))
+    dx = torch.zeros_like(x, dtype=torch.promote_types(x.dtype, torch.float32)) if need_x else None
+    dm = torch.zeros_like(row_margins) if need_m else None
+    grads = dict(grad_lse=grad_lse, grad_target_logit=grad_target_logit, grad_logit_sum=grad_logit_sum, lse=lse)
+    for classes in _chunks(local, class_index, step):
+        if isinstance(classes, slice):
+            rows = slice(classes.start * K, classes.stop * K)
+            w, b, y = weight[rows], None if bias is None else bias[classes], labels
+            where = dict(num_classes=num_classes, class_offset=offset + classes.start)
+        else:  # sampled classes, gathered: labels renumbered to their positions (absent: past the end)
+            rows = _rows_of(classes, K)
+            w, b = weight.index_select(0, rows), None if bias is None else bias.index_select(0, classes)
+            y = _renumber(labels, classes + offset, args["ignore_index"])
+            where = dict(num_classes=classes.numel() + 1, class_offset=0)
+        gx, gw, gb, gm = _op.margin_ce_backward(
+            **grads, x=x, weight=w, labels=y, bias=b, row_margins=row_margins, curricular=curricular,
+            class_index=None, output_mask=[need_x, True, b is not None, need_m], **where, **args,
+        )  # fmt: skip
+        with torch.no_grad():
+            opt._apply(weight, rows, gw, group)
+            if b is not None:
+                opt._apply(bias, classes, gb, group)
+        if need_x:
+            dx += gx
+        if need_m:
+            dm += gm
+    return (x.new_empty((0,)) if dx is None else dx.to(x.dtype)), (x.new_empty((0,)) if dm is None else dm)
+
+
+def _step_backward_fake(*args, **kwargs):
+    a = ops._bind(torch.ops.marginops.head_step_backward_, args, kwargs)
+    x, row_margins = a["x"], a["row_margins"]
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format) if a["need_x"] else x.new_empty((0,)),
+        torch.empty_like(row_margins) if a["need_m"] else x.new_empty((0,)),
+    )
+
+
+def _prepare(weight, bias, class_index, subcenters: int, optimizer: int) -> None:
+    """head_prepare_: the rows a forward reads (all, or class_index's classes') brought up to date."""
+    opt = _BY_HANDLE[optimizer]
+    with _state_under(opt, weight, bias):
+        opt._prepare_rows(weight, bias, class_index, subcenters)
+
+
+@contextlib.contextmanager
+def _state_under(opt: _HeadOptimizer, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """opt's state of the head's weight and bias, found under the tensors an op was given for them
+    (under torch.compile they may be copies, which the op updates and the graph copies back)."""
+    given = [(t, p) for t, p in zip((weight, bias), opt.param_groups[0]["params"]) if t is not p]
+    for t, p in given:
+        opt.state[t] = opt.state[p]
+    try:
+        yield
+    finally:
+        for t, _ in given:
+            del opt.state[t]
+
+
+# The ops that run the head's optimizer, which declare the weight and bias they update; the
+# optimizer's own state and bookkeeping stay inside them, read when they run.
+torch.library.custom_op(
+    "marginops::head_step_backward_", _step_backward, mutates_args=("weight", "bias"), schema=_step_schema()
+).register_fake(_step_backward_fake)
+torch.library.custom_op(
+    "marginops::head_prepare_", _prepare, mutates_args=("weight", "bias"),
+    schema="(Tensor(a!) weight, Tensor(b!)? bias, Tensor? class_index, int subcenters, int optimizer) -> ()",
+).register_fake(lambda *args: None)  # fmt: skip
 
 
 def _chunks(local: int, class_index: Optional[torch.Tensor], step: int) -> List:
@@ -476,7 +574,9 @@ def head_stats_with_step(optimizer: _HeadOptimizer):
     ):
         args = dict(cfg._asdict(), **scalars)
         ops._refuse_func_transforms()
-        out = _StatsThenStep.apply(x, weight, bias, row_margins, curricular, labels, class_index, args, optimizer)
+        out = _StatsThenStep.apply(
+            x, weight, bias, row_margins, curricular, labels, class_index, args, optimizer._handle
+        )
         return HeadStats(*out)
 
     return head_stats

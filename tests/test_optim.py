@@ -312,8 +312,7 @@ def test_load_restores_the_saved_optimizer_rows_exactly(tmp_path, one_rank):
 
 
 def test_a_compiled_head_runs_its_optimizer():
-    """torch.compile of a head with an optimizer in its backward (not fullgraph: the backward's
-    updates of the weights and the optimizer's state run eagerly, a graph break) equals eager."""
+    """torch.compile (without fullgraph) of a head with an optimizer in its backward equals eager."""
 
     def make():
         return mo.MarginHead(D, C, mo.ArcFace(s=16.0), dtype=f64)
@@ -329,6 +328,58 @@ def test_a_compiled_head_runs_its_optimizer():
             opt.step()
             losses.append(loss.detach())
         torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(compiled.weight, eager.weight, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+@pytest.mark.parametrize("kind", ["sgd-momentum", "sgd-exact", "adamw"])
+def test_a_fullgraph_compiled_head_runs_its_optimizer_without_recompiling(kind, backend):
+    """torch.compile(fullgraph=True) of a head with an optimizer in its backward equals eager over
+    three steps whose LR a scheduler changes (the LR is read when the backward runs), in one graph
+    without a recompile; also with aot_eager, whose ops are given copies of the weights."""
+    kwargs, name = {
+        "sgd-momentum": (dict(lr=0.1, momentum=0.9, weight_decay=5e-4), "SGD"),
+        "sgd-exact": (dict(lr=0.1, momentum=0.9, sparse="exact"), "SGD"),
+        "adamw": (dict(lr=1e-2, weight_decay=0.05), "AdamW"),
+    }[kind]
+
+    def make():
+        return mo.MarginHead(D, C, mo.ArcFace(s=16.0), bias=True, workspace_bytes=SMALL_WORKSPACE, dtype=f64)
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled, eager = twin_heads(make)
+    opts = [getattr(optim, name)(h, **kwargs) for h in (compiled, eager)]
+    scheds = [torch.optim.lr_scheduler.StepLR(o, 1, gamma=0.5) for o in opts]
+    step = torch.compile(lambda x, y: compiled(x, y), fullgraph=True, backend=backend)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        results = [train(fn, opt, sched, batches(3)) for fn, opt, sched in zip((step, eager), opts, scheds)]
+    for (l1, dx1), (l2, dx2) in zip(*results):
+        torch.testing.assert_close(l1, l2, rtol=1e-12, atol=0)
+        torch.testing.assert_close(dx1, dx2, rtol=1e-12, atol=1e-15)
+    for p, q in zip(compiled.parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
+        for key, value in opts[1].state[q].items():  # momentum or moments, step (and "exact"'s history)
+            if torch.is_tensor(value):
+                torch.testing.assert_close(opts[0].state[p][key], value, rtol=1e-12, atol=1e-15)
+            else:
+                assert opts[0].state[p][key] == value, key
+    assert opts[0].param_groups[0]["lr"] == kwargs["lr"] / 8
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert len(opts[0].state) == 2, "no state left under a copy of the weights"
+
+
+def test_a_compiled_sampled_head_catches_up_its_rows(one_rank):
+    """A sharded head under Partial FC with sparse="exact", compiled (it has graph breaks of its
+    own: the header's checks), equals eager over steps whose LR changes: the catch-up before the
+    forward runs when the forward runs, with the history of that moment."""
+    compiled, eager = sampled_heads(bias=True)
+    opts = [optim.SGD(h, lr=0.1, momentum=0.9, weight_decay=0.01, sparse="exact") for h in (compiled, eager)]
+    scheds = [torch.optim.lr_scheduler.StepLR(o, 1, gamma=0.5) for o in opts]
+    step = torch.compile(lambda x, y: compiled(x, y))
+    for (l1, dx1), (l2, dx2) in zip(*[train(f, o, s, batches(4)) for f, o, s in zip((step, eager), opts, scheds)]):
+        torch.testing.assert_close(l1, l2, rtol=1e-12, atol=0)
+        torch.testing.assert_close(dx1, dx2, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(compiled.weight, eager.weight, rtol=1e-12, atol=1e-15)
 
 
