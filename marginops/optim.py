@@ -268,19 +268,14 @@ class SGD(_HeadOptimizer):
         index = torch.arange(param.shape[0], device=param.device)[rows] if isinstance(rows, slice) else rows
         last = state["last_step"].index_select(0, index)
         stale = last < now
-        if not bool(stale.any()):
-            return
-        index, last = index[stale], last[stale]
-        starts, inverse = torch.unique(last, return_inverse=True)
-        coef = _catch_up_matrices(state["history"], state["history_start"], now, starts.tolist())
-        q = torch.tensor(coef, dtype=torch.float64, device=param.device)[inverse]  # [n, 2, 2]
-        _op.sgd_catch_up_(param, state.get("momentum_buffer"), index, q.contiguous(), _seed(param))
-        self._caught_up(state, index, rows, now)
-
-    @staticmethod
-    def _caught_up(state, index, rows, now: int) -> None:
-        state["last_step"].index_copy_(0, index, torch.full_like(index, now))
-        if isinstance(rows, slice) and rows == slice(None):
+        if bool(stale.any()):
+            index, last = index[stale], last[stale]
+            starts, inverse = torch.unique(last, return_inverse=True)
+            coef = _catch_up_matrices(state["history"], state["history_start"], now, starts.tolist())
+            q = torch.tensor(coef, dtype=torch.float64, device=param.device)[inverse]  # [n, 2, 2]
+            _op.sgd_catch_up_(param, state.get("momentum_buffer"), index, q.contiguous(), _seed(param))
+            state["last_step"].index_copy_(0, index, torch.full_like(index, now))
+        if isinstance(rows, slice) and rows == slice(None):  # every row is up to date: the history starts anew
             state["history"], state["history_start"] = [], now
 
     @property

@@ -137,6 +137,15 @@ def test_exact_row_sparse_sgd_equals_dense_sgd(one_rank, nesterov, history, monk
     torch.testing.assert_close(opt_ours.state[ours.weight]["momentum_buffer"], buf, rtol=1e-11, atol=1e-14)
 
 
+def test_exact_sgd_on_a_dense_head_keeps_no_history():
+    """sparse="exact" on a head that reads every row each step: every row is up to date before
+    each forward, so the history of hyperparameters starts anew each step instead of growing."""
+    head = mo.MarginHead(D, C, mo.CosFace(s=16.0), dtype=f64)
+    opt = optim.SGD(head, lr=0.1, momentum=0.9, sparse="exact")
+    train(head, opt, None, batches(5))
+    assert len(opt.state[head.weight]["history"]) == 1 and opt.state[head.weight]["history_start"] == 4
+
+
 def test_lazy_row_sparse_sgd_touches_only_sampled_rows(one_rank):
     """sparse="lazy" (Partial FC v1's sub-weight optimizer): a sampled row gets torch's SGD step
     on its gradient and its own momentum; the other rows and their momentum do not change."""
