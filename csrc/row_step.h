@@ -40,14 +40,14 @@ struct Params {
   Kind kind = kSgd;
   Store param_type = kFloat, state_type = kFloat;
   void* param = nullptr;
-  void* state0 = nullptr;  // SGD's momentum (or null: none), AdamW's exp_avg
-  void* state1 = nullptr;  // AdamW's exp_avg_sq
+  void* state0 = nullptr;         // SGD's momentum (or null: none), AdamW's exp_avg
+  void* state1 = nullptr;         // AdamW's exp_avg_sq
   const void* grad = nullptr;     // A [n, D] (SGD, AdamW)
   const double* coef = nullptr;   // [n, 2, 2] (catch-up)
   const int64_t* rows = nullptr;  // [n] param rows, or null: first_row + i
   int64_t first_row = 0, n = 0, D = 1;
-  double lr = 0, momentum = 0, keep = 1, weight_decay = 0;  // SGD (keep = 1 − dampening)
-  bool nesterov = false, first = false;                     // first: the state's first step
+  double lr = 0, momentum = 0, keep = 1, weight_decay = 0;                         // SGD (keep = 1 − dampening)
+  bool nesterov = false, first = false;                                            // first: the state's first step
   double decay = 1, beta1 = 0, beta2 = 0, eps = 0, step_size = 0, bias2_sqrt = 1;  // AdamW
   uint64_t seed = 0;  // stochastic rounding of a bfloat16 param
 };

@@ -29,8 +29,8 @@ inline Store store_of(const at::Tensor& t, const char* name) {
 // (grad [n, D] in the arithmetic dtype, float64 for a float64 param and float32 otherwise; or,
 // for the catch-up, coef [n, 2, 2] float64). The state tensors are shaped like param.
 inline Params bind(Kind kind, const at::Tensor& param, const std::optional<at::Tensor>& state0,
-                   const std::optional<at::Tensor>& state1, const at::Tensor& data, const std::optional<at::Tensor>& rows,
-                   int64_t first_row) {
+                   const std::optional<at::Tensor>& state1, const at::Tensor& data,
+                   const std::optional<at::Tensor>& rows, int64_t first_row) {
   TORCH_CHECK_VALUE(param.dim() >= 1 && param.is_contiguous(), "param must be a contiguous tensor, got ",
                     param.sizes());
   Params p;
@@ -55,11 +55,12 @@ inline Params bind(Kind kind, const at::Tensor& param, const std::optional<at::T
   const bool coef = kind == kCatchUp;
   const auto want = coef || param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t per_row = coef ? 4 : p.D;
-  TORCH_CHECK_VALUE(data.is_contiguous() && data.scalar_type() == want && data.device() == param.device() &&
-                        data.dim() >= 1 && data.numel() == data.size(0) * per_row,
-                    coef ? "coef must be a contiguous float64 [n, 2, 2] tensor" : "grad must be a contiguous [n, D] tensor",
-                    " of ", want, " on ", param.device(), " (D = ", p.D, "), got ", data.scalar_type(), " ",
-                    data.sizes(), " on ", data.device());
+  TORCH_CHECK_VALUE(
+      data.is_contiguous() && data.scalar_type() == want && data.device() == param.device() && data.dim() >= 1 &&
+          data.numel() == data.size(0) * per_row,
+      coef ? "coef must be a contiguous float64 [n, 2, 2] tensor" : "grad must be a contiguous [n, D] tensor", " of ",
+      want, " on ", param.device(), " (D = ", p.D, "), got ", data.scalar_type(), " ", data.sizes(), " on ",
+      data.device());
   p.n = data.size(0);
   if (coef) {
     p.coef = data.data_ptr<double>();

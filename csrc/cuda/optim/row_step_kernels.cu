@@ -40,8 +40,8 @@ cudaError_t launch_row_step(const row_step::Params& p, cudaStream_t stream) {
   const int64_t blocks = p.D == 1 ? (p.n + threads - 1) / threads : p.n;
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(blocks, int64_t(1) << 20));
   const bool known = row_step::dispatch(p, [&](auto kind, auto a, auto w, auto s) {
-    MO_LAUNCH((row_step_kernel<decltype(kind)::value, decltype(a), decltype(w), decltype(s)>), grid, threads, 0,
-              stream, p);
+    MO_LAUNCH((row_step_kernel<decltype(kind)::value, decltype(a), decltype(w), decltype(s)>), grid, threads, 0, stream,
+              p);
   });
   return known ? cudaGetLastError() : cudaErrorInvalidValue;
 }
