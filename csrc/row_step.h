@@ -104,13 +104,20 @@ MO_HD void narrow(double& out, double v) {
   out = v;
 }
 
-// 16 uniform bits for element `index` of a step seeded `seed` (splitmix64): reproducible
-// whatever the launch shape or the chunking.
+// 16 uniform bits for element `index` of a step seeded `seed`: reproducible whatever the launch
+// shape or the chunking. 32-bit arithmetic (the index folded in, then MurmurHash3's finalizer):
+// a few instructions per element, where 64-bit multiplies would cost the kernel its memory speed
+// with a bfloat16 weight.
 MO_HD uint32_t noise16(uint64_t seed, uint64_t index) {
-  uint64_t z = seed + (index + 1) * 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return static_cast<uint32_t>(z >> 48);
+  uint32_t h =
+      static_cast<uint32_t>(index) * 0x9E3779B1u ^ static_cast<uint32_t>(index >> 32) ^ static_cast<uint32_t>(seed);
+  h ^= static_cast<uint32_t>(seed >> 32);
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return h >> 16;
 }
 
 // A param's new value: as it is in float32/float64; to bfloat16 up with probability equal to the
@@ -136,23 +143,34 @@ MO_HD A lerp(A from, A to, A weight) {
   return weight < A(0.5) ? from + weight * (to - from) : to - (to - from) * (A(1) - weight);
 }
 
-// The param row that step row i updates.
-MO_HD int64_t row_of(const Params& p, int64_t i) {
-  return p.rows != nullptr ? p.rows[i] : p.first_row + i;
+// What every element of step row i shares, read once per row: the param row it updates and, for
+// the catch-up, its matrix.
+template <typename A>
+struct Row {
+  int64_t index;
+  A q[4];
+};
+
+template <Kind K, typename A>
+MO_HD Row<A> row_of(const Params& p, int64_t i) {
+  Row<A> r{p.rows != nullptr ? p.rows[i] : p.first_row + i, {A(1), A(0), A(0), A(1)}};
+  if constexpr (K == kCatchUp) {
+    for (int k = 0; k < 4; ++k) r.q[k] = A(p.coef[4 * i + k]);
+  }
+  return r;
 }
 
-// Element d of step row i, param row `row` (row_of(p, i)).
+// Element d of step row i (r = row_of(p, i)).
 template <Kind K, typename A, typename W, typename S>
-MO_HD void step_element(const Params& p, int64_t i, int64_t row, int64_t d) {
-  const int64_t at = row * p.D + d;
+MO_HD void step_element(const Params& p, int64_t i, const Row<A>& r, int64_t d) {
+  const int64_t at = r.index * p.D + d;
   W& w = static_cast<W*>(p.param)[at];
   S* s0 = p.state0 != nullptr ? static_cast<S*>(p.state0) + at : nullptr;
   A wv = widen(w);
   if constexpr (K == kCatchUp) {
-    const double* q = p.coef + 4 * i;
     const A b = s0 != nullptr ? A(widen(*s0)) : A(0);
-    const A next = wv * A(q[0]) + b * A(q[1]);
-    if (s0 != nullptr) narrow(*s0, A(wv * A(q[2]) + b * A(q[3])));
+    const A next = wv * r.q[0] + b * r.q[1];
+    if (s0 != nullptr) narrow(*s0, A(wv * r.q[2] + b * r.q[3]));
     wv = next;
   } else if constexpr (K == kSgd) {
     const A g = static_cast<const A*>(p.grad)[i * p.D + d];

@@ -13,10 +13,11 @@ struct CpuRun {
       using A = decltype(a);
       using W = decltype(w);
       using S = decltype(s);
+      constexpr Kind K = decltype(kind)::value;
       at::parallel_for(0, p.n, std::max<int64_t>(1, 4096 / p.D), [&](int64_t lo, int64_t hi) {
         for (int64_t i = lo; i < hi; ++i) {
-          const int64_t row = row_of(p, i);
-          for (int64_t d = 0; d < p.D; ++d) step_element<decltype(kind)::value, A, W, S>(p, i, row, d);
+          const auto row = row_of<K, A>(p, i);
+          for (int64_t d = 0; d < p.D; ++d) step_element<K, A, W, S>(p, i, row, d);
         }
       });
     });
