@@ -420,29 +420,37 @@ class EmulatedOps:
 
 @pytest.mark.parametrize("backend", [1, 2], ids=["chunked", "tiles"])
 def test_the_emulated_cuda_backends_run_the_optimizer(emu, backend, monkeypatch, one_rank):
-    """The chunk loop on both CUDA backends' code (CPU emulation), dense and under Partial FC
-    (exact): the weights equal torch.optim.SGD's over the CPU op's dense gradients (float64)."""
-    kwargs = dict(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)
-    for make in (
-        lambda: mo.MarginHead(D, C, mo.ArcFace(s=16.0), bias=True, workspace_bytes=SMALL_WORKSPACE, dtype=f64),
-        lambda: mdist.ShardedMarginHead(
-            D, C, mo.CosFace(s=16.0), sample_rate=0.3, seed=3, workspace_bytes=SMALL_WORKSPACE, dtype=f64
-        ),
+    """The chunk loop on both CUDA backends' code (CPU emulation: each chunk's dW, then the step
+    kernel): dense SGD (Nesterov, weight decay) and AdamW, and SGD under Partial FC (exact); the
+    weights and the optimizer state equal torch.optim's over the CPU op's dense gradients
+    (float64)."""
+    sgd, adamw = dict(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True), dict(lr=0.01, weight_decay=0.05)
+    dense = lambda: mo.MarginHead(D, C, mo.ArcFace(s=16.0), bias=True, workspace_bytes=SMALL_WORKSPACE, dtype=f64)  # noqa: E731
+    sampled = lambda: mdist.ShardedMarginHead(  # noqa: E731
+        D, C, mo.CosFace(s=16.0), sample_rate=0.3, seed=3, workspace_bytes=SMALL_WORKSPACE, dtype=f64
+    )
+    for make, kind, kwargs, sparse in (
+        (dense, "SGD", sgd, "exact"),
+        (dense, "AdamW", adamw, "lazy"),
+        (sampled, "SGD", sgd, "exact"),
     ):
         ours, theirs = twin_heads(make)
-        opt_ours = optim.SGD(ours, sparse="exact", **kwargs)
-        opt_theirs = torch.optim.SGD(theirs.parameters(), **kwargs)
+        opt_ours = getattr(optim, kind)(ours, sparse=sparse, **kwargs)
+        opt_theirs = getattr(torch.optim, kind)(theirs.parameters(), **kwargs)
         data = batches(3)
         launches = emu.launches()
         with monkeypatch.context() as m:
             m.setattr(optim, "_op", EmulatedOps(emu, backend))
             train(ours, opt_ours, None, data)
+            ours.eval()
+            with torch.no_grad():
+                ours(*data[0])  # catches every row up
         assert emu.launches() > launches, "the emulated kernels ran"
         train(theirs, opt_theirs, None, data)
-        ours.eval()
-        with torch.no_grad():
-            ours(*data[0])  # catches every row up
         torch.testing.assert_close(ours.weight, theirs.weight, rtol=1e-10, atol=1e-13)
+        for name in ("exp_avg", "exp_avg_sq") if kind == "AdamW" else ("momentum_buffer",):
+            got, want = opt_ours.state[ours.weight][name], opt_theirs.state[theirs.weight][name]
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
 
 
 def test_stochastic_rounding_is_unbiased_and_trains_bfloat16_weights():
