@@ -160,9 +160,30 @@ MO_HD Row<A> row_of(const Params& p, int64_t i) {
   return r;
 }
 
-// Element d of step row i (r = row_of(p, i)).
+// p's hyperparameters in the arithmetic's dtype, converted once per call (or per GPU thread), not
+// per element: a float64-to-float32 conversion runs at the float64 rate on a GPU.
+template <typename A>
+struct Hyper {
+  A lr, momentum, keep, weight_decay;                                  // SGD
+  A decay, lerp_weight, beta2, sq_weight, eps, step_size, bias2_sqrt;  // AdamW: 1 − β1, β2, 1 − β2
+};
+
+template <typename A>
+MO_HD Hyper<A> hyper(const Params& p) {
+  return {A(p.lr),    A(p.momentum),  A(p.keep), A(p.weight_decay), A(p.decay),     A(1 - p.beta1),
+          A(p.beta2), A(1 - p.beta2), A(p.eps),  A(p.step_size),    A(p.bias2_sqrt)};
+}
+
+MO_HD float sqrt_(float v) {
+  return sqrtf(v);
+}
+MO_HD double sqrt_(double v) {
+  return sqrt(v);
+}
+
+// Element d of step row i (r = row_of(p, i), h = hyper(p)).
 template <Kind K, typename A, typename W, typename S>
-MO_HD void step_element(const Params& p, int64_t i, const Row<A>& r, int64_t d) {
+MO_HD void step_element(const Params& p, const Hyper<A>& h, int64_t i, const Row<A>& r, int64_t d) {
   const int64_t at = r.index * p.D + d;
   W& w = static_cast<W*>(p.param)[at];
   S* s0 = p.state0 != nullptr ? static_cast<S*>(p.state0) + at : nullptr;
@@ -174,22 +195,22 @@ MO_HD void step_element(const Params& p, int64_t i, const Row<A>& r, int64_t d) 
     wv = next;
   } else if constexpr (K == kSgd) {
     const A g = static_cast<const A*>(p.grad)[i * p.D + d];
-    A step = p.weight_decay != 0 ? g + A(p.weight_decay) * wv : g;
+    A step = p.weight_decay != 0 ? g + h.weight_decay * wv : g;
     if (s0 != nullptr) {
-      const A b = p.first ? step : A(p.momentum) * A(widen(*s0)) + A(p.keep) * step;
+      const A b = p.first ? step : h.momentum * A(widen(*s0)) + h.keep * step;
       narrow(*s0, b);
-      step = p.nesterov ? step + A(p.momentum) * b : b;
+      step = p.nesterov ? step + h.momentum * b : b;
     }
-    wv = wv - A(p.lr) * step;
+    wv = wv - h.lr * step;
   } else {
     const A g = static_cast<const A*>(p.grad)[i * p.D + d];
     S& s1 = static_cast<S*>(p.state1)[at];
-    wv = wv * A(p.decay);
-    const A m = lerp(A(widen(*s0)), g, A(1 - p.beta1));
-    const A v = A(p.beta2) * A(widen(s1)) + A(1 - p.beta2) * g * g;
+    wv = wv * h.decay;
+    const A m = lerp(A(widen(*s0)), g, h.lerp_weight);
+    const A v = h.beta2 * A(widen(s1)) + h.sq_weight * g * g;
     narrow(*s0, m);
     narrow(s1, v);
-    wv = wv - A(p.step_size) * (m / (sqrt(v) / A(p.bias2_sqrt) + A(p.eps)));
+    wv = wv - h.step_size * (m / (sqrt_(v) / h.bias2_sqrt + h.eps));
   }
   store_param(w, wv, p.seed, at);
 }

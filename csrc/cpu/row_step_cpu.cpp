@@ -14,10 +14,11 @@ struct CpuRun {
       using W = decltype(w);
       using S = decltype(s);
       constexpr Kind K = decltype(kind)::value;
+      const Hyper<A> h = hyper<A>(p);
       at::parallel_for(0, p.n, std::max<int64_t>(1, 4096 / p.D), [&](int64_t lo, int64_t hi) {
         for (int64_t i = lo; i < hi; ++i) {
           const auto row = row_of<K, A>(p, i);
-          for (int64_t d = 0; d < p.D; ++d) step_element<K, A, W, S>(p, i, row, d);
+          for (int64_t d = 0; d < p.D; ++d) step_element<K, A, W, S>(p, h, i, row, d);
         }
       });
     });

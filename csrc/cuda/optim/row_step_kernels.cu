@@ -15,11 +15,12 @@ constexpr int kRowThreads = 256;
 // Strided loops not unrolled: their trip counts would cost a 64-bit division (and registers).
 template <row_step::Kind K, typename A, typename W, typename S>
 __global__ void __launch_bounds__(kRowThreads) row_step_kernel(row_step::Params p) {
+  const row_step::Hyper<A> h = row_step::hyper<A>(p);
   if (p.D == 1) {
     const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
 #pragma unroll 1
     for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < p.n; i += stride)
-      row_step::step_element<K, A, W, S>(p, i, row_step::row_of<K, A>(p, i), 0);
+      row_step::step_element<K, A, W, S>(p, h, i, row_step::row_of<K, A>(p, i), 0);
     return;
   }
   const int D = static_cast<int>(p.D);  // < 2^31: the launcher checks
@@ -27,7 +28,7 @@ __global__ void __launch_bounds__(kRowThreads) row_step_kernel(row_step::Params 
   for (int64_t i = blockIdx.x; i < p.n; i += gridDim.x) {
     const auto row = row_step::row_of<K, A>(p, i);
 #pragma unroll 1
-    for (int d = threadIdx.x; d < D; d += blockDim.x) row_step::step_element<K, A, W, S>(p, i, row, d);
+    for (int d = threadIdx.x; d < D; d += blockDim.x) row_step::step_element<K, A, W, S>(p, h, i, row, d);
   }
 }
 
