@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from ._checks import check_call, check_inputs, message_context
+from ._checks import check_call, check_inputs
 from .distributed import sharding
 from .margins import Margin, RowContext, target_cosines
 from .optim import head_stats_with_step
@@ -113,11 +113,10 @@ def head_loss(
     else:
         num_classes = shard.num_classes
         bad = check_inputs(
-            x, weight, labels, bias, subcenters=K, check_finite=opts.check_finite, head_dim=head_dim,
-            label_range=(num_classes, opts.ignore_index),
+            x, weight, labels, bias, margin=margin, check_finite=opts.check_finite, head_dim=head_dim,
+            label_range=(num_classes, opts.ignore_index), class_offset=shard.class_offset,
         )  # fmt: skip
-        context = message_context(margin, opts.ignore_index, num_classes)
-        counts = sharding.exchange_header(shard, bad, x, weight, margin, context)
+        counts = sharding.exchange_header(shard, bad, x, weight, margin)
         opts.check_device(x.device)
         check_kernels(x)
         xg, yg = sharding.gather_batch(shard, x, labels.long(), counts, opts.ignore_index)
@@ -218,8 +217,8 @@ def topk(
     with torch.no_grad():
         rows, device = (x.shape[0], x.device) if isinstance(x, torch.Tensor) and x.dim() else (0, weight.device)
         labels = torch.full((rows,), -1, dtype=torch.long, device=device)
-        bad = check_inputs(x, weight, labels, None, subcenters=cfg.subcenters, head_dim=head_dim)
-        counts = sharding.exchange_header(shard, bad, x, weight, margin, {"margin_name": type(margin).__name__})
+        bad = check_inputs(x, weight, labels, None, margin=margin, head_dim=head_dim, class_offset=shard.class_offset)
+        counts = sharding.exchange_header(shard, bad, x, weight, margin)
         xg, _ = sharding.gather_batch(shard, x, labels, counts, -1)
         kk = min(k, shard.local_classes)
         values, classes = ops.topk(xg, weight, k=kk, cfg=cfg, bias=bias, class_offset=shard.class_offset)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
-from .._checks import FLOAT_DTYPES, META_DEVICE, SLOTS, BadInput, dtype_name, input_message
+from .._checks import FLOAT_DTYPES, dtype_name
 from ..margins import Margin
 from ..margins import target_cosines as _target_cosines
 
@@ -156,26 +156,25 @@ def _margin_hash(margin) -> int:
     return int.from_bytes(hashlib.sha256(margin_key(margin).encode()).digest()[:7], "little")  # < 2^56: fits int64
 
 
-def exchange_header(shard: Shard, bad: Optional[BadInput], x, weight, margin: Margin, context: dict) -> List[int]:
-    """Every rank learns every batch size and every rank's input error (the one check's BadInput)
+def exchange_header(shard: Shard, bad: Optional[str], x, weight, margin: Margin) -> List[int]:
+    """Every rank learns every batch size, whether any rank's input is bad (the one check's message)
     and how each calls the head; raises the same ValueError on every rank, naming the rank, when
     any rank's input is bad or the ranks call the head differently. Returns the batch sizes."""
     if bad is None and x.device.type == "meta":
-        bad = BadInput(META_DEVICE, (0,) * SLOTS)
-    code, values = (0, (0,) * SLOTS) if bad is None else bad
+        bad = "x, labels and the head are on the meta device: ShardedMarginHead needs data to exchange"
     rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else 0
     dtype_code = lambda t: FLOAT_DTYPES.index(t.dtype) if t.dtype in FLOAT_DTYPES else -1  # noqa: E731
     x_dtype = dtype_code(x) if isinstance(x, torch.Tensor) else -1
     header = torch.tensor(
-        [rows, x_dtype, dtype_code(weight), shard.call_flags, _margin_hash(margin), code, *values],
+        [rows, x_dtype, dtype_code(weight), shard.call_flags, _margin_hash(margin), bad is not None],
         device="cpu" if weight.device.type == "meta" else weight.device,
     )
     every = gather_stack(header, shard.group).tolist()
-    for r, row in enumerate(every):
-        if row[5]:
-            offset = class_range(shard.num_classes, shard.world_size, r)[0]
-            message = input_message(BadInput(row[5], tuple(row[6:])), class_offset=offset, **context)
-            raise ValueError(f"rank {r}: {message}")
+    if any(row[5] for row in every):  # every rank sees it: one more collective brings the messages
+        messages = [None] * shard.world_size
+        dist.all_gather_object(messages, bad, group=shard.group)
+        r = next(r for r, row in enumerate(every) if row[5])
+        raise ValueError(f"rank {r}: {messages[r]}")
     _check_same_call(shard, every, margin)
     return [row[0] for row in every]
 
