@@ -64,15 +64,12 @@ class ClassWeights(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def _inference_margin(self) -> Margin:
-        return self.margin
-
     @torch.no_grad()
     def logits(self, x: torch.Tensor, chunk_size: int = 65536) -> torch.Tensor:
         """Margin-free logits [B, num_classes] (no margin, no hard-negative modulation),
         computed chunk_size classes at a time."""
         _pipeline.check_x(x, self.embedding_size)
-        return _pipeline.class_logits(x, self.weight, self._inference_margin(), self.bias, chunk_size)
+        return _pipeline.class_logits(x, self.weight, self.margin, self.bias, chunk_size)
 
     @torch.no_grad()
     def cosine(self, x: torch.Tensor, chunk_size: int = 65536) -> torch.Tensor:
@@ -86,7 +83,7 @@ class ClassWeights(nn.Module):
         without a [B, num_classes] tensor. ``kind="cosine"`` (default): cos θ in [-1, 1] of the
         best sub-center; ``kind="logit"``: the margin-free logits s·cos θ (+ bias)."""
         return _pipeline.topk(
-            x, self.weight, k, self._inference_margin(), self.bias, kind, head_dim=self.embedding_size,
+            x, self.weight, k, self.margin, self.bias, kind, head_dim=self.embedding_size,
             **self._topk_shard(),
         )  # fmt: skip
 

@@ -41,21 +41,11 @@ def margin_cross_entropy(
         margin, reduction, ignore_index, label_smoothing, return_accuracy, grad_skip_threshold, backend,
         workspace_bytes, check_finite,
     )  # fmt: skip
-    margin, label_smoothing = options.margin, options.label_smoothing
     labels = check_call(options, x, weight, labels, bias)
-    return unchecked_margin_cross_entropy(
-        x,
-        weight,
-        labels,
-        margin,
-        bias,
-        reduction,
-        ignore_index,
-        label_smoothing,
-        return_accuracy,
-        margin_state,
-        update_state,
-    )
+    names = ("reduction", "ignore_index", "label_smoothing", "return_accuracy")
+    loss_options = {name: getattr(options, name) for name in names}
+    state = {"margin_state": margin_state, "update_state": update_state}
+    return unchecked_margin_cross_entropy(x, weight, labels, options.margin, bias, **loss_options, **state)
 
 
 def unchecked_margin_cross_entropy(

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from .. import _pipeline
 from ..heads import ClassWeights, MarginState
 from ..margins import Margin
-from ..options import HeadOptions
+from ..options import FIELDS, HeadOptions
 from .sharding import Shard, call_flags, class_range
 
 
@@ -87,28 +87,17 @@ class ShardedMarginHead(ClassWeights):
         self.last_sample: Optional[torch.Tensor] = None
         self._check_consistent()
 
-    @property
-    def total_classes(self) -> int:
-        return self.num_classes
-
-    def _signature(self) -> dict:
-        return {
+    def _check_consistent(self) -> None:
+        """Every rank was given the same head: its size, sampling and every option."""
+        mine = {
             "num_classes": self.num_classes,
             "embedding_size": self.embedding_size,
-            "margin": repr(self.margin),
             "sample_rate": self.sample_rate,
             "seed": self.seed,
             "bias": self.bias is not None,
-            "ignore_index": self.ignore_index,
-            "label_smoothing": self.label_smoothing,
-            "reduction": self.reduction,
-            "grad_skip_threshold": self.grad_skip_threshold,
-            "backend": self.backend,
             "scale_grad_by_world_size": self.grad_scale != 1.0,
+            **{name: repr(getattr(self.options, name)) for name in FIELDS},
         }
-
-    def _check_consistent(self) -> None:
-        mine = self._signature()
         every = [None] * self.world_size
         dist.all_gather_object(every, mine, group=self.group)
         diffs = [f"rank {r}: {k}={v[k]!r}" for r, v in enumerate(every) for k in mine if v[k] != every[0][k]]
