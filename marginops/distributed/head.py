@@ -31,10 +31,9 @@ class ShardedMarginHead(ClassWeights):
     global batch plus sampled others, reproducible from (seed, rank, step));
     ``scale_grad_by_world_size`` multiplies dx by the world size (DDP's averaging).
 
-    Every rank must call the head alike: bad input on one rank, or a call that differs between
-    ranks, raises the same ValueError on every rank, naming the rank. A rank that does not call the head
-    at all leaves the others waiting for the process group's timeout
-    (``init_process_group(timeout=...)``). docs/design.md, "Sharding the class dimension"."""
+    Bad input on one rank, or a call that differs between ranks, raises the same ValueError on
+    every rank, naming the rank; a rank that does not call the head at all leaves the others
+    waiting for the process group's timeout (docs/design.md, "Sharding the class dimension")."""
 
     def __init__(
         self,
