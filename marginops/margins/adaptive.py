@@ -22,6 +22,7 @@ from .base import (
     _check_number,
     _check_policy,
     _check_scale,
+    _combined_config,
     masked_mean,
     psi,
 )
@@ -44,9 +45,7 @@ class CurricularFace(Margin):
         _check_number("CurricularFace", "momentum", self.momentum, 0.0, 1.0)
 
     def config(self) -> OpConfig:
-        return OpConfig(
-            KIND_COMBINED, THETA_POLICIES["fallback"], True, True, float(self.s), 1.0, float(self.m), 0.0, 0.0
-        )
+        return _combined_config(self.s, "fallback", m2=float(self.m))
 
     def state_init(self) -> Dict[str, torch.Tensor]:
         return {"t": torch.zeros(1, dtype=torch.float64)}
@@ -87,7 +86,7 @@ class AdaFace(Margin):
         _check_number("AdaFace", "t_alpha", self.t_alpha, 0.0, 1.0)
 
     def config(self) -> OpConfig:
-        return OpConfig(KIND_COMBINED, THETA_POLICIES["clip"], True, True, float(self.s), 1.0, 0.0, float(self.m), 0.0)
+        return _combined_config(self.s, "clip", m3=float(self.m))
 
     def state_init(self) -> Dict[str, torch.Tensor]:
         return {
@@ -137,7 +136,7 @@ class MagFace(Margin):
         _check_number("MagFace", "lambda_g", self.lambda_g, 0.0, math.inf)
 
     def config(self) -> OpConfig:
-        return OpConfig(KIND_COMBINED, THETA_POLICIES[self.policy], True, True, float(self.s), 1.0, 0.0, 0.0, 0.0)
+        return _combined_config(self.s, self.policy)
 
     def prepare(self, ctx: RowContext, state=None) -> RowTerms:
         x = ctx.x.to(torch.promote_types(ctx.x.dtype, torch.float32))
@@ -203,9 +202,12 @@ class AdaptiveAngularMargin(Margin):
         return out
 
     def config(self) -> OpConfig:
-        normalized = self.s is not None
         return OpConfig(
-            KIND_COMBINED, THETA_POLICIES[self.policy], normalized, True, float(self.s or 1.0), 1.0, 0.0, 0.0, 0.0
+            margin_kind=KIND_COMBINED,
+            theta_policy=THETA_POLICIES[self.policy],
+            normalize_x=self.s is not None,
+            normalize_w=True,
+            s=float(self.s or 1.0),
         )
 
     def prepare(self, ctx: RowContext, state=None) -> RowTerms:

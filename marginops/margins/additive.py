@@ -9,8 +9,6 @@ from typing import Optional
 import torch
 
 from .base import (
-    KIND_COMBINED,
-    THETA_POLICIES,
     Margin,
     OpConfig,
     Scalar,
@@ -21,6 +19,7 @@ from .base import (
     _check_policy,
     _check_row_tensor,
     _check_scale,
+    _combined_config,
     _scalar,
 )
 
@@ -51,19 +50,12 @@ class CosFace(Margin):
         return (("m1", 1.0), ("m2", 0.0), ("m", self.m))
 
     def config(self) -> OpConfig:
-        return OpConfig(
-            KIND_COMBINED,
-            THETA_POLICIES["none"],
-            True,
-            True,
-            float(self.s),
-            1.0,
-            0.0,
-            _scalar(self.m, 0.0),
-            0.0,
-            1,
-            float(self.interclass_filtering_threshold),
-            self.straight_through,
+        return _combined_config(
+            self.s,
+            "none",
+            m3=_scalar(self.m, 0.0),
+            interclass_filter=float(self.interclass_filtering_threshold),
+            straight_through=self.straight_through,
         )
 
 
@@ -126,19 +118,14 @@ class CombinedMargin(Margin):
         return (("m1", self.m1), ("m2", self.m2), ("m3", self.m3))
 
     def config(self) -> OpConfig:
-        return OpConfig(
-            KIND_COMBINED,
-            THETA_POLICIES[self.policy],
-            True,
-            True,
-            float(self.s),
-            _scalar(self.m1, 1.0),
-            _scalar(self.m2, 0.0),
-            _scalar(self.m3, 0.0),
-            0.0,
-            1,
-            float(self.interclass_filtering_threshold),
-            self.straight_through,
+        return _combined_config(
+            self.s,
+            self.policy,
+            m1=_scalar(self.m1, 1.0),
+            m2=_scalar(self.m2, 0.0),
+            m3=_scalar(self.m3, 0.0),
+            interclass_filter=float(self.interclass_filtering_threshold),
+            straight_through=self.straight_through,
         )
 
 
@@ -174,19 +161,12 @@ class ArcFace(Margin):
         return (("m1", 1.0), ("m", self.m), ("m3", 0.0))
 
     def config(self) -> OpConfig:
-        return OpConfig(
-            KIND_COMBINED,
-            THETA_POLICIES[self.policy],
-            True,
-            True,
-            float(self.s),
-            1.0,
-            _scalar(self.m, 0.0),
-            0.0,
-            0.0,
-            1,
-            float(self.interclass_filtering_threshold),
-            self.straight_through,
+        return _combined_config(
+            self.s,
+            self.policy,
+            m2=_scalar(self.m, 0.0),
+            interclass_filter=float(self.interclass_filtering_threshold),
+            straight_through=self.straight_through,
         )
 
 
@@ -208,6 +188,4 @@ class SubCenterArcFace(Margin):
         _angular_target("SubCenterArcFace", self.s, self.m, self.policy)
 
     def config(self) -> OpConfig:
-        return OpConfig(
-            KIND_COMBINED, THETA_POLICIES[self.policy], True, True, float(self.s), 1.0, float(self.m), 0.0, 0.0, self.K
-        )
+        return _combined_config(self.s, self.policy, m2=float(self.m), subcenters=self.K)

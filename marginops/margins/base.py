@@ -73,23 +73,36 @@ def psi(
 
 
 class OpConfig(NamedTuple):
-    """The margin's scalar arguments of the ops, in schema order."""
+    """The margin's scalar arguments of the ops, in schema order; the defaults are plain softmax."""
 
-    margin_kind: int
-    theta_policy: int
-    normalize_x: bool
-    normalize_w: bool
-    s: float
-    m1: float
-    m2: float
-    m3: float
-    lambda_: float
+    margin_kind: int = KIND_IDENTITY
+    theta_policy: int = 0
+    normalize_x: bool = False
+    normalize_w: bool = False
+    s: float = 1.0
+    m1: float = 1.0
+    m2: float = 0.0
+    m3: float = 0.0
+    lambda_: float = 0.0
     subcenters: int = 1
     # insightface's interclass_filtering_threshold (0: off): a non-label class whose cosine exceeds
     # it gets logit 0 and no gradient. Needs normalize_x and normalize_w.
     interclass_filter: float = 0.0
     # The target's ∂z/∂c taken as a·b (ψ′ = 1) and no gradient to the margins: insightface's ArcFace.
     straight_through: bool = False
+
+
+def _combined_config(s, policy: str, **fields) -> OpConfig:
+    """The combined kind, target s·(cos(m1·θ + m2) − m3), on normalized features and weights;
+    ``fields``: the other OpConfig fields that differ from the defaults."""
+    return OpConfig(
+        margin_kind=KIND_COMBINED,
+        theta_policy=THETA_POLICIES[policy],
+        normalize_x=True,
+        normalize_w=True,
+        s=float(s),
+        **fields,
+    )
 
 
 def _check_number(owner: str, name: str, value, lo: float, hi: float, hint: str = "") -> None:

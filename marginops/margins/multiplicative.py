@@ -27,7 +27,7 @@ class LSoftmax(Margin):
         _check_multiplicative(type(self).__name__, self.m, self.lambda_)
 
     def config(self) -> OpConfig:
-        return OpConfig(KIND_MULTIPLICATIVE, 0, False, False, 1.0, float(self.m), 0.0, 0.0, float(self.lambda_))
+        return OpConfig(margin_kind=KIND_MULTIPLICATIVE, m1=float(self.m), lambda_=float(self.lambda_))
 
 
 @dataclass(frozen=True, eq=False)
