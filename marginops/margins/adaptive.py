@@ -17,7 +17,6 @@ from .base import (
     OpConfig,
     RowContext,
     RowTerms,
-    _angular_target,
     _check_angle,
     _check_number,
     _check_policy,
@@ -41,7 +40,8 @@ class CurricularFace(Margin):
     momentum: float = 0.01
 
     def __post_init__(self):
-        _angular_target("CurricularFace", self.s, self.m, "fallback")
+        _check_scale("CurricularFace", self.s)
+        _check_angle("CurricularFace", "m", self.m)
         _check_number("CurricularFace", "momentum", self.momentum, 0.0, 1.0)
 
     def config(self) -> OpConfig:

@@ -12,12 +12,11 @@ from .base import (
     Margin,
     OpConfig,
     Scalar,
-    _angular_target,
     _check_angle,
+    _check_margin,
     _check_number,
     _check_options,
     _check_policy,
-    _check_row_tensor,
     _check_scale,
     _combined_config,
     _scalar,
@@ -41,10 +40,7 @@ class CosFace(Margin):
     def __post_init__(self):
         _check_scale("CosFace", self.s)
         _check_options("CosFace", self.interclass_filtering_threshold, self.straight_through)
-        if isinstance(self.m, torch.Tensor):
-            _check_row_tensor("CosFace", "m", self.m)
-        else:
-            _check_number("CosFace", "m", self.m, 0.0, 1.0)
+        _check_margin("CosFace", "m", self.m, _check_number, 0.0, 1.0)
 
     def _combined_margins(self):
         return (("m1", 1.0), ("m2", 0.0), ("m", self.m))
@@ -92,23 +88,17 @@ class CombinedMargin(Margin):
     def __post_init__(self):
         owner = type(self).__name__
         _check_scale(owner, self.s)
+        unit_m1 = not isinstance(self.m1, torch.Tensor) and self.m1 == 1.0
         if self.policy is None:
-            unit = not isinstance(self.m1, torch.Tensor) and self.m1 == 1.0
-            object.__setattr__(self, "policy", "fallback" if unit else "continuous")
+            object.__setattr__(self, "policy", "fallback" if unit_m1 else "continuous")
         _check_policy(owner, self.policy)
         _check_options(owner, self.interclass_filtering_threshold, self.straight_through)
-        for name, value, check in (
-            ("m1", self.m1, lambda v: _check_number(owner, "m1", v, 1.0, 10.0)),
-            ("m2", self.m2, lambda v: _check_angle(owner, "m2", v)),
-            ("m3", self.m3, lambda v: _check_number(owner, "m3", v, 0.0, 1.0)),
-        ):
-            if isinstance(value, torch.Tensor):
-                _check_row_tensor(owner, name, value)
-            else:
-                check(value)
+        _check_margin(owner, "m1", self.m1, _check_number, 1.0, 10.0)
+        _check_margin(owner, "m2", self.m2, _check_angle)
+        _check_margin(owner, "m3", self.m3, _check_number, 0.0, 1.0)
         if isinstance(self.m1, torch.Tensor) and self.m1.requires_grad:
             raise ValueError(f"{owner}: a per-row m1 is a constant; pass m1.detach()")
-        if self.policy == "fallback" and (isinstance(self.m1, torch.Tensor) or self.m1 != 1.0):
+        if self.policy == "fallback" and not unit_m1:
             raise ValueError(
                 f"{owner}: policy='fallback' (c - m3 - m2·sin m2 past φ = π) is defined for m1 = 1, "
                 f"got m1={self.m1!r}; use policy='continuous' or 'none'"
@@ -152,10 +142,7 @@ class ArcFace(Margin):
         _check_scale("ArcFace", self.s)
         _check_policy("ArcFace", self.policy)
         _check_options("ArcFace", self.interclass_filtering_threshold, self.straight_through)
-        if isinstance(self.m, torch.Tensor):
-            _check_row_tensor("ArcFace", "m", self.m)
-        else:
-            _check_angle("ArcFace", "m", self.m)
+        _check_margin("ArcFace", "m", self.m, _check_angle)
 
     def _combined_margins(self):
         return (("m1", 1.0), ("m", self.m), ("m3", 0.0))
@@ -185,7 +172,9 @@ class SubCenterArcFace(Margin):
     def __post_init__(self):
         if isinstance(self.K, bool) or not isinstance(self.K, int) or not 1 <= self.K <= 64:
             raise ValueError(f"SubCenterArcFace: K must be an int in [1, 64], got {self.K!r}")
-        _angular_target("SubCenterArcFace", self.s, self.m, self.policy)
+        _check_scale("SubCenterArcFace", self.s)
+        _check_policy("SubCenterArcFace", self.policy)
+        _check_angle("SubCenterArcFace", "m", self.m)
 
     def config(self) -> OpConfig:
         return _combined_config(self.s, self.policy, m2=float(self.m), subcenters=self.K)

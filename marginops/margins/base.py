@@ -124,8 +124,11 @@ def _check_angle(owner: str, name: str, value, hi: float = math.pi / 2) -> None:
     _check_number(owner, name, value, 0.0, hi, hint)
 
 
-def _check_row_tensor(owner: str, name: str, value: torch.Tensor) -> None:
-    if value.dim() != 1 or not value.is_floating_point():
+def _check_margin(owner: str, name: str, value, check: Callable[..., None], *args) -> None:
+    """A margin given per row, a [B] floating tensor, or as a number: ``check(owner, name, value, *args)``."""
+    if not isinstance(value, torch.Tensor):
+        check(owner, name, value, *args)
+    elif value.dim() != 1 or not value.is_floating_point():
         raise ValueError(
             f"{owner}: a per-row {name} must be a 1-D floating tensor [B], got shape "
             f"{tuple(value.shape)} and dtype {value.dtype}"
@@ -228,9 +231,3 @@ class Margin:
 
 def _scalar(m: Scalar, default: float) -> float:
     return default if isinstance(m, torch.Tensor) else float(m)
-
-
-def _angular_target(owner: str, s, m, policy) -> None:
-    _check_scale(owner, s)
-    _check_policy(owner, policy)
-    _check_angle(owner, "m", m)
