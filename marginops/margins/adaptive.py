@@ -151,15 +151,9 @@ class AdaptiveAngularMargin(Margin):
     """An angular margin piecewise in the target angle θ, after CCL (Qi & Zhang 2018): the target
     logit is a·cos(φ(θ)) with φ(θ) = slope_k·θ + intercept_k on the k-th piece of [0, π] cut at
     ``breakpoints`` — a multiplicative margin η(θ) = φ(θ)/θ that adapts to the row's angle.
-    Intercepts default to the ones that make φ continuous with φ(0) = 0; give them explicitly
-    (e.g. all zero, for a piecewise-constant η) to reproduce another schedule.
-
-    The default, φ = 2θ up to θ = 0.5 and θ + 0.5 beyond, is marginops's choice: multiplicative
-    (SphereFace m = 2) for small angles, ArcFace's 0.5 past them, continuous in θ. CCL's paper
-    text was not available when this was written, so its published constants are not
-    reproduced here. ``s=None`` keeps the feature norm as the scale (CCL trains on whitened,
-    unnormalized features; see :class:`marginops.regularizers.FeatureWhitening`); weights are
-    normalized. ``policy`` handles φ > π ("continuous" by default)."""
+    Intercepts default to the ones that make φ continuous with φ(0) = 0. The default schedule is
+    marginops's own, not CCL's (docs/margins.md). ``s=None`` keeps the feature norm as the scale;
+    weights are normalized. ``policy`` handles φ > π ("continuous" by default)."""
 
     breakpoints: tuple = (0.5,)
     slopes: tuple = (2.0, 1.0)

@@ -1,5 +1,11 @@
 """Additive margins on the target cosine or angle: CosFace, ArcFace, the combined margin and
-sub-center ArcFace."""
+sub-center ArcFace.
+
+CosFace, ArcFace and CombinedMargin take insightface's two options:
+``interclass_filtering_threshold`` t_f (0 = off): a non-target class whose cosine exceeds t_f gets
+logit 0 and no gradient. ``straight_through``: the target's gradient passes as if ψ(c) were c
+(∂z/∂c = s, not s·ψ′(c)) and the margins get none, as insightface's ArcFace does (it applies the
+margin under no_grad)."""
 
 from __future__ import annotations
 
@@ -26,11 +32,7 @@ from .base import (
 @dataclass(frozen=True, eq=False)
 class CosFace(Margin):
     """CosFace / AM-Softmax (Wang et al. 2018): target z = s·(cos θ - m).
-
-    ``interclass_filtering_threshold`` t_f (insightface's; 0 = off): a non-target class whose
-    cosine exceeds t_f gets logit 0 and no gradient. ``straight_through``: the target's gradient
-    passes as if ψ(c) were c (∂z/∂c = s, not s·ψ′(c)) and the margins get none, as insightface's
-    ArcFace does (it applies the margin under no_grad)."""
+    ``interclass_filtering_threshold``, ``straight_through``: insightface's options (module doc)."""
 
     s: float = 64.0
     m: Scalar = 0.35
@@ -59,23 +61,12 @@ class CosFace(Margin):
 class CombinedMargin(Margin):
     """Combined margin (insightface): target z = s·(cos(m1·θ + m2) - m3), all three honoured.
 
-    ``policy`` says what happens where m1·θ + m2 > π, past which cos stops decreasing in θ. The
-    default (None) is "fallback" when m1 = 1 and "continuous" otherwise, so every valid
-    (m1, m2, m3) works with default arguments; both equal cos(m1·θ + m2) − m3 where m1·θ + m2 ≤ π.
-      - "fallback" (pytorch-metric-learning, insightface before Dec 2022): z = s·(c - m3 - m2·sin m2)
-        there; the loss jumps at the boundary (by 0.12·s at m2 = 0.5). Defined for m1 = 1 only.
-      - "easy": the margin applies only where c > 0; elsewhere z = s·(c - m3) (insightface's easy_margin).
-      - "none": cos(m1·θ + m2) everywhere; not monotonic in θ past the boundary.
-      - "continuous": (-1)^k cos(φ) - 2k - m3 with k = ⌊φ/π⌋ (SphereFace's extension), continuous
-        and monotonic everywhere.
-      - "clip": φ clamped to [1e-3, π - 1e-3] (AdaFace).
-    insightface's current CombinedMarginLoss is policy="none" with straight_through=True.
-
-    ``interclass_filtering_threshold`` t_f (insightface's; 0 = off): a non-target class whose
-    cosine exceeds t_f gets logit 0 and no gradient. ``straight_through``: the target's gradient
-    passes as if ψ(c) were c (∂z/∂c = s, not s·ψ′(c)) and the margins get none, as insightface's
-    ArcFace does (it applies the margin under no_grad).
-    """
+    ``policy`` says what happens where m1·θ + m2 > π, past which cos stops decreasing in θ:
+    "fallback" (m1 = 1 only), "easy", "none", "continuous" or "clip" (docs/margins.md). The default
+    (None) is "fallback" when m1 = 1 and "continuous" otherwise, so every valid (m1, m2, m3) works
+    with default arguments; both equal cos(m1·θ + m2) − m3 where m1·θ + m2 ≤ π.
+    ``interclass_filtering_threshold``, ``straight_through``: insightface's options (module doc);
+    insightface's current CombinedMarginLoss is policy="none" with straight_through=True."""
 
     s: float = 64.0
     m1: Scalar = 1.0
@@ -126,11 +117,7 @@ class ArcFace(Margin):
     ``policy`` for θ + m > π as in :class:`CombinedMargin` ("fallback" by default:
     z = s·(cos θ - m·sin m) there, as pytorch-metric-learning and insightface before Dec 2022 do;
     insightface's current ArcFace is policy="none", straight_through=True).
-
-    ``interclass_filtering_threshold`` t_f (insightface's; 0 = off): a non-target class whose
-    cosine exceeds t_f gets logit 0 and no gradient. ``straight_through``: the target's gradient
-    passes as if ψ(c) were c (∂z/∂c = s, not s·ψ′(c)) and the margins get none, as insightface's
-    ArcFace does (it applies the margin under no_grad)."""
+    ``interclass_filtering_threshold``, ``straight_through``: insightface's options (module doc)."""
 
     s: float = 64.0
     m: Scalar = 0.5

@@ -1,17 +1,7 @@
 """The margin-softmax family's shared pieces: constants, the target transform ψ, the op's scalar
 configuration (:class:`OpConfig`), the per-row context and terms, the :class:`Margin` base and the
-argument checks of the specs. The math is in docs/design.md, "The margin-softmax family".
-
-For row i, class j, with c_ij = cos θ_ij = x_i·W_j / (‖x_i‖ ‖W_j‖):
-
-    z_ij = a_i · b_j · f(c_ij) + bias_j
-    a_i  = s if features are normalized, else ‖x_i‖
-    b_j  = 1 if weights are normalized,  else ‖W_j‖
-    f    = ψ on the target column j = y_i, identity elsewhere
-
-Numerics: c is clamped to [-1 + 1e-7, 1 - 1e-7] before acos and sqrt, so ψ'(c) stays finite
-(ψ is flat in c beyond the clamp); norms are clamped below at 1e-12 as in F.normalize.
-"""
+argument checks of the specs. The math, z_ij = a_i·b_j·f(c_ij) + bias_j with f = ψ on the target
+column, is in docs/design.md, "The margin-softmax family"."""
 
 from __future__ import annotations
 
@@ -25,8 +15,8 @@ import torch
 # Values of MarginKind and ThetaPolicy in csrc/margin_math.h.
 KIND_IDENTITY, KIND_COMBINED, KIND_MULTIPLICATIVE = 0, 1, 2
 THETA_POLICIES = {"fallback": 0, "easy": 1, "none": 2, "continuous": 3, "clip": 4}
-COS_EPS = 1e-7
-NORM_EPS = 1e-12
+COS_EPS = 1e-7  # c clamped to [-1 + COS_EPS, 1 - COS_EPS] before acos and sqrt: ψ′ finite (ψ flat beyond)
+NORM_EPS = 1e-12  # norms are clamped below, as in F.normalize
 CLIP_EPS = 1e-3
 
 Scalar = Union[float, torch.Tensor]
