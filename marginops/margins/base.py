@@ -115,7 +115,7 @@ def _check_angle(owner: str, name: str, value, hi: float = math.pi / 2) -> None:
 
 
 def _check_margin(owner: str, name: str, value, check: Callable[..., None], *args) -> None:
-    """A margin given per row, a [B] floating tensor, or as a number: ``check(owner, name, value, *args)``."""
+    """A margin is a per-row [B] floating tensor, or a number that ``check(owner, name, value, *args)`` accepts."""
     if not isinstance(value, torch.Tensor):
         check(owner, name, value, *args)
     elif value.dim() != 1 or not value.is_floating_point():
