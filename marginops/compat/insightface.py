@@ -41,12 +41,11 @@ def combined_spec(s, m1, m2, m3, threshold=0.0, semantics: str = "insightface") 
                 "reproduced. semantics='marginops' honours all three.",
                 stacklevel=3,
             )
-        return _CombinedSpec(
-            s=s, m1=1.0, m2=0.0, m3=m3, policy="none", interclass_filtering_threshold=threshold, straight_through=True
-        )
-    policy = "none" if m1 == 1.0 else None  # insightface raises for m1 != 1, m3 = 0: marginops's default policy
+        m1, m2, policy = 1.0, 0.0, "none"
+    else:  # insightface's ArcFace branch (m3 ≤ 0 read as 0); it raises for m1 != 1, marginops's default policy
+        m3, policy = 0.0, "none" if m1 == 1.0 else None
     return _CombinedSpec(
-        s=s, m1=m1, m2=m2, m3=0.0, policy=policy, interclass_filtering_threshold=threshold, straight_through=True
+        s=s, m1=m1, m2=m2, m3=m3, policy=policy, interclass_filtering_threshold=threshold, straight_through=True
     )
 
 
@@ -127,14 +126,8 @@ def to_margin(margin_loss, semantics: Optional[str] = None) -> Margin:
     semantics = semantics or "insightface"
     has = lambda *names: all(hasattr(margin_loss, n) for n in names)  # noqa: E731
     if has("s", "m1", "m2", "m3"):
-        return combined_spec(
-            margin_loss.s,
-            margin_loss.m1,
-            margin_loss.m2,
-            margin_loss.m3,
-            getattr(margin_loss, "interclass_filtering_threshold", 0.0),
-            semantics,
-        )
+        threshold = getattr(margin_loss, "interclass_filtering_threshold", 0.0)
+        return combined_spec(margin_loss.s, margin_loss.m1, margin_loss.m2, margin_loss.m3, threshold, semantics)
     if has("s", "margin"):
         return ArcFace(margin_loss.s, margin_loss.margin, semantics=semantics).spec()
     if has("s", "m"):

@@ -44,16 +44,15 @@ def margin_from_pml(loss) -> Margin:
         return ArcFace(s=float(loss.scale), m=float(loss.margin), policy="fallback")
     if isinstance(loss, L.CosFaceLoss):
         return CosFace(s=float(loss.scale), m=float(loss.margin))
-    if isinstance(loss, (L.SphereFaceLoss, L.LargeMarginSoftmaxLoss)):
-        if float(loss.scale) != 1.0:
-            raise ValueError(
-                f"{name}(scale={loss.scale}): marginops's L-Softmax/SphereFace have no extra scale; use scale=1"
-            )
-        spec = SphereFace if isinstance(loss, L.SphereFaceLoss) else LSoftmax
-        return spec(m=int(loss.margin))
     if isinstance(loss, L.NormalizedSoftmaxLoss):
         return NormFace(s=1.0 / float(loss.temperature))
-    raise ValueError(f"no marginops equivalent of {name}")
+    # what remains of known: LargeMarginSoftmaxLoss and its SphereFaceLoss
+    if float(loss.scale) != 1.0:
+        raise ValueError(
+            f"{name}(scale={loss.scale}): marginops's L-Softmax/SphereFace have no extra scale; use scale=1"
+        )
+    spec = SphereFace if isinstance(loss, L.SphereFaceLoss) else LSoftmax
+    return spec(m=int(loss.margin))
 
 
 def from_pml(loss, **head_kwargs) -> MarginHead:

@@ -1,16 +1,10 @@
 """Margin specs: each method of the margin-softmax family as a choice of
 (normalize x?, normalize W?, scale s, target transform ψ); the formula is in docs/design.md,
-"The margin-softmax family".
+"The margin-softmax family", and the specs, module by module, in docs/margins.md.
 
 Angles are in radians. Margins given as a ``[B]`` tensor instead of a float apply per row (the
 extension point of AdaFace, MagFace and the like); their values are not range-checked, and
 gradients flow to them (except to a per-row m1, which must not require grad).
-
-  base            ψ, OpConfig, RowContext/RowTerms, target_cosines, the Margin base, constants
-  softmax         Softmax, WeightNormSoftmax, L2Softmax, NormFace
-  multiplicative  LSoftmax, SphereFace, LambdaSchedule
-  additive        CosFace, ArcFace, CombinedMargin, SubCenterArcFace
-  adaptive        CurricularFace, AdaFace, MagFace, AdaptiveAngularMargin
 """
 
 from .adaptive import AdaFace, AdaptiveAngularMargin, CurricularFace, MagFace

@@ -17,11 +17,11 @@ from .base import (
     OpConfig,
     RowContext,
     RowTerms,
-    _angular_target,
     _check_angle,
     _check_number,
     _check_policy,
     _check_scale,
+    _combined_config,
     masked_mean,
     psi,
 )
@@ -40,13 +40,12 @@ class CurricularFace(Margin):
     momentum: float = 0.01
 
     def __post_init__(self):
-        _angular_target("CurricularFace", self.s, self.m, "fallback")
+        _check_scale("CurricularFace", self.s)
+        _check_angle("CurricularFace", "m", self.m)
         _check_number("CurricularFace", "momentum", self.momentum, 0.0, 1.0)
 
     def config(self) -> OpConfig:
-        return OpConfig(
-            KIND_COMBINED, THETA_POLICIES["fallback"], True, True, float(self.s), 1.0, float(self.m), 0.0, 0.0
-        )
+        return _combined_config(self.s, "fallback", m2=float(self.m))
 
     def state_init(self) -> Dict[str, torch.Tensor]:
         return {"t": torch.zeros(1, dtype=torch.float64)}
@@ -87,7 +86,7 @@ class AdaFace(Margin):
         _check_number("AdaFace", "t_alpha", self.t_alpha, 0.0, 1.0)
 
     def config(self) -> OpConfig:
-        return OpConfig(KIND_COMBINED, THETA_POLICIES["clip"], True, True, float(self.s), 1.0, 0.0, float(self.m), 0.0)
+        return _combined_config(self.s, "clip", m3=float(self.m))
 
     def state_init(self) -> Dict[str, torch.Tensor]:
         return {
@@ -137,7 +136,7 @@ class MagFace(Margin):
         _check_number("MagFace", "lambda_g", self.lambda_g, 0.0, math.inf)
 
     def config(self) -> OpConfig:
-        return OpConfig(KIND_COMBINED, THETA_POLICIES[self.policy], True, True, float(self.s), 1.0, 0.0, 0.0, 0.0)
+        return _combined_config(self.s, self.policy)
 
     def prepare(self, ctx: RowContext, state=None) -> RowTerms:
         x = ctx.x.to(torch.promote_types(ctx.x.dtype, torch.float32))
@@ -152,15 +151,9 @@ class AdaptiveAngularMargin(Margin):
     """An angular margin piecewise in the target angle θ, after CCL (Qi & Zhang 2018): the target
     logit is a·cos(φ(θ)) with φ(θ) = slope_k·θ + intercept_k on the k-th piece of [0, π] cut at
     ``breakpoints`` — a multiplicative margin η(θ) = φ(θ)/θ that adapts to the row's angle.
-    Intercepts default to the ones that make φ continuous with φ(0) = 0; give them explicitly
-    (e.g. all zero, for a piecewise-constant η) to reproduce another schedule.
-
-    The default, φ = 2θ up to θ = 0.5 and θ + 0.5 beyond, is marginops's choice: multiplicative
-    (SphereFace m = 2) for small angles, ArcFace's 0.5 past them, continuous in θ. CCL's paper
-    text was not available when this was written, so its published constants are not
-    reproduced here. ``s=None`` keeps the feature norm as the scale (CCL trains on whitened,
-    unnormalized features; see :class:`marginops.regularizers.FeatureWhitening`); weights are
-    normalized. ``policy`` handles φ > π ("continuous" by default)."""
+    Intercepts default to the ones that make φ continuous with φ(0) = 0. The default schedule is
+    marginops's own, not CCL's (docs/margins.md). ``s=None`` keeps the feature norm as the scale;
+    weights are normalized. ``policy`` handles φ > π ("continuous" by default)."""
 
     breakpoints: tuple = (0.5,)
     slopes: tuple = (2.0, 1.0)
@@ -203,9 +196,12 @@ class AdaptiveAngularMargin(Margin):
         return out
 
     def config(self) -> OpConfig:
-        normalized = self.s is not None
         return OpConfig(
-            KIND_COMBINED, THETA_POLICIES[self.policy], normalized, True, float(self.s or 1.0), 1.0, 0.0, 0.0, 0.0
+            margin_kind=KIND_COMBINED,
+            theta_policy=THETA_POLICIES[self.policy],
+            normalize_x=self.s is not None,
+            normalize_w=True,
+            s=float(self.s or 1.0),
         )
 
     def prepare(self, ctx: RowContext, state=None) -> RowTerms:

@@ -1,17 +1,7 @@
 """The margin-softmax family's shared pieces: constants, the target transform ψ, the op's scalar
 configuration (:class:`OpConfig`), the per-row context and terms, the :class:`Margin` base and the
-argument checks of the specs. The math is in docs/design.md, "The margin-softmax family".
-
-For row i, class j, with c_ij = cos θ_ij = x_i·W_j / (‖x_i‖ ‖W_j‖):
-
-    z_ij = a_i · b_j · f(c_ij) + bias_j
-    a_i  = s if features are normalized, else ‖x_i‖
-    b_j  = 1 if weights are normalized,  else ‖W_j‖
-    f    = ψ on the target column j = y_i, identity elsewhere
-
-Numerics: c is clamped to [-1 + 1e-7, 1 - 1e-7] before acos and sqrt, so ψ'(c) stays finite
-(ψ is flat in c beyond the clamp); norms are clamped below at 1e-12 as in F.normalize.
-"""
+argument checks of the specs. The math, z_ij = a_i·b_j·f(c_ij) + bias_j with f = ψ on the target
+column, is in docs/design.md, "The margin-softmax family"."""
 
 from __future__ import annotations
 
@@ -25,8 +15,8 @@ import torch
 # Values of MarginKind and ThetaPolicy in csrc/margin_math.h.
 KIND_IDENTITY, KIND_COMBINED, KIND_MULTIPLICATIVE = 0, 1, 2
 THETA_POLICIES = {"fallback": 0, "easy": 1, "none": 2, "continuous": 3, "clip": 4}
-COS_EPS = 1e-7
-NORM_EPS = 1e-12
+COS_EPS = 1e-7  # c clamped to [-1 + COS_EPS, 1 - COS_EPS] before acos and sqrt: ψ′ finite (ψ flat beyond)
+NORM_EPS = 1e-12  # norms are clamped below, as in F.normalize
 CLIP_EPS = 1e-3
 
 Scalar = Union[float, torch.Tensor]
@@ -73,23 +63,36 @@ def psi(
 
 
 class OpConfig(NamedTuple):
-    """The margin's scalar arguments of the ops, in schema order."""
+    """The margin's scalar arguments of the ops, in schema order; the defaults are plain softmax."""
 
-    margin_kind: int
-    theta_policy: int
-    normalize_x: bool
-    normalize_w: bool
-    s: float
-    m1: float
-    m2: float
-    m3: float
-    lambda_: float
+    margin_kind: int = KIND_IDENTITY
+    theta_policy: int = 0
+    normalize_x: bool = False
+    normalize_w: bool = False
+    s: float = 1.0
+    m1: float = 1.0
+    m2: float = 0.0
+    m3: float = 0.0
+    lambda_: float = 0.0
     subcenters: int = 1
     # insightface's interclass_filtering_threshold (0: off): a non-label class whose cosine exceeds
     # it gets logit 0 and no gradient. Needs normalize_x and normalize_w.
     interclass_filter: float = 0.0
     # The target's ∂z/∂c taken as a·b (ψ′ = 1) and no gradient to the margins: insightface's ArcFace.
     straight_through: bool = False
+
+
+def _combined_config(s, policy: str, **fields) -> OpConfig:
+    """The combined kind, target s·(cos(m1·θ + m2) − m3), on normalized features and weights;
+    ``fields``: the other OpConfig fields that differ from the defaults."""
+    return OpConfig(
+        margin_kind=KIND_COMBINED,
+        theta_policy=THETA_POLICIES[policy],
+        normalize_x=True,
+        normalize_w=True,
+        s=float(s),
+        **fields,
+    )
 
 
 def _check_number(owner: str, name: str, value, lo: float, hi: float, hint: str = "") -> None:
@@ -111,8 +114,11 @@ def _check_angle(owner: str, name: str, value, hi: float = math.pi / 2) -> None:
     _check_number(owner, name, value, 0.0, hi, hint)
 
 
-def _check_row_tensor(owner: str, name: str, value: torch.Tensor) -> None:
-    if value.dim() != 1 or not value.is_floating_point():
+def _check_margin(owner: str, name: str, value, check: Callable[..., None], *args) -> None:
+    """A margin is a per-row [B] floating tensor, or a number that ``check(owner, name, value, *args)`` accepts."""
+    if not isinstance(value, torch.Tensor):
+        check(owner, name, value, *args)
+    elif value.dim() != 1 or not value.is_floating_point():
         raise ValueError(
             f"{owner}: a per-row {name} must be a 1-D floating tensor [B], got shape "
             f"{tuple(value.shape)} and dtype {value.dtype}"
@@ -215,9 +221,3 @@ class Margin:
 
 def _scalar(m: Scalar, default: float) -> float:
     return default if isinstance(m, torch.Tensor) else float(m)
-
-
-def _angular_target(owner: str, s, m, policy) -> None:
-    _check_scale(owner, s)
-    _check_policy(owner, policy)
-    _check_angle(owner, "m", m)

@@ -27,7 +27,7 @@ class LSoftmax(Margin):
         _check_multiplicative(type(self).__name__, self.m, self.lambda_)
 
     def config(self) -> OpConfig:
-        return OpConfig(KIND_MULTIPLICATIVE, 0, False, False, 1.0, float(self.m), 0.0, 0.0, float(self.lambda_))
+        return OpConfig(margin_kind=KIND_MULTIPLICATIVE, m1=float(self.m), lambda_=float(self.lambda_))
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,8 +44,7 @@ class LambdaSchedule:
     """SphereFace's annealing of λ for L-Softmax/SphereFace heads:
     λ(iteration) = max(lambda_min, base·(1 + gamma·iteration)^(−power)); the defaults are
     SphereFace's (1000, 0.12, 1, 5). A head given one consults it each training step with the
-    iteration counted from 1 (SphereFace's Caffe layer increments its counter before computing
-    λ), so the first step uses λ(1) = max(lambda_min, base·(1 + gamma)^(−power)), not base."""
+    iteration counted from 1, as SphereFace does (docs/margins.md): the first step uses λ(1)."""
 
     base: float = 1000.0
     gamma: float = 0.12

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import KIND_IDENTITY, Margin, OpConfig, _check_scale
+from .base import Margin, OpConfig, _check_scale
 
 
 @dataclass(frozen=True, eq=False)
@@ -12,7 +12,7 @@ class Softmax(Margin):
     """Plain softmax cross-entropy, z = x·W + bias."""
 
     def config(self) -> OpConfig:
-        return OpConfig(KIND_IDENTITY, 0, False, False, 1.0, 1.0, 0.0, 0.0, 0.0)
+        return OpConfig()
 
 
 @dataclass(frozen=True, eq=False)
@@ -20,7 +20,7 @@ class WeightNormSoftmax(Margin):
     """Softmax over x·Ŵ: class weights normalized, features not."""
 
     def config(self) -> OpConfig:
-        return OpConfig(KIND_IDENTITY, 0, False, True, 1.0, 1.0, 0.0, 0.0, 0.0)
+        return OpConfig(normalize_w=True)
 
 
 @dataclass(frozen=True, eq=False)
@@ -33,7 +33,7 @@ class L2Softmax(Margin):
         _check_scale("L2Softmax", self.s)
 
     def config(self) -> OpConfig:
-        return OpConfig(KIND_IDENTITY, 0, True, False, float(self.s), 1.0, 0.0, 0.0, 0.0)
+        return OpConfig(normalize_x=True, s=float(self.s))
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,4 +46,4 @@ class NormFace(Margin):
         _check_scale("NormFace", self.s)
 
     def config(self) -> OpConfig:
-        return OpConfig(KIND_IDENTITY, 0, True, True, float(self.s), 1.0, 0.0, 0.0, 0.0)
+        return OpConfig(normalize_x=True, normalize_w=True, s=float(self.s))
