@@ -113,6 +113,9 @@ def test_margin_modules_map_to_specs():
     assert mi.CombinedMarginLoss(64, 1.1, 0.3, 0.0).spec().policy == "continuous"  # insightface raises
     with pytest.raises(ValueError, match="cannot read a margin"):
         mi.to_margin(torch.nn.Identity())
+    for module in (mi.ArcFace(), mi.CosFace(), mi.CombinedMarginLoss(64, 1.0, 0.5, 0.0)):
+        with pytest.raises(ValueError, match=r"semantics must be one of .*, got 'bogus'"):
+            module.spec("bogus")
     with pytest.raises(TypeError, match="pass it to PartialFC_V2"):
         mi.ArcFace()(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="needs torch.distributed initialized"):

@@ -95,7 +95,9 @@ class ArcFace(_MarginModule):
         super().__init__(semantics, s=s, margin=margin)
 
     def spec(self, semantics: Optional[str] = None) -> Margin:
-        if (semantics or self.semantics) == "marginops":
+        semantics = semantics or self.semantics
+        _check_semantics(semantics)
+        if semantics == "marginops":
             return _ArcFaceSpec(s=float(self.s), m=float(self.margin))
         return _ArcFaceSpec(s=float(self.s), m=float(self.margin), policy="none", straight_through=True)
 
@@ -107,9 +109,9 @@ class CosFace(_MarginModule):
         super().__init__(semantics, s=s, m=m)
 
     def spec(self, semantics: Optional[str] = None) -> Margin:
-        return _CosFaceSpec(
-            s=float(self.s), m=float(self.m), straight_through=(semantics or self.semantics) == "insightface"
-        )
+        semantics = semantics or self.semantics
+        _check_semantics(semantics)
+        return _CosFaceSpec(s=float(self.s), m=float(self.m), straight_through=semantics == "insightface")
 
 
 def to_margin(margin_loss, semantics: Optional[str] = None) -> Margin:
