@@ -47,8 +47,11 @@ def dominant_subcenters(
     closest to; -1 for classes with no sample. Ties go to the lower index. O(N·K·D) compute,
     O(chunk·K·D + C·K) memory."""
     C = _check(x, weight, labels, K)
-    nearest = _sub_cosines(x, weight, labels, K, chunk_size).argmax(dim=1)
-    counts = torch.bincount(labels * K + nearest, minlength=C * K).view(C, K)
+    return _dominant(_sub_cosines(x, weight, labels, K, chunk_size), labels, C, K)
+
+
+def _dominant(cos: torch.Tensor, labels: torch.Tensor, C: int, K: int) -> torch.Tensor:
+    counts = torch.bincount(labels * K + cos.argmax(dim=1), minlength=C * K).view(C, K)
     return torch.where(counts.sum(1) > 0, counts.argmax(dim=1), torch.full((C,), -1, device=counts.device))
 
 
@@ -65,8 +68,9 @@ def find_outliers(
     paper's 75°): returns (outlier mask [N], dominant sub-center per class [C])."""
     if not 0.0 <= threshold_degrees <= 180.0:
         raise ValueError(f"threshold_degrees must lie in [0, 180], got {threshold_degrees!r}")
-    dominant = dominant_subcenters(x, weight, labels, K, chunk_size)
-    cos = _sub_cosines(x, weight, labels, K, chunk_size)
+    C = _check(x, weight, labels, K)
+    cos = _sub_cosines(x, weight, labels, K, chunk_size)  # [N, K], once for both uses
+    dominant = _dominant(cos, labels, C, K)
     to_dominant = cos.gather(1, dominant[labels].clamp_min(0)[:, None]).squeeze(1)
     return to_dominant < math.cos(math.radians(threshold_degrees)), dominant
 
