@@ -150,8 +150,10 @@ def head_loss(
     computed, extra = num_classes, terms.extra_loss
     if shard is not None:
         stats, computed, extra = sharding.merge_stats(shard, stats, class_index, extra, opts.reduction != "none")
-    rows = loss_from_stats(stats, yg, computed, opts.ignore_index, opts.label_smoothing, "none", extra)
-    loss = _reduce(rows, valid, opts.reduction, _own_rows(shard, counts)).to(ops.acc_dtype(xg, weight))
+    loss = loss_from_stats(stats, yg, computed, opts.ignore_index, opts.label_smoothing, opts.reduction, extra)
+    if opts.reduction == "none":  # the caller's own rows (a sharded head's rank's, of the global batch)
+        loss = loss[_own_rows(shard, counts)]
+    loss = loss.to(ops.acc_dtype(xg, weight))
     if opts.return_accuracy:
         return loss, accuracy_from_stats(stats, yg, opts.ignore_index)
     return loss
@@ -160,14 +162,6 @@ def head_loss(
 def _own_rows(shard, counts: List[int]) -> slice:
     start = 0 if shard is None else sum(counts[: shard.rank])
     return slice(start, start + counts[0 if shard is None else shard.rank])
-
-
-def _reduce(rows: torch.Tensor, valid: torch.Tensor, reduction: str, own: slice) -> torch.Tensor:
-    if reduction == "sum":
-        return rows.sum()
-    if reduction == "mean":
-        return rows.sum() / valid.sum()
-    return rows[own]  # "none": the caller's own rows (a sharded head's rank's, of the global batch)
 
 
 def cosine_margin(subcenters: int = 1) -> Margin:

@@ -95,7 +95,8 @@ class ShardedMarginHead(ClassWeights):
             "seed": self.seed,
             "bias": self.bias is not None,
             "scale_grad_by_world_size": self.grad_scale != 1.0,
-            **{name: repr(getattr(self.options, name)) for name in FIELDS},
+            **{name: getattr(self.options, name) for name in FIELDS},
+            "margin": repr(self.margin),  # specs compare by identity
         }
         every = [None] * self.world_size
         dist.all_gather_object(every, mine, group=self.group)
