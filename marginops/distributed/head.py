@@ -33,7 +33,8 @@ class ShardedMarginHead(ClassWeights):
 
     Bad input on one rank, or a call that differs between ranks, raises the same ValueError on
     every rank, naming the rank; a rank that does not call the head at all leaves the others
-    waiting for the process group's timeout (docs/design.md, "Sharding the class dimension")."""
+    waiting for the process group's timeout (``init_process_group(timeout=...)``; docs/design.md,
+    "Sharding the class dimension")."""
 
     def __init__(
         self,
