@@ -152,14 +152,6 @@ class _HeadOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             torch.ops.marginops.head_prepare_(head.weight, head.bias, class_index, subcenters, self._handle)
 
-    def _prepare_rows(self, weight, bias, class_index: Optional[torch.Tensor], subcenters: int) -> None:
-        """head_prepare_'s work on weight and bias (the head's, or what the op was given for them)."""
-        classes = slice(None) if class_index is None else class_index
-        rows = classes if class_index is None else _rows_of(class_index, subcenters)
-        self._prepare(weight, rows)
-        if bias is not None:
-            self._prepare(bias, classes)
-
     def _prepare(self, param: torch.Tensor, rows) -> None:
         """Before the forward reads param[rows] (a slice or an index tensor): bring them up to date."""
 
@@ -203,6 +195,10 @@ class SGD(_HeadOptimizer):
     in bfloat16; ``stochastic_rounding=True`` allows a bfloat16 weight (float32 arithmetic)."""
 
     _HYPER = ("lr", "momentum", "dampening", "weight_decay", "nesterov")  # a history entry, in _step_matrix's order
+
+    @property
+    def state_names(self):
+        return ("momentum_buffer",) if self.param_groups[0]["momentum"] != 0 else ()
 
     def __init__(
         self,
@@ -269,10 +265,6 @@ class SGD(_HeadOptimizer):
             state["last_step"].index_copy_(0, index, torch.full_like(index, now))
         if isinstance(rows, slice) and rows == slice(None):  # every row is up to date: the history starts anew
             state["history"], state["history_start"] = [], now
-
-    @property
-    def state_names(self):
-        return ("momentum_buffer",) if self.param_groups[0]["momentum"] != 0 else ()
 
 
 def _step_matrix(t: int, lr: float, mu: float, damp: float, wd: float, nesterov: bool):
@@ -492,8 +484,11 @@ def _step_backward_fake(*args, **kwargs):
 def _prepare(weight, bias, class_index, subcenters: int, optimizer: int) -> None:
     """head_prepare_: the rows a forward reads (all, or class_index's classes') brought up to date."""
     opt = _BY_HANDLE[optimizer]
+    classes = slice(None) if class_index is None else class_index
     with _state_under(opt, weight, bias):
-        opt._prepare_rows(weight, bias, class_index, subcenters)
+        opt._prepare(weight, classes if class_index is None else _rows_of(class_index, subcenters))
+        if bias is not None:
+            opt._prepare(bias, classes)
 
 
 @contextlib.contextmanager
