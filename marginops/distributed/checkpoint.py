@@ -300,20 +300,15 @@ def _optimizer_rows(head, shards: List[dict], directory: str, start: int, stop: 
 @torch.no_grad()
 def load_sharded(head: torch.nn.Module, directory: str, *, strict: bool = True) -> None:
     """Loads a checkpoint written by :func:`save_sharded` at any world size into this rank's
-    shard (or a whole MarginHead).
+    shard (or a whole MarginHead). Everything is verified before any tensor of the head changes
+    (meta.json, each shard file's size and SHA-256, its class range and shapes): a damaged
+    checkpoint is a ValueError naming the file, and the head is left as it was. Another
+    embedding_size, sub-center count or bias is always an error.
 
-    Everything is verified before any tensor of the head changes, so a failed load leaves the
-    head as it was: meta.json must parse, every shard file must have the size and SHA-256 that
-    meta.json records (a checkpoint written before checksums were recorded loads with a warning,
-    its shards checked for shape only) and hold the class range and shapes meta.json describes;
-    otherwise a ValueError names the file. A checkpoint of another embedding_size, sub-center
-    count or bias is always an error, never a silent re-initialisation.
-
-    ``strict`` (default True): the checkpoint's num_classes and margin (the spec's repr, i.e.
-    its configuration) must equal the head's, else a ValueError lists the differences.
-    ``strict=False`` loads it anyway, with a warning naming them: the classes both have
-    (the head's others keep their values), and the margin state only where its entries have
-    the same names and shapes (e.g. fine-tuning a Softmax-trained head with ArcFace)."""
+    ``strict`` (default True): the checkpoint's num_classes and margin (the spec's repr) must
+    equal the head's, else a ValueError lists the differences. ``strict=False`` loads it anyway,
+    with a warning naming them: the classes both have, and the margin state if its entries have
+    the same names and shapes (docs/design.md, "Sharding the class dimension")."""
     meta, shards = _read_shards(directory)
     differences = _check_meta(meta, head, strict)
     start, end = (head.class_start, head.class_end) if hasattr(head, "class_start") else (0, head.num_classes)
