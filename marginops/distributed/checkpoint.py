@@ -114,11 +114,9 @@ def _read_meta(directory: str) -> dict:
     if not isinstance(meta, dict):
         raise ValueError(f"{damaged}: expected a JSON object, got {type(meta).__name__}")
     for key, kind in _META_FIELDS.items():
-        value = meta.get(key)
+        value, wanted = meta.get(key), "a positive int" if kind is int else kind.__name__
         if not (_is_int(value) and value >= 1 if kind is int else isinstance(value, kind)):
-            raise ValueError(
-                f"{damaged}: {key} must be {'a positive int' if kind is int else kind.__name__}, got {value!r}"
-            )
+            raise ValueError(f"{damaged}: {key} must be {wanted}, got {value!r}")
     entries, world = meta.get("shards"), meta["world_size"]
     if entries is None:
         return meta
