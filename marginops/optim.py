@@ -336,7 +336,7 @@ _HANDLES = itertools.count(1)
 _BY_HANDLE: "weakref.WeakValueDictionary[int, _HeadOptimizer]" = weakref.WeakValueDictionary()
 
 # id(parameter) -> (the parameter, its head optimizer), both weakly: no attribute on the parameter,
-# so a head and its parameters pickle and copy as before.
+# so a head and its parameters pickle and copy like any module and its parameters.
 _OWNERS: dict = {}
 
 
