@@ -1,14 +1,7 @@
-"""Optimizers that a head's backward runs: the class weights are updated chunk by chunk as the
-backward produces ∂L/∂W, so the [C, D] gradient is never allocated (docs/design.md, "Training
-state"). ``SGD`` and ``AdamW`` are torch.optim.Optimizers over the head's weight (and bias), with
-torch's semantics and defaults: LR schedulers, state_dict()/load_state_dict(), zero_grad() and
-step() work unchanged (step() has nothing left to do: the backward did it). The backbone keeps
-its own optimizer.
-
-Under Partial FC (a sharded head with sample_rate < 1) only the sampled rows are read and
-written: ``sparse="lazy"`` leaves the other rows and their state untouched (Partial FC v1's
-sub-weight optimizer); ``sparse="exact"`` (SGD) catches up their momentum and weight decay in
-closed form when a row is next sampled, so the weights equal dense SGD's on the same gradients."""
+"""Optimizers that a head's backward runs: ``SGD`` and ``AdamW`` update the class weights chunk
+by chunk as the backward produces ∂L/∂W, so the [C, D] gradient is never allocated. They are
+torch.optim.Optimizers over the head's weight (and bias) with torch's semantics and defaults
+(docs/design.md, "Training state")."""
 
 from __future__ import annotations
 
@@ -31,10 +24,10 @@ STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 
 
 class _HeadOptimizer(torch.optim.Optimizer):
-    """An optimizer of a head's class weights that the head's backward runs. Subclasses define
-    the state of a row (``_init_state``) and the row kernel that updates a chunk of rows (``_step_rows``)."""
+    """An optimizer of a head's class weights that the head's backward runs. Subclasses name the
+    per-row state (``state_names``) and define the row kernel that updates a chunk of rows (``_step_rows``)."""
 
-    state_names: tuple = ()
+    state_names: tuple = ()  # per-row state tensors like the parameter, zero at the start
 
     def __init__(
         self, head, defaults: dict, *, sparse="lazy", state_dtype=None, accumulate=False, stochastic_rounding=False
@@ -102,16 +95,16 @@ class _HeadOptimizer(torch.optim.Optimizer):
     def shard_state(self) -> dict:
         """What a checkpoint shard holds of this optimizer: its kind, hyperparameters, step (and
         sparse="exact"'s history) and, per parameter, the per-row state on the CPU."""
-        group = self.param_groups[0]
-        head = self._head()
+        group, head = self.param_groups[0], self._head()
+        state = self.state[head.weight]
         rows = lambda p: {name: self.state[p][name].detach().cpu() for name in self.row_state_names()}  # noqa: E731
         return {
             "kind": type(self).__name__,
             "sparse": self.sparse,
             "hyper": {k: v for k, v in group.items() if k != "params"},
-            "step": int(self.state[head.weight]["step"]),
-            "history": list(self.state[head.weight].get("history", [])),
-            "history_start": int(self.state[head.weight].get("history_start", 0)),
+            "step": int(state["step"]),
+            "history": list(state.get("history", [])),
+            "history_start": int(state.get("history_start", 0)),
             "weight": rows(head.weight),
             "bias": None if head.bias is None else rows(head.bias),
         }
@@ -120,11 +113,9 @@ class _HeadOptimizer(torch.optim.Optimizer):
     def load_shard_state(self, entry: dict, weight_rows: dict, bias_rows: Optional[dict]) -> None:
         """Restores what shard_state() saved, with each parameter's rows gathered for this head
         (any world size): hyperparameters, step, history and the per-row state."""
-        head = self._head()
-        self.param_groups[0].update(entry["hyper"])
-        for p, rows in ((head.weight, weight_rows), (head.bias, bias_rows)):
-            if p is None:
-                continue
+        group = self.param_groups[0]
+        group.update(entry["hyper"])
+        for p, rows in zip(group["params"], (weight_rows, bias_rows)):  # the weight, and the bias if any
             state = self.state[p]
             state["step"] = torch.tensor(float(entry["step"]))
             if "history" in state:
@@ -148,8 +139,7 @@ class _HeadOptimizer(torch.optim.Optimizer):
         self._updated = True
         group = self.param_groups[0]
         for p in group["params"]:
-            state = self.state[p]
-            state["step"] = state["step"] + 1
+            self.state[p]["step"] = self.state[p]["step"] + 1
         return group
 
     def before_forward(self, class_index: Optional[torch.Tensor], subcenters: int) -> None:
@@ -162,14 +152,6 @@ class _HeadOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             torch.ops.marginops.head_prepare_(head.weight, head.bias, class_index, subcenters, self._handle)
 
-    def _prepare_rows(self, weight, bias, class_index: Optional[torch.Tensor], subcenters: int) -> None:
-        """head_prepare_'s work on weight and bias (the head's, or what the op was given for them)."""
-        classes = slice(None) if class_index is None else class_index
-        rows = classes if class_index is None else _rows_of(class_index, subcenters)
-        self._prepare(weight, rows)
-        if bias is not None:
-            self._prepare(bias, classes)
-
     def _prepare(self, param: torch.Tensor, rows) -> None:
         """Before the forward reads param[rows] (a slice or an index tensor): bring them up to date."""
 
@@ -180,15 +162,23 @@ class _HeadOptimizer(torch.optim.Optimizer):
         index, first = (None, rows.start or 0) if isinstance(rows, slice) else (rows, 0)
         arith = torch.float64 if param.dtype == torch.float64 else torch.float32
         self._step_rows(param, index, first, grad.to(arith).contiguous(), group, _seed(param))
-
-    def _state_tensor(self, p: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(p, dtype=self.state_dtype or p.dtype, memory_format=torch.contiguous_format)
+        if self.sparse == "exact":  # these rows are up to date
+            self.state[param]["last_step"][rows] = int(self.state[param]["step"])
 
     def _init_state(self, p: torch.Tensor) -> dict:
-        raise NotImplementedError
+        state = {"step": torch.zeros((), dtype=torch.float32)}
+        for name in self.state_names:
+            state[name] = torch.zeros_like(p, dtype=self.state_dtype or p.dtype, memory_format=torch.contiguous_format)
+        return state
 
     def _step_rows(self, param, index, first: int, grad, group: dict, seed: int) -> None:
         raise NotImplementedError
+
+
+def _check_non_negative(**values) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{name} must be a non-negative number, got {value!r}")
 
 
 def _seed(param: torch.Tensor) -> int:
@@ -199,9 +189,16 @@ def _seed(param: torch.Tensor) -> int:
 
 class SGD(_HeadOptimizer):
     """SGD with momentum, dampening, Nesterov and weight decay, as torch.optim.SGD, applied to the
-    head's weight (and bias) in its backward. ``state_dtype=torch.bfloat16`` keeps the momentum
-    in bfloat16 (the update's arithmetic stays in the weight's dtype); ``stochastic_rounding=True``
-    allows a bfloat16 weight, updated in float32 and rounded stochastically."""
+    head's weight (and bias) in its backward. Under Partial FC ``sparse="lazy"`` leaves unsampled
+    rows and their state alone; ``sparse="exact"`` catches them up in closed form before they are
+    read again (the weights equal dense SGD's). ``state_dtype=torch.bfloat16`` keeps the momentum
+    in bfloat16; ``stochastic_rounding=True`` allows a bfloat16 weight (float32 arithmetic)."""
+
+    _HYPER = ("lr", "momentum", "dampening", "weight_decay", "nesterov")  # a history entry, in _step_matrix's order
+
+    @property
+    def state_names(self):
+        return ("momentum_buffer",) if self.param_groups[0]["momentum"] != 0 else ()
 
     def __init__(
         self,
@@ -217,9 +214,7 @@ class SGD(_HeadOptimizer):
         accumulate: bool = False,
         stochastic_rounding: bool = False,
     ):
-        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        _check_non_negative(lr=lr, momentum=momentum, weight_decay=weight_decay)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
@@ -229,9 +224,7 @@ class SGD(_HeadOptimizer):
         )  # fmt: skip
 
     def _init_state(self, p):
-        state = {"step": torch.zeros((), dtype=torch.float32)}
-        if self.defaults["momentum"] != 0:
-            state["momentum_buffer"] = self._state_tensor(p)
+        state = super()._init_state(p)
         if self.sparse == "exact":  # the step each row is up to date with, and every step's hyperparameters
             state["last_step"] = torch.zeros(p.shape[0], dtype=torch.long, device=p.device)
             state["history"], state["history_start"] = [], 0  # history[i]: step history_start + i + 1
@@ -240,19 +233,14 @@ class SGD(_HeadOptimizer):
     def _begin(self) -> dict:
         group = super()._begin()
         if self.sparse == "exact":
-            hyper = tuple(group[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov"))
+            hyper = tuple(group[k] for k in self._HYPER)
             for p in group["params"]:
                 self.state[p]["history"].append(hyper)
         return group
 
-    def _apply(self, param, rows, grad, group) -> None:
-        super()._apply(param, rows, grad, group)
-        if self.sparse == "exact":
-            self.state[param]["last_step"][rows] = int(self.state[param]["step"])
-
     def _step_rows(self, param, index, first, grad, group, seed) -> None:
         state = self.state[param]
-        hyper = (group[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov"))
+        hyper = (group[k] for k in self._HYPER)
         _op.sgd_step_(param, state.get("momentum_buffer"), grad, index, first, *hyper, int(state["step"]) == 1, seed)
 
     @torch.no_grad()
@@ -277,10 +265,6 @@ class SGD(_HeadOptimizer):
             state["last_step"].index_copy_(0, index, torch.full_like(index, now))
         if isinstance(rows, slice) and rows == slice(None):  # every row is up to date: the history starts anew
             state["history"], state["history_start"] = [], now
-
-    @property
-    def state_names(self):
-        return ("momentum_buffer",) if self.param_groups[0]["momentum"] != 0 else ()
 
 
 def _step_matrix(t: int, lr: float, mu: float, damp: float, wd: float, nesterov: bool):
@@ -326,12 +310,9 @@ class AdamW(_HeadOptimizer):
         accumulate: bool = False,
         stochastic_rounding: bool = False,
     ):
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0:
-            raise ValueError(f"lr must be a non-negative number, got {lr!r}")
+        _check_non_negative(lr=lr, eps=eps, weight_decay=weight_decay)
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        if not eps >= 0 or not weight_decay >= 0:
-            raise ValueError(f"eps and weight_decay must be non-negative, got {eps!r} and {weight_decay!r}")
         if sparse == "exact":
             raise ValueError(
                 "sparse=\"exact\" is SGD's: AdamW's skipped steps have no closed form (their update divides "
@@ -342,13 +323,6 @@ class AdamW(_HeadOptimizer):
             head, defaults, sparse=sparse, state_dtype=state_dtype, accumulate=accumulate,
             stochastic_rounding=stochastic_rounding,
         )  # fmt: skip
-
-    def _init_state(self, p):
-        return {
-            "step": torch.zeros((), dtype=torch.float32),
-            "exp_avg": self._state_tensor(p),
-            "exp_avg_sq": self._state_tensor(p),
-        }
 
     def _step_rows(self, param, index, first, grad, group, seed) -> None:
         state = self.state[param]
@@ -362,7 +336,7 @@ _HANDLES = itertools.count(1)
 _BY_HANDLE: "weakref.WeakValueDictionary[int, _HeadOptimizer]" = weakref.WeakValueDictionary()
 
 # id(parameter) -> (the parameter, its head optimizer), both weakly: no attribute on the parameter,
-# so a head and its parameters pickle and copy as before.
+# so a head and its parameters pickle and copy like any module and its parameters.
 _OWNERS: dict = {}
 
 
@@ -399,10 +373,8 @@ def chunk_rows(dim: int, workspace_bytes: int) -> int:
 
 class _StatsThenStep(torch.autograd.Function):
     """The op's per-row statistics, whose backward computes ∂L/∂W chunk by chunk and hands each
-    chunk to the head's optimizer instead of returning it: one call of the op head_step_backward_,
-    which declares the weight and bias it updates, so that torch.compile(fullgraph=True) traces
-    the backward (the optimizer's own state and bookkeeping stay inside the op, read when it runs:
-    a scheduler's new LR applies without a recompile)."""
+    chunk to the head's optimizer instead of returning it: one call of the op head_step_backward_
+    (which torch.compile(fullgraph=True) traces; docs/design.md, "Training state")."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, row_margins, curricular, labels, class_index, args, handle):
@@ -512,8 +484,11 @@ def _step_backward_fake(*args, **kwargs):
 def _prepare(weight, bias, class_index, subcenters: int, optimizer: int) -> None:
     """head_prepare_: the rows a forward reads (all, or class_index's classes') brought up to date."""
     opt = _BY_HANDLE[optimizer]
+    classes = slice(None) if class_index is None else class_index
     with _state_under(opt, weight, bias):
-        opt._prepare_rows(weight, bias, class_index, subcenters)
+        opt._prepare(weight, classes if class_index is None else _rows_of(class_index, subcenters))
+        if bias is not None:
+            opt._prepare(bias, classes)
 
 
 @contextlib.contextmanager

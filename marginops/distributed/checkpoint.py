@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import warnings
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -72,19 +73,16 @@ def save_sharded(head: torch.nn.Module, directory: str) -> None:
     path = os.path.join(directory, name)
     _write_atomically(path, lambda tmp: torch.save(shard, tmp))
     digest, size = _file_digest(path)  # of the bytes on disk
-    entries = [{"file": name, "bytes": size, "sha256": digest}]
+    entry = {"file": name, "bytes": size, "sha256": digest}
+    entries = [entry] * world
     if sharded:
-        entries = [None] * world
-        dist.all_gather_object(entries, {"file": name, "bytes": size, "sha256": digest}, group=head.group)
+        dist.all_gather_object(entries, entry, group=head.group)
     if rank == 0:
         optimizer = None if head.optimizer is None else type(head.optimizer).__name__
         meta = {**_head_meta(head), "world_size": world, "optimizer": optimizer, "shards": entries}
-
-        def write(tmp):
-            with open(tmp, "w") as f:
-                json.dump(meta, f, indent=2)
-
-        _write_atomically(os.path.join(directory, "meta.json"), write)
+        _write_atomically(
+            os.path.join(directory, "meta.json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2))
+        )
     if sharded:
         dist.barrier(group=head.group)
 
@@ -97,6 +95,10 @@ _META_FIELDS = {
     "margin": str,
     "world_size": int,
 }
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _read_meta(directory: str) -> dict:
@@ -112,108 +114,97 @@ def _read_meta(directory: str) -> dict:
     if not isinstance(meta, dict):
         raise ValueError(f"{damaged}: expected a JSON object, got {type(meta).__name__}")
     for key, kind in _META_FIELDS.items():
-        value = meta.get(key)
-        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 1)):
-            wanted = "a positive int" if kind is int else kind.__name__
+        value, wanted = meta.get(key), "a positive int" if kind is int else kind.__name__
+        if not (_is_int(value) and value >= 1 if kind is int else isinstance(value, kind)):
             raise ValueError(f"{damaged}: {key} must be {wanted}, got {value!r}")
-    world = meta["world_size"]
-    entries = meta.get("shards")
-    if entries is not None:
-        names = [_SHARD.format(rank=r, world=world) for r in range(world)]
-        ok = (
-            isinstance(entries, list)
-            and len(entries) == world
-            and all(
-                isinstance(e, dict)
-                and e.get("file") == n
-                and isinstance(e.get("sha256"), str)
-                and isinstance(e.get("bytes"), int)
-                and not isinstance(e.get("bytes"), bool)
-                for e, n in zip(entries, names)
-            )
+    entries, world = meta.get("shards"), meta["world_size"]
+    if entries is None:
+        return meta
+    names = [_SHARD.format(rank=r, world=world) for r in range(world)]
+    if not (
+        isinstance(entries, list)
+        and len(entries) == world
+        and all(
+            isinstance(e, dict) and e.get("file") == n and isinstance(e.get("sha256"), str) and _is_int(e.get("bytes"))
+            for e, n in zip(entries, names)
         )
-        if not ok:
-            raise ValueError(f"{damaged}: shards must list {{file, bytes, sha256}} of {names}, got {entries!r}")
+    ):
+        raise ValueError(f"{damaged}: shards must list {{file, bytes, sha256}} of {names}, got {entries!r}")
     return meta
 
 
-def _verify_file(path: str, entry: Optional[dict]) -> None:
+def _verify_file(path: str, entry: dict) -> None:
     """The shard file's size and SHA-256 against meta.json's record of them."""
-    if entry is None:
-        return
     digest, size = _file_digest(path)
     if size != entry["bytes"]:
         raise ValueError(
-            f"{path} is damaged: {size} bytes, but meta.json records {entry['bytes']} (truncated, or overwritten "
-            "after the "
-            "checkpoint was written)"
+            f"{path} is damaged: {size} bytes, but meta.json records {entry['bytes']} "
+            "(truncated, or overwritten after the checkpoint was written)"
         )
     if digest != entry["sha256"]:
         raise ValueError(
             f"{path} is damaged: its sha256 {digest[:16]}... differs from {entry['sha256'][:16]}... recorded in "
-            "meta.json "
-            "(its bytes changed after the checkpoint was written, or it comes from another checkpoint)"
+            "meta.json (its bytes changed after the checkpoint was written, or it comes from another checkpoint)"
         )
+
+
+def _floating(t, shape: tuple) -> bool:
+    return isinstance(t, torch.Tensor) and tuple(t.shape) == shape and t.dtype in FLOAT_DTYPES
+
+
+def _shape(t):
+    """For a message: t's shape if it is a tensor, else its type's name."""
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _tensors(d, rows: Optional[int] = None) -> bool:
+    """d maps names to tensors (of ``rows`` rows, if given: an optimizer's per-row state)."""
+    return isinstance(d, dict) and all(
+        isinstance(k, str) and isinstance(t, torch.Tensor) and (rows is None or t.shape[:1] == (rows,))
+        for k, t in d.items()
+    )
 
 
 def _check_shard(path: str, shard, meta: dict, rank: int, first: int) -> int:
     """A loaded shard holds what meta.json says it should: a class range that continues the
     previous shard's (from ``first``; the last one ends at num_classes), weight [(end − start)·K, D],
-    bias [end − start] (or None), margin state tensors. Returns its end."""
+    bias [end − start] (or None), margin state tensors, the optimizer's per-row state (or None).
+    Returns its end."""
     bad = lambda what: ValueError(f"{path} does not match meta.json: {what}")  # noqa: E731
     keys = ("class_start", "class_end", "weight", "bias", "margin_state")
     if not isinstance(shard, dict) or any(k not in shard for k in keys):
-        raise bad(
-            f"a shard holds {list(keys)}, got {sorted(shard) if isinstance(shard, dict) else type(shard).__name__}"
-        )
+        got = sorted(shard) if isinstance(shard, dict) else type(shard).__name__
+        raise bad(f"a shard holds {list(keys)}, got {got}")
     C, world, K, D = meta["num_classes"], meta["world_size"], meta["subcenters"], meta["embedding_size"]
-    start, end = shard["class_start"], shard["class_end"]
-    last = rank == world - 1
-    if (
-        not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end))
-        or start != first
-        or not (end == C if last else first < end < C)
-    ):
+    start, end, last = shard["class_start"], shard["class_end"], rank == world - 1
+    if not (_is_int(start) and _is_int(end) and start == first and (end == C if last else first < end < C)):
         want = f"[{first}, {C})" if last else f"[{first}, e) with {first} < e < {C}"
         raise bad(f"classes [{start}, {end}), expected {want} (shard {rank} of {world}, {C} classes)")
-    weight, bias = shard["weight"], shard["bias"]
-    want = ((end - start) * K, D)
-    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != want or weight.dtype not in FLOAT_DTYPES:
-        got = (
-            f"{tuple(weight.shape)} {dtype_name(weight.dtype)}"
-            if isinstance(weight, torch.Tensor)
-            else type(weight).__name__
-        )
+    n, weight, bias = end - start, shard["weight"], shard["bias"]
+    if not _floating(weight, (n * K, D)):
+        dtype = f" {dtype_name(weight.dtype)}" if isinstance(weight, torch.Tensor) else ""
         raise bad(
-            f"weight is {got}, expected a floating tensor of shape {want} (classes [{start}, {end}) x {K} "
-            f"sub-centers, D = {D})"
+            f"weight is {_shape(weight)}{dtype}, expected a floating tensor of shape {(n * K, D)} "
+            f"(classes [{start}, {end}) x {K} sub-centers, D = {D})"
         )
     if meta["bias"] != (bias is not None):
         raise bad(f"bias is {'absent' if bias is None else 'present'}, but meta.json says bias={meta['bias']}")
-    if bias is not None and (
-        not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (end - start,) or bias.dtype not in FLOAT_DTYPES
-    ):
-        got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-        raise bad(f"bias has shape {got}, expected ({end - start},)")
-    state = shard["margin_state"]
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
+    if bias is not None and not _floating(bias, (n,)):
+        raise bad(f"bias has shape {_shape(bias)}, expected ({n},)")
+    if not _tensors(shard["margin_state"]):
         raise bad("margin_state must map names to tensors")
     opt = shard.get("optimizer")
-    if opt is not None:
-        ok = isinstance(opt, dict) and all(k in opt for k in ("kind", "hyper", "step", "weight", "bias"))
-        for rows, part in (
-            ((end - start) * K, opt.get("weight") if ok else None),
-            (end - start, opt.get("bias") if ok else {}),
-        ):
-            ok = (
-                ok
-                and (part is None or isinstance(part, dict))
-                and all(isinstance(t, torch.Tensor) and t.shape[:1] == (rows,) for t in (part or {}).values())
-            )
-        if not ok:
-            raise bad(f"optimizer state must hold kind, hyper, step and per-row tensors of its {end - start} classes")
+    if opt is not None and not (
+        isinstance(opt, dict)
+        and all(k in opt for k in ("kind", "hyper", "step", "weight", "bias"))
+        and _tensors(opt["weight"], n * K)
+        and (
+            opt["bias"] is None
+            if bias is None
+            else _tensors(opt["bias"], n) and opt["bias"].keys() == opt["weight"].keys()
+        )
+    ):
+        raise bad(f"optimizer state must hold kind, hyper, step and per-row tensors of its {n} classes")
     return end
 
 
@@ -221,8 +212,7 @@ def _read_shards(directory: str) -> Tuple[dict, List[dict]]:
     """meta.json and every shard, verified (checksums, then contents against meta.json) before
     anything is returned: a damaged checkpoint is a ValueError naming the file."""
     meta = _read_meta(directory)
-    world = meta["world_size"]
-    entries = meta.get("shards")
+    world, entries = meta["world_size"], meta.get("shards")
     if entries is None:
         warnings.warn(
             f"checkpoint {directory} records no checksums (written before marginops recorded them): its shard "
@@ -234,7 +224,8 @@ def _read_shards(directory: str) -> Tuple[dict, List[dict]]:
         path = os.path.join(directory, _SHARD.format(rank=r, world=world))
         if not os.path.exists(path):
             raise ValueError(f"checkpoint {directory} is missing {os.path.basename(path)} of its {world} shards")
-        _verify_file(path, None if entries is None else entries[r])
+        if entries is not None:
+            _verify_file(path, entries[r])
         try:
             shard = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a truncated or damaged zip, unpickling errors: all one story for the user
@@ -249,31 +240,37 @@ _OVERRIDABLE = ("num_classes", "margin")
 
 def _check_meta(meta: dict, head, strict: bool) -> List[str]:
     """Raises when the checkpoint cannot load into head; returns the differences strict=False lets through."""
-    mine = _head_meta(head)
-    keys = ("num_classes", "embedding_size", "subcenters", "bias", "margin")
-    diffs = {k: f"{k}: checkpoint {meta[k]!r}, head {mine[k]!r}" for k in keys if meta[k] != mine[k]}
-    fatal = [d for k, d in diffs.items() if k not in _OVERRIDABLE]
-    if fatal or (diffs and strict):
-        hint = (
-            ""
-            if fatal
-            else " (load_sharded(..., strict=False) loads it anyway: the classes both have, whatever the margin)"
+    diffs = {k: f"{k}: checkpoint {meta[k]!r}, head {v!r}" for k, v in _head_meta(head).items() if meta[k] != v}
+    message = "checkpoint does not fit this head: " + "; ".join(diffs.values())
+    if any(k not in _OVERRIDABLE for k in diffs):
+        raise ValueError(message)
+    if diffs and strict:
+        raise ValueError(
+            f"{message} (load_sharded(..., strict=False) loads it anyway: the classes both have, whatever the margin)"
         )
-        raise ValueError("checkpoint does not fit this head: " + "; ".join(diffs.values()) + hint)
     return list(diffs.values())
 
 
-def _gather_range(shards: List[dict], key, start: int, end: int, per_class: int) -> Optional[torch.Tensor]:
-    """Rows of classes [start, end) from the shards that hold them; key: a shard's entry, or a
-    function of the shard giving the tensor."""
-    get = key if callable(key) else (lambda s: s[key])
+def _gather_range(shards: List[dict], get, start: int, end: int, per_class: int) -> Optional[torch.Tensor]:
+    """Rows of classes [start, end) from the shards that hold them (None: no shard does); get: a
+    shard's key, or a function of the shard giving the tensor."""
+    get = get if callable(get) else (lambda s, key=get: s[key])
     parts = []
     for s in shards:
-        lo, hi = max(start, s["class_start"]), min(end, s["class_end"])
+        lo, hi, off = max(start, s["class_start"]), min(end, s["class_end"]), s["class_start"]
         if lo < hi and get(s) is not None:
-            off = s["class_start"]
             parts.append(get(s)[(lo - off) * per_class : (hi - off) * per_class])
     return torch.cat(parts) if parts else None
+
+
+def _gather_optimizer(shards: List[dict], names, start: int, end: int, K: int) -> Tuple[dict, Optional[dict]]:
+    """The optimizer's per-row state ``names`` of classes [start, end): {name: weight rows} and
+    {name: bias rows} (None without a bias)."""
+
+    def rows(part: str, per_class: int) -> dict:
+        return {n: _gather_range(shards, lambda s, n=n: s["optimizer"][part][n], start, end, per_class) for n in names}
+
+    return rows("weight", K), None if shards[0]["optimizer"]["bias"] is None else rows("bias", 1)
 
 
 def _optimizer_rows(head, shards: List[dict], directory: str, start: int, stop: int):
@@ -295,47 +292,33 @@ def _optimizer_rows(head, shards: List[dict], directory: str, start: int, stop: 
     missing = [n for n in names if any(n not in e["weight"] for e in entries)]
     if missing:
         raise ValueError(f"{directory}: the optimizer state lacks {missing} (the head's {kind} keeps {list(names)})")
-    K = head.subcenters
-    weight = {n: _gather_range(shards, lambda s, n=n: s["optimizer"]["weight"][n], start, stop, K) for n in names}
-    bias = None
-    if head.bias is not None:
-        bias = {n: _gather_range(shards, lambda s, n=n: s["optimizer"]["bias"][n], start, stop, 1) for n in names}
-    return entries[0], weight, bias
+    return entries[0], *_gather_optimizer(shards, names, start, stop, head.subcenters)
 
 
 @torch.no_grad()
 def load_sharded(head: torch.nn.Module, directory: str, *, strict: bool = True) -> None:
     """Loads a checkpoint written by :func:`save_sharded` at any world size into this rank's
-    shard (or a whole MarginHead).
+    shard (or a whole MarginHead). Everything is verified before any tensor of the head changes
+    (meta.json, each shard file's size and SHA-256, its class range and shapes): a damaged
+    checkpoint is a ValueError naming the file, and the head is left as it was. Another
+    embedding_size, sub-center count or bias is always an error.
 
-    Everything is verified before any tensor of the head changes, so a failed load leaves the
-    head as it was: meta.json must parse, every shard file must have the size and SHA-256 that
-    meta.json records (a checkpoint written before checksums were recorded loads with a warning,
-    its shards checked for shape only) and hold the class range and shapes meta.json describes;
-    otherwise a ValueError names the file. A checkpoint of another embedding_size, sub-center
-    count or bias is always an error, never a silent re-initialisation.
-
-    ``strict`` (default True): the checkpoint's num_classes and margin (the spec's repr, i.e.
-    its configuration) must equal the head's, else a ValueError lists the differences.
-    ``strict=False`` loads it anyway, with a warning naming them: the classes both have
-    (the head's others keep their values), and the margin state only where its entries have
-    the same names and shapes (e.g. fine-tuning a Softmax-trained head with ArcFace)."""
+    ``strict`` (default True): the checkpoint's num_classes and margin (the spec's repr) must
+    equal the head's, else a ValueError lists the differences. ``strict=False`` loads it anyway,
+    with a warning naming them: the classes both have, and the margin state if its entries have
+    the same names and shapes (docs/design.md, "Sharding the class dimension")."""
     meta, shards = _read_shards(directory)
     differences = _check_meta(meta, head, strict)
-    sharded = hasattr(head, "class_start")
-    start, end = (head.class_start, head.class_end) if sharded else (0, head.num_classes)
+    start, end = (head.class_start, head.class_end) if hasattr(head, "class_start") else (0, head.num_classes)
     stop = min(end, meta["num_classes"])
-    K = head.subcenters
-    weight = _gather_range(shards, "weight", start, stop, K)
-    bias = _gather_range(shards, "bias", start, stop, 1) if head.bias is not None else None
+    weight = _gather_range(shards, "weight", start, stop, head.subcenters)
+    bias = _gather_range(shards, "bias", start, stop, 1)
     optimizer = _optimizer_rows(head, shards, directory, start, stop)
     state, mine = shards[0]["margin_state"], head.margin_state.state_dict()
     state_fits = sorted(state) == sorted(mine) and all(tuple(state[k].shape) == tuple(mine[k].shape) for k in mine)
     if not state_fits and not differences:
-        raise ValueError(
-            f"{directory}: the margin state {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in state.items())}}} "
-            f"does not fit the head's {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in mine.items())}}}"
-        )
+        shapes = lambda d: "{" + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in d.items()) + "}"  # noqa: E731
+        raise ValueError(f"{directory}: the margin state {shapes(state)} does not fit the head's {shapes(mine)}")
     if differences:
         kept = [] if state_fits else ["margin state"]
         if stop < end:
@@ -364,14 +347,11 @@ def consolidate(directory: str) -> Dict[str, Optional[torch.Tensor]]:
     meta, shards = _read_shards(directory)
     C, K = meta["num_classes"], meta["subcenters"]
     out = {"weight": _gather_range(shards, "weight", 0, C, K), "bias": _gather_range(shards, "bias", 0, C, 1)}
-    entry = shards[0].get("optimizer")
     out["optimizer"] = None
-    if entry is not None and all(s.get("optimizer") is not None for s in shards):
-        rows = lambda part, per: {  # noqa: E731
-            n: _gather_range(shards, lambda s, n=n: s["optimizer"][part][n], 0, C, per) for n in entry[part]
-        }
-        bias = None if entry["bias"] is None else rows("bias", 1)
-        out["optimizer"] = {"kind": entry["kind"], "step": entry["step"], "weight": rows("weight", K), "bias": bias}
+    if all(s.get("optimizer") is not None for s in shards):
+        entry = shards[0]["optimizer"]
+        weight, bias = _gather_optimizer(shards, entry["weight"], 0, C, K)
+        out["optimizer"] = {"kind": entry["kind"], "step": entry["step"], "weight": weight, "bias": bias}
     return out
 
 
@@ -436,6 +416,5 @@ def _insightface_momentum(path: str, ckpt: dict, shape) -> torch.Tensor:
     except (TypeError, KeyError, IndexError):
         raise ValueError(f"{path} holds no SGD momentum of the head's weight (state_optimizer)") from None
     if not isinstance(buf, torch.Tensor) or tuple(buf.shape) != tuple(shape):
-        got = tuple(buf.shape) if isinstance(buf, torch.Tensor) else type(buf).__name__
-        raise ValueError(f"{path}: the head's momentum has shape {got}, its weight {tuple(shape)}")
+        raise ValueError(f"{path}: the head's momentum has shape {_shape(buf)}, its weight {tuple(shape)}")
     return buf
