@@ -1,6 +1,8 @@
 """marginops.optim: the head's optimizer in its backward equals torch.optim on the same gradients
 (float64), dense and row-sparse under Partial FC, and never sees a [C, D] gradient."""
 
+import json
+
 import pytest
 import torch
 
@@ -230,6 +232,14 @@ def test_combinations_that_cannot_work_are_refused():
         optim.SGD(mo.MarginHead(D, C, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="Nesterov momentum requires"):
         optim.SGD(mo.MarginHead(D, C), nesterov=True)
+    for make, name, value in (
+        (optim.SGD, "lr", float("nan")),
+        (optim.SGD, "momentum", -0.9),
+        (optim.AdamW, "eps", "1e-8"),
+        (optim.AdamW, "weight_decay", True),
+    ):
+        with pytest.raises(ValueError, match=f"{name} must be a non-negative number, got {value!r}"):
+            make(mo.MarginHead(D, C), **{name: value})
     accumulating = mo.MarginHead(D, C, mo.CosFace(), dtype=f64)
     optim.SGD(accumulating, lr=0.1, accumulate=True)
     accumulating(x, y).backward()
@@ -318,6 +328,29 @@ def test_load_restores_the_saved_optimizer_rows_exactly(tmp_path, one_rank):
     plain = mdist.ShardedMarginHead(D, C, mo.CosFace(), bias=True, dtype=f64)
     mdist.load_sharded(plain, tmp_path / "ckpt")  # a head without an optimizer takes the weights alone
     assert torch.equal(plain.weight, head.weight)
+
+
+def test_damaged_optimizer_rows_in_a_shard_are_refused(tmp_path, one_rank):
+    """A shard whose optimizer state lacks the bias's rows, or names other state for them, is a
+    ValueError naming the file, from load_sharded and consolidate, and the head is unchanged."""
+    head = mdist.ShardedMarginHead(D, C, mo.CosFace(), bias=True, dtype=f64)
+    train(head, optim.SGD(head, lr=0.1, momentum=0.9), None, batches(1))
+    mdist.save_sharded(head, tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / "meta.json").read_text())
+    del meta["shards"]  # no checksums: the shard's contents are what is checked
+    (tmp_path / "ckpt" / "meta.json").write_text(json.dumps(meta))
+    path = tmp_path / "ckpt" / "shard-00000-of-00001.pt"
+    good = torch.load(path, weights_only=True)
+    for damage in ({"bias": None}, {"bias": {"exp_avg": good["optimizer"]["bias"]["momentum_buffer"]}}):
+        torch.save({**good, "optimizer": {**good["optimizer"], **damage}}, path)
+        twin = mdist.ShardedMarginHead(D, C, mo.CosFace(), bias=True, dtype=f64)
+        optim.SGD(twin, lr=0.1, momentum=0.9)
+        before = twin.weight.detach().clone()
+        for load in (mdist.load_sharded, lambda _, directory: mdist.consolidate(directory)):
+            with pytest.warns(UserWarning, match="records no checksums"):
+                with pytest.raises(ValueError, match=f"{path.name} does not match meta.json: optimizer state"):
+                    load(twin, tmp_path / "ckpt")
+        assert torch.equal(twin.weight, before)
 
 
 def test_a_compiled_head_runs_its_optimizer():
