@@ -147,6 +147,20 @@ FIRST_ORDER_ONLY = (
 )
 
 
+def refuse_create_graph(*tensors) -> None:
+    """Called at the start of the op's backward with its inputs: a backward with create_graph=True
+    runs with grad mode on, and margin_ce_backward has no autograd, so the gradients it returns
+    would differentiate as zeros (a gradient penalty or Hessian-vector product silently missing
+    this head). Refuse it there, at the first backward."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(
+            f"{FIRST_ORDER_ONLY}, so a backward with create_graph=True (double backward: gradient "
+            "penalties, Hessian-vector products, gradgradcheck) is refused rather than returning "
+            "gradients that differentiate as zeros. Compute such terms with the eager "
+            "marginops.reference.margin_cross_entropy, or call backward without create_graph"
+        )
+
+
 def _refuse_func_transforms() -> None:
     """torch.func's grad/vjp/jacrev/jvp run the op's autograd under a functorch transform, which
     the autograd registered by torch.library does not support (torch's own message is about an
@@ -212,17 +226,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_lse, grad_target, grad_sum, _grad_best, _grad_class):
     *saved, lse = ctx.saved_tensors
     tensors = dict(zip(_FORWARD_TENSORS, saved))
-    # A backward with create_graph=True runs with grad mode on; margin_ce_backward has no
-    # autograd, so the gradients it returns would differentiate as zeros (a gradient penalty or
-    # Hessian-vector product silently missing this head). Refuse it here, at the first backward.
-    tracked = (grad_lse, grad_target, grad_sum, *(t for name, t in tensors.items() if name != "labels"))
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked):
-        raise RuntimeError(
-            f"{FIRST_ORDER_ONLY}, so a backward with create_graph=True (double backward: gradient "
-            "penalties, Hessian-vector products, gradgradcheck) is refused rather than returning "
-            "gradients that differentiate as zeros. Compute such terms with the eager "
-            "marginops.reference.margin_cross_entropy, or call backward without create_graph"
-        )
+    refuse_create_graph(grad_lse, grad_target, grad_sum, *(t for name, t in tensors.items() if name != "labels"))
     need = dict(zip(_FORWARD, ctx.needs_input_grad))
     mask = [bool(need[name]) and tensors[name] is not None for name in _DIFFERENTIABLE]
     grads = _ops.margin_ce_backward(

@@ -396,10 +396,7 @@ class _StatsThenStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_lse, grad_target, grad_sum, _grad_best, _grad_class):
         x, weight, bias, row_margins, curricular, labels, class_index, lse = ctx.saved_tensors
-        if torch.is_grad_enabled() and any(
-            g is not None and g.requires_grad for g in (grad_lse, grad_target, grad_sum)
-        ):
-            raise RuntimeError(f"{ops.FIRST_ORDER_ONLY}, so a backward with create_graph=True is refused")
+        ops.refuse_create_graph(grad_lse, grad_target, grad_sum, x, weight, bias, row_margins, curricular)
         need_x, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[3] and row_margins is not None
         dx, dm = torch.ops.marginops.head_step_backward_(
             grad_lse=grad_lse, grad_target_logit=grad_target, grad_logit_sum=grad_sum, lse=lse, x=x, weight=weight,

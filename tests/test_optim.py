@@ -246,6 +246,22 @@ def test_combinations_that_cannot_work_are_refused():
     accumulating(x, y).backward()  # each backward is its own step
 
 
+def test_a_backward_with_create_graph_is_refused_before_the_step():
+    """create_graph=True through a head whose backward runs its optimizer: refused at once with the
+    first-order message, the weights and the optimizer state untouched (it used to update them and
+    return gradients whose own backward failed with torch's missing-autograd error)."""
+    head = mo.MarginHead(D, C, mo.ArcFace(s=16.0), bias=True, dtype=f64)
+    opt = optim.SGD(head, lr=0.1, momentum=0.9)
+    x, y = batches(1)[0]
+    x = x.clone().requires_grad_()
+    before = head.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="first-order gradients only: .*, so a backward with create_graph=True"):
+        torch.autograd.grad(head(x, y), x, create_graph=True)
+    assert torch.equal(head.weight, before) and int(opt.state[head.weight]["step"]) == 0
+    head(x, y).backward()  # a plain backward still steps
+    assert not torch.equal(head.weight, before)
+
+
 # -- checkpoints: the optimizer state sharded like the weight, resumed at another world size ----------
 
 RESUME_B = 8  # the global batch of each step, split evenly over the ranks
