@@ -119,7 +119,7 @@ def head_loss(
         counts = sharding.exchange_header(shard, bad, x, weight, margin)
         opts.check_device(x.device)
         check_kernels(x)
-        xg, yg = sharding.gather_batch(shard, x, labels.long(), counts, opts.ignore_index)
+        xg, yg = sharding.gather_batch(shard, x, labels.long(), counts)
     valid = yg != opts.ignore_index
     if shard is None:
         target_cos = lambda: target_cosines(xg, weight, yg, valid, K)  # noqa: E731
@@ -213,7 +213,7 @@ def topk(
         labels = torch.full((rows,), -1, dtype=torch.long, device=device)
         bad = check_inputs(x, weight, labels, None, margin=margin, head_dim=head_dim, class_offset=shard.class_offset)
         counts = sharding.exchange_header(shard, bad, x, weight, margin)
-        xg, _ = sharding.gather_batch(shard, x, labels, counts, -1)
+        xg, _ = sharding.gather_batch(shard, x, labels, counts)
         kk = min(k, shard.local_classes)
         values, classes = ops.topk(xg, weight, k=kk, cfg=cfg, bias=bias, class_offset=shard.class_offset)
         if kk < k:  # every rank contributes k candidates

@@ -57,20 +57,26 @@ def gather_stack(t: torch.Tensor, group) -> torch.Tensor:
     return out.view((world,) + tuple(t.shape))
 
 
+def _gather_rows(t: torch.Tensor, counts: List[int], group) -> torch.Tensor:
+    """Every rank's rows of t (counts[r] on rank r), in rank order: padded to the largest count
+    for one all-gather."""
+    most = max(counts)
+    padded = t.new_zeros((most,) + tuple(t.shape[1:]))
+    padded[: t.shape[0]] = t
+    out = t.new_empty((len(counts) * most,) + tuple(t.shape[1:]))
+    _all_gather(out, padded, group=group)
+    return torch.cat([out[r * most : r * most + n] for r, n in enumerate(counts)])
+
+
 class _GatherRows(torch.autograd.Function):
-    """All-gathers rows of different counts per rank; backward reduce-scatters the gradient
-    (sums every rank's contribution to this rank's rows)."""
+    """_gather_rows, whose backward reduce-scatters the gradient (sums every rank's contribution
+    to this rank's rows)."""
 
     @staticmethod
     def forward(ctx, x, counts: List[int], group, grad_scale: float):
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        most = max(counts)
-        padded = x.new_zeros((most,) + tuple(x.shape[1:]))
-        padded[: x.shape[0]] = x
-        out = x.new_empty((world * most,) + tuple(x.shape[1:]))
-        _all_gather(out, padded.contiguous(), group=group)
-        ctx.counts, ctx.group, ctx.grad_scale, ctx.rank, ctx.most = counts, group, grad_scale, rank, most
-        return torch.cat([out[r * most : r * most + n] for r, n in enumerate(counts)])
+        ctx.counts, ctx.group, ctx.grad_scale, ctx.rank = counts, group, grad_scale, dist.get_rank(group)
+        ctx.most = max(counts)
+        return _gather_rows(x, counts, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -209,16 +215,10 @@ def _check_same_call(shard: Shard, every: List[List[int]], margin: Margin) -> No
         )
 
 
-def gather_batch(shard: Shard, x, labels, counts: List[int], ignore_index: int):
+def gather_batch(shard: Shard, x, labels, counts: List[int]):
     """The global batch: every rank's rows of x (differentiable: the gradient is reduce-scattered
     back, times shard.grad_scale) and labels, in rank order."""
-    xg = _GatherRows.apply(x, counts, shard.group, shard.grad_scale)
-    most = max(counts)
-    padded = labels.new_full((most,), ignore_index)
-    padded[: labels.shape[0]] = labels
-    out = labels.new_empty(shard.world_size * most)
-    _all_gather(out, padded, group=shard.group)
-    return xg, torch.cat([out[r * most : r * most + n] for r, n in enumerate(counts)])
+    return _GatherRows.apply(x, counts, shard.group, shard.grad_scale), _gather_rows(labels, counts, shard.group)
 
 
 def target_cosines(shard: Shard, x, weight, labels, valid, subcenters: int) -> torch.Tensor:
